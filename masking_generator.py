@@ -1,0 +1,69 @@
+"""Random patch masks for MAE: which patches the encoder never sees.
+
+The count follows the official MAE rounding: ``int(N * (1 - mask_ratio))`` patches stay
+visible and the rest are masked (147 of 196 at 0.75, 177 of 196 at 0.9), so every sample in
+a batch masks the same number of patches and the visible tokens stack into one tensor.
+"""
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+
+def to_grid(input_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    """An int means a square grid; a pair is ``(rows, cols)``."""
+    if isinstance(input_size, int):
+        return input_size, input_size
+    height, width = input_size
+    return int(height), int(width)
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    """The encoder needs at least one visible patch, so 1.0 is refused."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}; MAE uses 0.75")
+
+
+def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
+    """Masked patches per sample with the official rounding of the visible count."""
+    check_mask_ratio(mask_ratio)
+    return num_patches - int(num_patches * (1 - mask_ratio))
+
+
+class RandomMaskingGenerator:
+    """Per-sample boolean mask maps, True where a patch is hidden from the encoder.
+
+    Used inside datasets so that data-loader workers make the masks in parallel; each worker
+    draws from NumPy's global generator, which the loader's ``worker_init_fn`` seeds.
+    """
+
+    def __init__(self, input_size: Union[int, Tuple[int, int]], mask_ratio: float) -> None:
+        self.height, self.width = to_grid(input_size)
+        self.num_patches = self.height * self.width
+        self.num_mask = num_masked_patches(self.num_patches, mask_ratio)
+
+    def __repr__(self) -> str:
+        return f"RandomMaskingGenerator(patches={self.num_patches}, masked={self.num_mask})"
+
+    def __call__(self) -> np.ndarray:
+        mask = np.zeros(self.num_patches, dtype=bool)
+        mask[np.random.permutation(self.num_patches)[: self.num_mask]] = True
+        return mask  # (N,), N = height * width
+
+
+def random_masks(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: Union[str, torch.device] = "cpu",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """A ``(B, N)`` boolean mask made directly on ``device`` (no host work per step).
+
+    Ranks of uniform noise give a uniformly random subset per row, as in the official MAE's
+    ``random_masking``; the generator must live on ``device``.
+    """
+    num_mask = num_masked_patches(num_patches, mask_ratio)
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)  # (B, N)
+    ranks = noise.argsort(dim=1).argsort(dim=1)  # (B, N): rank of each patch's noise
+    return ranks < num_mask

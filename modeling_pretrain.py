@@ -1,0 +1,287 @@
+"""The MAE pretraining model: timm's ViT as the encoder, run on visible patches only, plus a
+light decoder that reconstructs the masked patches.
+
+``PretrainVisionTransformer`` *is* timm's ``VisionTransformer`` (the encoder, with the
+official MAE parameter names) extended with the decoder, so its encoder weights load
+unchanged into ``timm.create_model('vit_base_patch16_224')`` for finetuning, and an official
+MAE checkpoint loads into it with ``strict=True``.
+"""
+from functools import partial
+from typing import Any, Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models import register_model
+
+from masking_generator import to_grid
+
+
+def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """``[sin | cos]`` of ``positions`` at frequencies ``1 / 10000^(i / (embed_dim / 2))``."""
+    if embed_dim % 2:
+        raise ValueError(f"sine-cosine embedding needs an even width, got {embed_dim}")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    angles = positions.double().reshape(-1, 1) * omega.reshape(1, -1)  # (M, D/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)  # (M, D)
+
+
+def sincos_2d_pos_embed(
+    embed_dim: int, grid_size: Union[int, Tuple[int, int]], cls_token: bool = False
+) -> torch.Tensor:
+    """The official MAE 2-D table, row-major over patches: the first half of the channels
+    encodes the column (x) index, the second half the row (y) index. Computed in float64 as the
+    official NumPy code is, then rounded to float32. With ``cls_token`` a zero row comes first.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2-D sine-cosine embedding needs a width divisible by 4, got {embed_dim}")
+    height, width = to_grid(grid_size)
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")  # (H, W) each
+    table = torch.cat(
+        [sincos_1d(embed_dim // 2, cols.flatten()), sincos_1d(embed_dim // 2, rows.flatten())], dim=1
+    )  # (H*W, D)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, embed_dim, dtype=table.dtype), table], dim=0)  # (1+H*W, D)
+    return table.float()
+
+
+def fixed_pos_embed(embed_dim: int, grid_size: Tuple[int, int]) -> nn.Parameter:
+    """A frozen parameter (so it lives in the state dict and can be resampled) with a cls row."""
+    table = sincos_2d_pos_embed(embed_dim, grid_size, cls_token=True).unsqueeze(0)  # (1, 1+N, D)
+    return nn.Parameter(table, requires_grad=False)
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Pick ``index`` (B, K) rows from ``tokens`` (B, N, D) -> (B, K, D)."""
+    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def split_indices(mask: torch.Tensor, num_masked: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Patch indices of the visible and of the masked patches, each ascending.
+
+    A stable sort of the 0/1 mask puts visible patches first, both parts in index order, without
+    the host synchronisation that boolean indexing costs.
+    """
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # (B, N)
+    num_visible = mask.shape[1] - num_masked
+    return order[:, :num_visible], order[:, num_visible:]  # (B, N_vis), (B, N_mask)
+
+
+class PretrainVisionTransformer(VisionTransformer):
+    """Masked autoencoder with a ViT encoder (He et al., 2021).
+
+    Args:
+        img_size: Input size, an int or ``(height, width)``.
+        patch_size: Patch side in pixels.
+        in_chans: Image channels.
+        embed_dim, depth, num_heads: Encoder width, blocks and attention heads.
+        decoder_embed_dim, decoder_depth, decoder_num_heads: The same for the decoder.
+        mlp_ratio: MLP hidden width over token width, encoder and decoder.
+        norm_layer: Normalization of every block and of both final norms.
+        norm_pix_loss: Regress each patch normalized by its own mean and variance.
+        **vit_kwargs: Further keywords for timm's ``VisionTransformer`` (e.g. ``drop_path_rate``).
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_pix_loss: bool = False,
+        **vit_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            norm_layer=norm_layer,
+            weight_init="skip",
+            **vit_kwargs,
+        )
+        self.patch_size = patch_size
+        self.norm_pix_loss = norm_pix_loss
+        grid = self.patch_embed.grid_size
+        self.pos_embed = fixed_pos_embed(embed_dim, grid)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = fixed_pos_embed(decoder_embed_dim, grid)
+        self.decoder_blocks = nn.Sequential(
+            *[
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official MAE initialization (xavier-uniform everywhere, tokens at std 0.02)."""
+        weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # conv seen as (D, C*p*p)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C), pixels of a patch in the official (p, q, c) order."""
+        p = self.patch_size
+        batch, chans, height, width = imgs.shape
+        h, w = height // p, width // p
+        x = imgs.reshape(batch, chans, h, p, w, p)  # (B, C, h, p, w, q)
+        x = torch.einsum("nchpwq->nhwpqc", x)  # (B, h, w, p, q, C)
+        return x.reshape(batch, h * w, p * p * chans)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W), the inverse of ``patchify`` on this model's grid."""
+        p = self.patch_size
+        h, w = self.patch_embed.grid_size
+        batch, _, dim = patches.shape
+        chans = dim // (p * p)
+        x = patches.reshape(batch, h, w, p, p, chans)  # (B, h, w, p, q, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
+        return x.reshape(batch, chans, h * p, w * p)
+
+    def forward_encoder(self, imgs: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+        """Encode only the visible patches: (B, C, H, W) -> (B, 1 + N_vis, D), cls first."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, N, D)
+        x = gather_tokens(x, visible_idx)  # (B, N_vis, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + N_vis, D)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_decoder(
+        self, latent: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Reconstruct the masked patches: (B, 1 + N_vis, D) -> (B, N_mask, p*p*C).
+
+        Attention is permutation-equivariant and every token carries its position embedding,
+        so laying tokens out as (cls, visible, masked) gives the same outputs as the official
+        unshuffled order, and only the masked outputs go through ``decoder_pred``.
+        """
+        x = self.decoder_embed(latent)  # (B, 1 + N_vis, Dd)
+        batch = x.shape[0]
+        patch_pos = self.decoder_pos_embed[:, 1:].expand(batch, -1, -1)  # (B, N, Dd)
+        cls = x[:, :1] + self.decoder_pos_embed[:, :1]  # (B, 1, Dd)
+        visible = x[:, 1:] + gather_tokens(patch_pos, visible_idx)  # (B, N_vis, Dd)
+        masked = self.mask_token + gather_tokens(patch_pos, masked_idx)  # (B, N_mask, Dd)
+        x = torch.cat([cls, visible, masked], dim=1)  # (B, 1 + N, Dd)
+        x = self.decoder_blocks(x)
+        x = self.decoder_norm(x[:, -masked_idx.shape[1] :])  # (B, N_mask, Dd)
+        return self.decoder_pred(x)
+
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor, num_masked: Optional[int] = None) -> torch.Tensor:
+        """Predict the masked patches, in ascending patch order.
+
+        Args:
+            imgs: (B, C, H, W) images.
+            mask: (B, N) bool, True = masked, the same count in every row.
+            num_masked: That count, when the caller knows it; saves reading it back from a
+                mask on the GPU, which would stall the host.
+        Returns:
+            (B, N_mask, patch_size**2 * in_chans) predicted pixels.
+        """
+        if num_masked is None:
+            num_masked = int(mask[0].sum())
+        visible_idx, masked_idx = split_indices(mask, num_masked)
+        latent = self.forward_encoder(imgs, visible_idx)
+        return self.forward_decoder(latent, visible_idx, masked_idx)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the masked patches only, in float32."""
+        _, masked_idx = split_indices(mask, pred.shape[1])
+        target = gather_tokens(self.patchify(imgs), masked_idx).float()  # (B, N_mask, p*p*C)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return (pred.float() - target).pow(2).mean()
+
+
+# name: (embed_dim, depth, num_heads, patch_size, decoder_embed_dim, decoder_depth, decoder_num_heads)
+MAE_CONFIGS = {
+    "pretrain_mae_tiny_patch16_224": (192, 12, 3, 16, 128, 2, 4),
+    "pretrain_mae_small_patch16_224": (384, 12, 6, 16, 512, 8, 16),
+    "pretrain_mae_base_patch16_224": (768, 12, 12, 16, 512, 8, 16),
+    "pretrain_mae_large_patch16_224": (1024, 24, 16, 16, 512, 8, 16),
+    "pretrain_mae_huge_patch14_224": (1280, 32, 16, 14, 512, 8, 16),
+}
+
+# timm's factory passes these to every entrypoint; they concern hub weights we never fetch.
+_FACTORY_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _create_mae(name: str, pretrained: bool, **kwargs: Any) -> PretrainVisionTransformer:
+    if pretrained:
+        raise ValueError(
+            f"{name}: weights are never downloaded; build it with pretrained=False and load a "
+            "checkpoint file with load_state_dict (official MAE checkpoints load strictly)"
+        )
+    for key in _FACTORY_ONLY_KWARGS:
+        kwargs.pop(key, None)
+    embed_dim, depth, heads, patch, dec_dim, dec_depth, dec_heads = MAE_CONFIGS[name]
+    config = dict(
+        patch_size=patch,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        decoder_embed_dim=dec_dim,
+        decoder_depth=dec_depth,
+        decoder_num_heads=dec_heads,
+        mlp_ratio=4.0,
+    )
+    config.update(kwargs)
+    return PretrainVisionTransformer(**config)
+
+
+@register_model
+def pretrain_mae_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
+    return _create_mae("pretrain_mae_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def pretrain_mae_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
+    return _create_mae("pretrain_mae_small_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def pretrain_mae_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
+    return _create_mae("pretrain_mae_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def pretrain_mae_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
+    return _create_mae("pretrain_mae_large_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def pretrain_mae_huge_patch14_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
+    return _create_mae("pretrain_mae_huge_patch14_224", pretrained, **kwargs)
