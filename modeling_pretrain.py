@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models import register_model
 
@@ -153,21 +154,13 @@ class PretrainVisionTransformer(VisionTransformer):
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C), pixels of a patch in the official (p, q, c) order."""
         p = self.patch_size
-        batch, chans, height, width = imgs.shape
-        h, w = height // p, width // p
-        x = imgs.reshape(batch, chans, h, p, w, p)  # (B, C, h, p, w, q)
-        x = torch.einsum("nchpwq->nhwpqc", x)  # (B, h, w, p, q, C)
-        return x.reshape(batch, h * w, p * p * chans)
+        return rearrange(imgs, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W), the inverse of ``patchify`` on this model's grid."""
         p = self.patch_size
         h, w = self.patch_embed.grid_size
-        batch, _, dim = patches.shape
-        chans = dim // (p * p)
-        x = patches.reshape(batch, h, w, p, p, chans)  # (B, h, w, p, q, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
-        return x.reshape(batch, chans, h * p, w * p)
+        return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
 
     def forward_encoder(self, imgs: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
         """Encode only the visible patches: (B, C, H, W) -> (B, 1 + N_vis, D), cls first."""
@@ -179,13 +172,15 @@ class PretrainVisionTransformer(VisionTransformer):
         return self.norm(x)
 
     def forward_decoder(
-        self, latent: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor
+        self, latent: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor, predict_visible: bool = False
     ) -> torch.Tensor:
         """Reconstruct the masked patches: (B, 1 + N_vis, D) -> (B, N_mask, p*p*C).
 
         Attention is permutation-equivariant and every token carries its position embedding,
         so laying tokens out as (cls, visible, masked) gives the same outputs as the official
-        unshuffled order, and only the masked outputs go through ``decoder_pred``.
+        unshuffled order, and only the masked outputs go through ``decoder_pred``. With
+        ``predict_visible`` (for pictures) every patch is predicted: (B, N, p*p*C) in
+        (visible, masked) order.
         """
         x = self.decoder_embed(latent)  # (B, 1 + N_vis, Dd)
         batch = x.shape[0]
@@ -195,7 +190,8 @@ class PretrainVisionTransformer(VisionTransformer):
         masked = self.mask_token + gather_tokens(patch_pos, masked_idx)  # (B, N_mask, Dd)
         x = torch.cat([cls, visible, masked], dim=1)  # (B, 1 + N, Dd)
         x = self.decoder_blocks(x)
-        x = self.decoder_norm(x[:, -masked_idx.shape[1] :])  # (B, N_mask, Dd)
+        num_out = x.shape[1] - 1 if predict_visible else masked_idx.shape[1]
+        x = self.decoder_norm(x[:, -num_out:])  # (B, N_out, Dd)
         return self.decoder_pred(x)
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor, num_masked: Optional[int] = None) -> torch.Tensor:
@@ -224,6 +220,29 @@ class PretrainVisionTransformer(VisionTransformer):
             var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return (pred.float() - target).pow(2).mean()
+
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pictures of what the model predicts, in the input's (normalized) pixel space.
+
+        Returns the reconstruction of every patch and the same with the visible patches pasted
+        back from the input, each (B, C, H, W). A ``norm_pix_loss`` model predicts normalized
+        patches, so each is mapped back with its true patch's mean and variance.
+        """
+        num_masked = int(mask[0].sum())
+        visible_idx, masked_idx = split_indices(mask, num_masked)
+        latent = self.forward_encoder(imgs, visible_idx)
+        pred = self.forward_decoder(latent, visible_idx, masked_idx, predict_visible=True).float()  # (B, N, P)
+        patches = self.patchify(imgs).float()  # (B, N, P)
+        order = torch.cat([visible_idx, masked_idx], dim=1).unsqueeze(-1).expand_as(pred)  # (B, N, P)
+        pred = torch.empty_like(pred).scatter_(1, order, pred)  # (B, N, P) in patch order
+        if self.norm_pix_loss:
+            mean = patches.mean(dim=-1, keepdim=True)
+            std = (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+            pred = pred * std + mean
+        pasted = torch.where(mask.unsqueeze(-1), pred, patches)  # (B, N, P)
+        return self.unpatchify(pred), self.unpatchify(pasted)
 
 
 # name: (embed_dim, depth, num_heads, patch_size, decoder_embed_dim, decoder_depth, decoder_num_heads)

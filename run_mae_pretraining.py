@@ -1,0 +1,220 @@
+"""MAE pretraining: ``python run_mae_pretraining.py`` (synthetic data, any machine) up to
+``torchrun --nnodes N --nproc_per_node 8 run_mae_pretraining.py --data_path /imagenet/train``.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
+import utils
+from datasets import build_pretraining_dataset, seed_worker
+from engine_for_pretraining import train_one_epoch
+from masking_generator import check_mask_ratio
+from optim_factory import add_optimizer_args, create_optimizer
+from visualization import reconstruction_grid, save_png
+
+NUM_PICTURES = 8
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE pretraining", add_help=True)
+    parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
+    parser.add_argument("--epochs", default=400, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int, help="micro-steps per optimizer step")
+    parser.add_argument("--save_ckpt_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
+    parser.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="pretrain_mae_base_patch16_224", type=str)
+    model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    model.add_argument("--mask_ratio", default=0.75, type=float, help="share of patches hidden from the encoder")
+    model.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalized pixels")
+    model.add_argument("--drop_path", default=0.0, type=float, help="stochastic depth of the encoder")
+
+    add_optimizer_args(parser, weight_decay=0.05, betas=(0.9, 0.95))
+    sched = parser.add_argument_group("schedule")
+    sched.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    sched.add_argument("--blr", default=1.5e-4, type=float, help="base lr per 256 images")
+    sched.add_argument("--min_lr", default=0.0, type=float, help="lr at the end of the cosine")
+    sched.add_argument("--warmup_epochs", default=40, type=float)
+    sched.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_path", default=None, type=str, help="image folder (ImageFolder layout or flat)")
+    data.add_argument("--data_set", default=None, choices=["image_folder", "synthetic"],
+                      help="default: image_folder with --data_path, synthetic without")
+    data.add_argument("--num_samples", default=None, type=int, help="use only the first N samples")
+    data.add_argument("--mean", default=list(IMAGENET_DEFAULT_MEAN), type=float, nargs=3)
+    data.add_argument("--std", default=list(IMAGENET_DEFAULT_STD), type=float, nargs=3)
+    data.add_argument("--num_workers", default=10, type=int)
+    data.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                      help="pin host memory for faster copies to the GPU")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints, log.txt, pictures")
+    run.add_argument("--log_dir", default=None, type=str, help="TensorBoard logs (default: output_dir/tensorboard)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                     help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
+    run.add_argument("--seed", default=0, type=int)
+    run.add_argument("--resume", default="", help="checkpoint to continue from")
+    run.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                     help="continue from the newest checkpoint in output_dir")
+    run.add_argument("--start_epoch", default=0, type=int)
+    run.add_argument("--local_rank", "--local-rank", default=None, type=int,
+                     help="set by torch.distributed.launch; the environment wins")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse bad command lines before anything is built or written."""
+    if args.batch_size < 1:
+        raise utils.UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.accum_iter < 1:
+        raise utils.UsageError(f"--accum_iter must be at least 1, got {args.accum_iter}")
+    try:
+        check_mask_ratio(args.mask_ratio)
+    except ValueError as error:
+        raise utils.UsageError(f"--mask_ratio: {error}") from error
+    if args.data_set is None:
+        args.data_set = "image_folder" if args.data_path else "synthetic"
+    if args.data_set == "image_folder" and not args.data_path:
+        raise utils.UsageError("--data_set image_folder needs --data_path; omit both for the synthetic dataset")
+    if args.data_path and not Path(args.data_path).is_dir():
+        raise utils.UsageError(f"--data_path {args.data_path} is not a directory")
+    if args.log_dir is None and args.output_dir:
+        args.log_dir = str(Path(args.output_dir) / "tensorboard")
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The registered MAE named by ``--model`` at ``--input_size``."""
+    if args.model not in timm.list_models("pretrain_mae_*"):
+        known = ", ".join(timm.list_models("pretrain_mae_*"))
+        raise utils.UsageError(f"unknown --model {args.model}; choose one of {known}")
+    model = timm.create_model(
+        args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, drop_path_rate=args.drop_path
+    )
+    patch = model.patch_size
+    if args.input_size % patch:
+        raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
+    return model
+
+
+def build_loader(args: argparse.Namespace, patch_size: int) -> DataLoader:
+    """Shuffled, rank-sharded batches of (images, masks); the order depends on seed and epoch."""
+    try:
+        dataset = build_pretraining_dataset(
+            args.data_set, args.data_path, args.input_size, patch_size, args.mask_ratio,
+            num_samples=args.num_samples, mean=args.mean, std=args.std, seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise utils.UsageError(str(error)) from error
+    if len(dataset) < args.batch_size * args.world_size:
+        raise utils.UsageError(
+            f"{len(dataset)} images are fewer than one global batch ({args.batch_size} x {args.world_size} "
+            "processes); lower --batch_size or add images"
+        )
+    sampler = DistributedSampler(
+        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True
+    )
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and args.device != "cpu",
+        drop_last=True,
+        worker_init_fn=seed_worker,
+        persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed + args.rank),
+    )
+
+
+def picture_batch(loader: DataLoader, device: torch.device):
+    """A fixed set of images and masks, so the pictures of successive epochs compare."""
+    samples = [loader.dataset[i] for i in range(min(NUM_PICTURES, len(loader.dataset)))]
+    imgs = torch.stack([img for img, _ in samples]).to(device)
+    masks = torch.stack([mask for _, mask in samples]).to(device)
+    return imgs, masks
+
+
+def write_pictures(model: torch.nn.Module, batch, args: argparse.Namespace, epoch: int, log_writer) -> None:
+    """``reconstruction.png`` in output_dir (latest) and an image series in TensorBoard."""
+    if not utils.is_main_process():
+        return
+    grid = reconstruction_grid(utils.unwrap_model(model), *batch, args.mean, args.std)
+    if args.output_dir:
+        save_png(grid, Path(args.output_dir) / "reconstruction.png")
+    if log_writer is not None:
+        log_writer.add_image("reconstruction", grid, epoch)
+
+
+def save_epoch(model, optimizer, scaler, epoch: int, args: argparse.Namespace) -> None:
+    """``checkpoint-last.pth`` every epoch; ``checkpoint-{epoch}.pth`` on the keep schedule."""
+    if not args.output_dir:
+        return
+    names = ["checkpoint-last.pth"]
+    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+        names.insert(0, f"checkpoint-{epoch}.pth")
+    utils.save_training_state(Path(args.output_dir), names, model, optimizer, scaler, epoch, args)
+
+
+def main(args: argparse.Namespace) -> torch.nn.Module:
+    """Pretrain as ``args`` say; returns the trained model (for scripts that go on with it)."""
+    validate_args(args)
+    utils.check_writable_dir(args.output_dir, "--output_dir")
+    device = utils.init_distributed(args)
+    args.amp = utils.resolve_amp(args.amp, device)
+    utils.seed_everything(args.seed + args.rank)
+    model = build_model(args).to(device)
+    loader = build_loader(args, model.patch_size)
+    utils.resolve_lr(args)
+    optimizer = create_optimizer(args, model, device)
+    scaler = utils.make_grad_scaler(device, args.amp)
+    utils.resume_training_state(args, model, optimizer, scaler)
+    if utils.is_main_process():
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
+              f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
+    pictures = picture_batch(loader, device)
+    ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if args.distributed else model
+    log_writer = utils.make_tensorboard_writer(args.log_dir)
+    try:
+        run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures)
+    except utils.NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if log_writer is not None:
+            log_writer.close()
+        utils.cleanup_distributed()
+    return model
+
+
+def run_epochs(model, loader, optimizer, scaler, device, args, log_writer, pictures) -> None:
+    timer = utils.Timer()
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log_writer)
+        save_epoch(model, optimizer, scaler, epoch, args)
+        write_pictures(model, pictures, args, epoch, log_writer)
+        record: Dict[str, float] = {f"train_{key}": value for key, value in stats.items()}
+        record.update(epoch=epoch, n_parameters=sum(p.numel() for p in model.parameters()))
+        utils.append_log(args.output_dir, record)
+        if utils.is_main_process():
+            print(json.dumps(record), flush=True)
+    if utils.is_main_process():
+        print(f"training time {utils.format_eta(timer.elapsed())}")
+
+
+if __name__ == "__main__":
+    utils.exit_on_usage_error(main, get_args_parser().parse_args())

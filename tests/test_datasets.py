@@ -1,0 +1,226 @@
+"""Datasets: the synthetic set, image folders of every pixel format, masks and worker seeding."""
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from datasets import (
+    ImageFiles,
+    SyntheticShapes,
+    build_image_folder,
+    build_pretraining_dataset,
+    load_rgb,
+    seed_worker,
+)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32)
+
+
+def save_rgb(path: Path, size=(20, 12), colour=(200, 30, 60)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- synthetic shapes
+
+def test_synthetic_is_deterministic_per_index_and_varies_across_indices():
+    first, second = SyntheticShapes(20, image_size=32), SyntheticShapes(20, image_size=32)
+    assert np.array_equal(pixels(first[7][0]), pixels(second[7][0]))
+    assert not np.array_equal(pixels(first[7][0]), pixels(first[17][0]))  # same class, new draw
+    assert not np.array_equal(pixels(first[7][0]), pixels(SyntheticShapes(20, image_size=32, seed=1)[7][0]))
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_synthetic_images_are_rgb_at_the_requested_size(size):
+    image, label = SyntheticShapes(3, image_size=size)[2]
+    assert image.mode == "RGB" and image.size == (size, size)
+    assert isinstance(label, int)
+
+
+def test_synthetic_labels_are_balanced_and_named():
+    dataset = SyntheticShapes(50, image_size=16, num_classes=5)
+    assert np.bincount(dataset.targets).tolist() == [10] * 5
+    assert [dataset[i][1] for i in range(len(dataset))] == dataset.targets
+    assert len(set(dataset.classes)) == 5
+
+
+@pytest.mark.parametrize("num_classes", [1, 1000])
+def test_synthetic_rejects_unsupported_class_counts(num_classes):
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticShapes(10, num_classes=num_classes)
+
+
+def spectrum_features(dataset: SyntheticShapes):
+    """Log magnitude spectrum of the standardised grey image: blind to position (a shift only
+    changes the phase) and to which colour is foreground (a sign flip keeps the magnitude)."""
+    features, labels = [], []
+    for image, label in dataset:
+        grey = pixels(image.convert("L"))
+        grey = (grey - grey.mean()) / (grey.std() + 1e-6)
+        features.append(np.log1p(np.abs(np.fft.rfft2(grey))).ravel())
+        labels.append(label)
+    return np.stack(features), np.array(labels)
+
+
+def mean_colour_features(dataset: SyntheticShapes):
+    return np.stack([pixels(image).mean((0, 1)) for image, _ in dataset]), np.array(dataset.targets)
+
+
+def nearest_centroid_accuracy(featurize, num_classes: int = 10) -> float:
+    train_x, train_y = featurize(SyntheticShapes(40 * num_classes, image_size=32, num_classes=num_classes, seed=1))
+    test_x, test_y = featurize(SyntheticShapes(20 * num_classes, image_size=32, num_classes=num_classes, seed=2))
+    centroids = np.stack([train_x[train_y == c].mean(0) for c in range(num_classes)])  # (C, F)
+    distances = ((test_x[:, None] - centroids[None]) ** 2).sum(-1)  # (n, C)
+    return float((distances.argmin(1) == test_y).mean())
+
+
+def test_synthetic_classes_differ_in_shape_not_in_colour():
+    # chance is 0.1: shape features separate the kinds, the average colour does not
+    assert nearest_centroid_accuracy(spectrum_features) > 0.4
+    assert nearest_centroid_accuracy(mean_colour_features) < 0.2
+
+
+# ----------------------------------------------------------------------------- image files
+
+def write_every_mode(root: Path) -> None:
+    """One small image per awkward pixel format, in nested folders, plus a non-image file."""
+    root.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (10, 8), 90).save(root / "grey.png")
+    palette = Image.new("P", (10, 8), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    palette.save(root / "palette.png", transparency=b"\x00\x80")  # tRNS bytes: the warning case
+    Image.new("RGBA", (10, 8), (10, 20, 30, 40)).save(root / "alpha.png")
+    (root / "a" / "b").mkdir(parents=True)
+    Image.new("CMYK", (10, 8), (0, 255, 255, 0)).save(root / "a" / "cmyk.JPG")  # red, upper-case suffix
+    ramp = np.linspace(0, 65535, 80).astype(np.uint16).reshape(8, 10)
+    Image.fromarray(ramp).save(root / "a" / "b" / "deep.png")  # 16-bit greyscale
+    (root / "a" / "notes.txt").write_text("not an image")
+
+
+def test_image_files_finds_nested_images_in_sorted_order(tmp_path):
+    write_every_mode(tmp_path)
+    dataset = ImageFiles(str(tmp_path))
+    names = [Path(path).relative_to(tmp_path).as_posix() for path in dataset.samples]
+    assert names == ["a/b/deep.png", "a/cmyk.JPG", "alpha.png", "grey.png", "palette.png"]
+    assert all(label == 0 for _, label in dataset)
+
+
+def test_every_pixel_format_loads_as_8_bit_rgb(tmp_path):
+    write_every_mode(tmp_path)
+    assert Image.open(tmp_path / "a" / "b" / "deep.png").mode.startswith("I")  # really 16-bit on disk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. PIL's "palette images with transparency" warning
+        dataset = ImageFiles(str(tmp_path))
+        images = {Path(path).name: image for path, (image, _) in zip(dataset.samples, dataset)}
+    for image in images.values():
+        assert image.mode == "RGB" and image.size == (10, 8)
+    assert pixels(images["grey.png"])[0, 0].tolist() == [90, 90, 90]
+    assert pixels(images["palette.png"])[0, 0].tolist() == [255, 0, 0]
+    assert pixels(images["alpha.png"])[0, 0].tolist() == [10, 20, 30]
+    red, green, blue = pixels(images["cmyk.JPG"])[4, 5]
+    assert red > 200 and green < 60 and blue < 60
+    ramp = pixels(images["deep.png"])[..., 0].ravel()
+    assert ramp[0] == 0 and ramp[-1] == 255 and ramp[40] == pytest.approx(128, abs=2)  # scaled, not clipped
+
+
+def test_load_rgb_keeps_rgb_pixels_unchanged(tmp_path):
+    image = load_rgb(str(save_rgb(tmp_path / "x.png")))
+    assert image.mode == "RGB" and pixels(image)[0, 0].tolist() == [200, 30, 60]
+
+
+def test_build_image_folder_uses_class_folders_when_present(tmp_path):
+    save_rgb(tmp_path / "cat" / "1.png")
+    save_rgb(tmp_path / "cat" / "2.jpeg")
+    save_rgb(tmp_path / "dog" / "deeper" / "3.PNG")
+    dataset = build_image_folder(str(tmp_path), transform=None)
+    assert isinstance(dataset, ImageFolder)
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 3
+    image, label = dataset[2]
+    assert image.mode == "RGB" and label == 1
+
+
+def test_build_image_folder_reads_a_flat_folder_as_unlabelled(tmp_path):
+    for name in ("b.png", "a.jpg", "c.webp"):
+        save_rgb(tmp_path / name)
+    dataset = build_image_folder(str(tmp_path), transform=None)
+    assert isinstance(dataset, ImageFiles) and len(dataset) == 3
+
+
+def test_empty_or_missing_folders_raise_file_not_found(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="empty"):
+        build_image_folder(str(tmp_path / "empty"), transform=None)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        build_image_folder(str(tmp_path / "missing"), transform=None)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+def check_pretraining_sample(image: torch.Tensor, mask: torch.Tensor) -> None:
+    assert image.shape == (3, 224, 224) and image.dtype == torch.float32
+    assert mask.shape == (196,) and mask.dtype == torch.bool
+    assert int(mask.sum()) == 147  # official rounding: int(196 * 0.25) = 49 patches stay visible
+
+
+def test_synthetic_pretraining_samples_have_the_official_mask_count():
+    dataset = build_pretraining_dataset("synthetic", None, 224, 16, 0.75, num_samples=2)
+    assert len(dataset) == 2
+    check_pretraining_sample(*dataset[1])
+
+
+def test_image_folder_pretraining_samples_are_resized_and_limited(tmp_path):
+    for index in range(5):
+        save_rgb(tmp_path / f"{index}.png", size=(40, 30))
+    dataset = build_pretraining_dataset("image_folder", str(tmp_path), 224, 16, 0.75, num_samples=3)
+    assert len(dataset) == 3
+    check_pretraining_sample(*dataset[2])
+    everything = build_pretraining_dataset("image_folder", str(tmp_path), 224, 16, 0.75, num_samples=50)
+    assert len(everything) == 5
+
+
+def test_pretraining_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="synthetic"):
+        build_pretraining_dataset("imagenet", None, 32, 8, 0.75)
+    with pytest.raises(ValueError, match="data_path"):
+        build_pretraining_dataset("image_folder", None, 32, 8, 0.75)
+
+
+def epoch_masks(loader: DataLoader):
+    return [masks for _, masks in loader]  # one (B, N) tensor per batch
+
+
+def test_seed_worker_gives_each_worker_and_epoch_new_masks():
+    dataset = build_pretraining_dataset("synthetic", None, 32, 8, 0.75, num_samples=8)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=seed_worker, persistent_workers=False)
+    first, second = epoch_masks(loader), epoch_masks(loader)
+    assert first[0].shape == (4, 16) and int(first[0].sum()) == 4 * 12
+    assert not torch.equal(first[0], first[1])  # batch 0 comes from worker 0, batch 1 from worker 1
+    assert not torch.equal(torch.cat(first), torch.cat(second))
+
+
+def test_seed_worker_seeds_numpy_and_random_from_the_torch_seed():
+    def draws_after_seeding(torch_seed: int):
+        torch.manual_seed(torch_seed)  # what DataLoader does in each worker, before worker_init_fn
+        seed_worker(0)
+        return np.random.rand(3).tolist(), random.random()
+
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        numpy_a, python_a = draws_after_seeding(5)
+        assert draws_after_seeding(5) == (numpy_a, python_a)
+        numpy_b, python_b = draws_after_seeding(6)
+        assert numpy_b != numpy_a and python_b != python_a
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])

@@ -1,0 +1,423 @@
+"""The MAE pretraining model and the finetuning loader, each checked against something outside
+the code: the paper's formulas written out here, the official MAE code's layout, timm's ViT."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* names with timm)
+from masking_generator import random_masks
+from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
+from modeling_pretrain import PretrainVisionTransformer, sincos_2d_pos_embed, split_indices
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BLOCK_SUBKEYS = [
+    f"{layer}.{kind}"
+    for layer in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+    for kind in ("weight", "bias")
+]
+
+
+def tiny_mae(img_size=64, **kwargs):
+    """192 wide, 2 encoder blocks (the tiny decoder already has 2), 16 patches at 64 px."""
+    torch.manual_seed(0)
+    return timm.create_model("pretrain_mae_tiny_patch16_224", img_size=img_size, depth=2, **kwargs).eval()
+
+
+def images(batch, height, width, seed=0):
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def masks(batch, num_patches, ratio=0.75, seed=0):
+    return random_masks(batch, num_patches, ratio, generator=torch.Generator().manual_seed(seed))
+
+
+def official_patchify(imgs, p):
+    """models_mae.py's patchify, written out: (N, 3, H, W) -> (N, L, p*p*3)."""
+    n, c, height, width = imgs.shape
+    h, w = height // p, width // p
+    x = imgs.reshape(n, c, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, h * w, p * p * c)
+
+
+def hand_sincos_table(dim, rows, cols):
+    """The 2-D table entry by entry: columns in the first half of channels, rows in the second."""
+    quarter = dim // 4
+    table = torch.zeros(rows * cols, dim, dtype=torch.float64)
+    for r in range(rows):
+        for c in range(cols):
+            for i in range(quarter):
+                omega = 1.0 / 10000 ** (i / quarter)
+                table[r * cols + c, i] = math.sin(c * omega)
+                table[r * cols + c, quarter + i] = math.cos(c * omega)
+                table[r * cols + c, 2 * quarter + i] = math.sin(r * omega)
+                table[r * cols + c, 3 * quarter + i] = math.cos(r * omega)
+    return table
+
+
+def masked_targets(imgs, mask, p):
+    """Each sample's masked patches in ascending patch order: (B, N_mask, p*p*C)."""
+    patches = official_patchify(imgs, p)
+    return torch.stack([patches[b][mask[b]] for b in range(len(mask))])
+
+
+# --------------------------------------------------------------------------- position tables
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+def test_sincos_table_matches_the_formula(grid):
+    rows, cols = grid
+    table = sincos_2d_pos_embed(16, grid, cls_token=True)
+    assert table.shape == (1 + rows * cols, 16)
+    torch.testing.assert_close(table[1:].double(), hand_sincos_table(16, rows, cols), atol=1e-6, rtol=0)
+
+
+def test_sincos_table_cls_row_is_zero():
+    table = sincos_2d_pos_embed(32, (3, 5), cls_token=True)
+    assert torch.equal(table[0], torch.zeros(32))
+
+
+def test_model_tables_follow_rows_and_columns_of_a_nonsquare_image():
+    # 32 x 48 pixels at patch 16: 2 rows, 3 columns.
+    model = tiny_mae(img_size=(32, 48))
+    torch.testing.assert_close(model.pos_embed[0, 1:].double(), hand_sincos_table(192, 2, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        model.decoder_pos_embed[0, 1:].double(), hand_sincos_table(128, 2, 3), atol=1e-6, rtol=0
+    )
+
+
+def test_position_tables_are_frozen_parameters_in_the_state_dict():
+    model = tiny_mae()
+    parameters = dict(model.named_parameters())
+    state = model.state_dict()
+    for name in ("pos_embed", "decoder_pos_embed"):
+        assert name in parameters and name in state
+        assert parameters[name].requires_grad is False
+
+
+def test_position_tables_get_no_gradient():
+    model = tiny_mae().train()
+    imgs, mask = images(2, 64, 64), masks(2, 16)
+    model.forward_loss(imgs, model(imgs, mask), mask).backward()
+    assert model.pos_embed.grad is None
+    assert model.decoder_pos_embed.grad is None
+    assert model.cls_token.grad is not None  # the backward did reach the encoder's inputs
+
+
+# --------------------------------------------------------------------------- patches
+
+
+@pytest.mark.parametrize("img_size", [64, (32, 48)])
+def test_unpatchify_inverts_patchify(img_size):
+    model = tiny_mae(img_size=img_size)
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    imgs = images(2, height, width)
+    assert torch.equal(model.unpatchify(model.patchify(imgs)), imgs)
+
+
+def test_patchify_orders_pixels_row_column_channel():
+    model = tiny_mae()
+    p, chans = 16, 3
+    imgs = images(1, 64, 64)
+    patches = model.patchify(imgs)
+    assert patches.shape == (1, 16, p * p * chans)
+    for pi in range(p):
+        for qi in range(p):
+            for ci in range(chans):
+                index = (pi * p + qi) * chans + ci
+                assert patches[0, 0, index] == imgs[0, ci, pi, qi]
+                assert patches[0, 1, index] == imgs[0, ci, pi, p + qi]  # the next patch to the right
+
+
+# --------------------------------------------------------------------------- forward and loss
+
+
+@pytest.mark.parametrize(
+    "img_size, patch_size, num_patches, expected_masked",
+    [
+        (64, 16, 16, 12),  # int(16 * 0.25) = 4 visible
+        ((32, 48), 16, 6, 5),  # int(6 * 0.25) = 1 visible
+        ((32, 48), 8, 24, 18),  # int(24 * 0.25) = 6 visible
+    ],
+)
+def test_forward_predicts_every_masked_patch(img_size, patch_size, num_patches, expected_masked):
+    model = tiny_mae(img_size=img_size, patch_size=patch_size)
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    pred = model(images(3, height, width), masks(3, num_patches))
+    assert pred.shape == (3, expected_masked, patch_size * patch_size * 3)
+
+
+def test_loss_is_zero_for_the_true_masked_patches():
+    model = tiny_mae()
+    imgs, mask = images(2, 64, 64), masks(2, 16)
+    loss = model.forward_loss(imgs, masked_targets(imgs, mask, 16), mask)
+    assert loss.item() == 0.0
+
+
+def test_loss_is_the_mean_squared_error_on_masked_patches():
+    model = tiny_mae()
+    imgs, mask = images(2, 64, 64), masks(2, 16)
+    pred = torch.randn(2, 12, 768, generator=torch.Generator().manual_seed(3))
+    expected = ((pred - masked_targets(imgs, mask, 16)) ** 2).mean()
+    torch.testing.assert_close(model.forward_loss(imgs, pred, mask), expected)
+
+
+def test_norm_pix_loss_normalizes_each_target_patch():
+    model = tiny_mae(norm_pix_loss=True)
+    imgs, mask = images(2, 64, 64) * 3 + 1, masks(2, 16)
+    target = masked_targets(imgs, mask, 16)
+    n = target.shape[-1]
+    mean = target.sum(dim=-1, keepdim=True) / n
+    var_unbiased = ((target - mean) ** 2).sum(dim=-1, keepdim=True) / (n - 1)
+    normalized = (target - mean) / (var_unbiased + 1e-6) ** 0.5
+    pred = torch.randn(2, 12, 768, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model.forward_loss(imgs, pred, mask), ((pred - normalized) ** 2).mean())
+
+
+def test_predictions_depend_only_on_visible_pixels():
+    model = tiny_mae()
+    imgs, mask = images(2, 64, 64), masks(2, 16)
+    changed = imgs.clone()
+    noise = images(2, 64, 64, seed=9)
+    for b in range(2):
+        for k in mask[b].nonzero().flatten().tolist():
+            r, c = divmod(k, 4)
+            window = (b, slice(None), slice(16 * r, 16 * r + 16), slice(16 * c, 16 * c + 16))
+            changed[window] = noise[window] * 5
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed, mask), model(imgs, mask), atol=1e-6, rtol=0)
+
+
+def test_decoder_matches_the_official_unshuffled_layout():
+    # Official MAE: visible tokens and mask tokens put back in patch order, then the decoder.
+    model = tiny_mae()
+    imgs, mask = images(2, 64, 64), masks(2, 16)
+    with torch.no_grad():
+        visible_idx, _ = split_indices(mask, 12)
+        x = model.decoder_embed(model.forward_encoder(imgs, visible_idx))  # (B, 1 + 4, Dd)
+        tokens = model.mask_token.expand(2, 16, -1).clone()  # (B, N, Dd)
+        for b in range(2):
+            tokens[b, ~mask[b]] = x[b, 1:]
+        x = torch.cat([x[:, :1], tokens], dim=1) + model.decoder_pos_embed
+        x = model.decoder_pred(model.decoder_norm(model.decoder_blocks(x)))[:, 1:]  # (B, N, p*p*C)
+        expected = torch.stack([x[b][mask[b]] for b in range(2)])
+        torch.testing.assert_close(model(imgs, mask), expected, atol=1e-5, rtol=0)
+
+
+def test_encoder_cost_follows_the_visible_tokens():
+    # The real tiny encoder (12 blocks) at 224 px: 49 + 1 tokens instead of 196 + 1.
+    torch.manual_seed(0)
+    model = timm.create_model("pretrain_mae_tiny_patch16_224").eval()
+    imgs = images(1, 224, 224)
+
+    def encoder_flops(mask_ratio):
+        mask = masks(1, 196, mask_ratio)
+        visible_idx, _ = split_indices(mask, int(mask[0].sum()))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.forward_encoder(imgs, visible_idx)
+        return counter.get_total_flops()
+
+    assert encoder_flops(0.75) < 0.3 * encoder_flops(0.0)
+
+
+def test_encoder_weights_reproduce_timm_vit_features():
+    model = tiny_mae()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, global_pool="token", img_size=64, depth=2
+    ).eval()
+    encoder_state = {name: value for name, value in model.state_dict().items() if name in vit.state_dict()}
+    vit.load_state_dict(encoder_state, strict=True)
+    imgs = images(2, 64, 64)
+    all_visible = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_encoder(imgs, all_visible), vit.forward_features(imgs), atol=1e-5, rtol=0
+        )
+
+
+# --------------------------------------------------------------------------- initialization
+
+
+@pytest.fixture(scope="module")
+def wide_mae():
+    """Base widths (768 / 512) so that token statistics are meaningful, one block each."""
+    torch.manual_seed(0)
+    return PretrainVisionTransformer(
+        img_size=32, patch_size=16, embed_dim=768, depth=1, num_heads=12,
+        decoder_embed_dim=512, decoder_depth=1, decoder_num_heads=16,
+    )
+
+
+def xavier_bound(fan_out, fan_in):
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def test_linear_weights_are_xavier_uniform(wide_mae):
+    linears = [m for m in wide_mae.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 10  # 4 per block, decoder_embed, decoder_pred
+    for linear in linears:
+        bound = xavier_bound(*linear.weight.shape)
+        largest = linear.weight.abs().max().item()
+        assert 0.99 * bound < largest <= bound
+
+
+def test_linear_biases_are_zero(wide_mae):
+    for module in wide_mae.modules():
+        if isinstance(module, torch.nn.Linear):
+            assert not module.bias.any()
+
+
+def test_patch_embedding_is_xavier_uniform_as_a_matrix(wide_mae):
+    weight = wide_mae.patch_embed.proj.weight  # (768, 3, 16, 16) seen as (768, 768)
+    bound = xavier_bound(768, 3 * 16 * 16)
+    assert 0.99 * bound < weight.abs().max().item() <= bound
+    assert not wide_mae.patch_embed.proj.bias.any()
+
+
+@pytest.mark.parametrize("name", ["cls_token", "mask_token"])
+def test_tokens_start_at_std_002(wide_mae, name):
+    std = getattr(wide_mae, name).std().item()
+    assert 0.017 < std < 0.023
+
+
+def test_layer_norms_use_eps_1e6(wide_mae):
+    norms = [m for m in wide_mae.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 6  # 2 per block, norm, decoder_norm
+    assert all(norm.eps == 1e-6 for norm in norms)
+
+
+# --------------------------------------------------------------------------- official layout
+
+
+def test_state_dict_keys_are_the_official_mae_keys():
+    model = tiny_mae()
+    expected = {
+        "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+        "norm.weight", "norm.bias", "decoder_embed.weight", "decoder_embed.bias", "mask_token",
+        "decoder_pos_embed", "decoder_norm.weight", "decoder_norm.bias",
+        "decoder_pred.weight", "decoder_pred.bias",
+    }
+    expected |= {f"blocks.{i}.{sub}" for i in range(2) for sub in BLOCK_SUBKEYS}
+    expected |= {f"decoder_blocks.{i}.{sub}" for i in range(2) for sub in BLOCK_SUBKEYS}
+    assert set(model.state_dict()) == expected
+
+
+def test_base_has_the_official_parameter_count():
+    def block(d):  # two LayerNorms, qkv, proj, fc1 (4d), fc2
+        return 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+
+    tokens = 1 + 14 * 14
+    encoder = (768 * 3 * 16 * 16 + 768) + 768 + tokens * 768 + 12 * block(768) + 2 * 768
+    decoder = (768 * 512 + 512) + 512 + tokens * 512 + 8 * block(512) + 2 * 512 + (512 * 768 + 768)
+    assert encoder + decoder == 111_907_840  # the official mae_vit_base_patch16 count
+    model = timm.create_model("pretrain_mae_base_patch16_224")
+    assert sum(p.numel() for p in model.parameters()) == 111_907_840
+
+
+# --------------------------------------------------------------------------- timm registry
+
+
+def test_creating_a_model_from_a_fresh_interpreter_warns_nothing():
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c",
+         "import timm, modeling_pretrain; timm.create_model('pretrain_mae_base_patch16_224')"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_timm_lists_all_five_sizes():
+    assert set(timm.list_models("pretrain_mae*")) >= {
+        "pretrain_mae_tiny_patch16_224", "pretrain_mae_small_patch16_224", "pretrain_mae_base_patch16_224",
+        "pretrain_mae_large_patch16_224", "pretrain_mae_huge_patch14_224",
+    }
+
+
+def test_pretrained_weights_are_refused():
+    with pytest.raises(ValueError):
+        timm.create_model("pretrain_mae_tiny_patch16_224", pretrained=True, depth=1)
+
+
+# --------------------------------------------------------------------------- finetuning loader
+
+
+@pytest.fixture(scope="module")
+def pretrained_state():
+    return tiny_mae(img_size=32).state_dict()
+
+
+def finetune_model(img_size=32, **kwargs):
+    torch.manual_seed(1)
+    return create_finetune_model("vit_tiny_patch16_224", num_classes=5, img_size=img_size, depth=2, **kwargs)
+
+
+def test_loader_reports_head_and_fc_norm_missing_with_global_pool(pretrained_state):
+    missing = load_pretrained_encoder(finetune_model(), {"model": pretrained_state})
+    assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+
+
+def test_loader_reports_only_head_missing_with_cls_token(pretrained_state):
+    missing = load_pretrained_encoder(finetune_model(global_pool=False), {"model": pretrained_state})
+    assert sorted(missing) == ["head.bias", "head.weight"]
+
+
+def test_loaded_encoder_weights_equal_the_checkpoint(pretrained_state):
+    model = finetune_model(global_pool=False)
+    load_pretrained_encoder(model, {"model": pretrained_state})
+    loaded = model.state_dict()
+    for name in loaded:
+        if not name.startswith("head."):
+            assert torch.equal(loaded[name], pretrained_state[name]), name
+
+
+def test_loader_strips_module_prefixes(pretrained_state):
+    model = finetune_model()
+    prefixed = {"module." + name: value for name, value in pretrained_state.items()}
+    load_pretrained_encoder(model, {"model": prefixed})
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, pretrained_state["blocks.1.mlp.fc2.weight"])
+
+
+def test_loader_accepts_an_encoder_only_state_dict(pretrained_state):
+    encoder = {
+        name: value for name, value in pretrained_state.items()
+        if not name.startswith("decoder_") and name != "mask_token"
+    }
+    model = finetune_model()
+    load_pretrained_encoder(model, encoder)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, pretrained_state["blocks.0.attn.qkv.weight"])
+
+
+def test_new_head_starts_tiny(pretrained_state):
+    model = finetune_model()
+    load_pretrained_encoder(model, {"model": pretrained_state})
+    assert 1.6e-5 < model.head.weight.std().item() < 2.4e-5
+    assert not model.head.bias.any()
+
+
+def test_loader_resamples_pos_embed_to_a_larger_image(pretrained_state):
+    model = finetune_model(img_size=64)  # 2 x 2 patches pretrained, 4 x 4 finetuned
+    load_pretrained_encoder(model, {"model": pretrained_state})
+    assert model.pos_embed.shape == (1, 17, 192)
+    assert torch.equal(model.pos_embed[0, 0], pretrained_state["pos_embed"][0, 0])
+
+
+def test_loader_names_shape_mismatches_of_a_wider_checkpoint():
+    torch.manual_seed(0)
+    small = timm.create_model("pretrain_mae_small_patch16_224", img_size=32, depth=2).state_dict()
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_pretrained_encoder(finetune_model(), {"model": small})
+    message = str(error.value)
+    assert "cls_token" in message and "384" in message and "192" in message
+
+
+def test_loader_names_a_missing_block_key(pretrained_state):
+    damaged = {name: value for name, value in pretrained_state.items() if name != "blocks.1.mlp.fc2.weight"}
+    with pytest.raises(CheckpointMismatchError, match=r"blocks\.1\.mlp\.fc2\.weight"):
+        load_pretrained_encoder(finetune_model(), {"model": damaged})

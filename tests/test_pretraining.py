@@ -1,0 +1,123 @@
+"""End-to-end pretraining on CPU: tiny model, tiny synthetic images."""
+import json
+import math
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import modeling_pretrain  # noqa: F401
+import run_mae_pretraining
+import utils
+from masking_generator import random_masks
+from optim_factory import create_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--data_set", "synthetic",
+    "--num_samples", "16", "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
+    "--warmup_epochs", "1", "--blr", "1e-3", "--print_freq", "1",
+]
+SEED_COMMAND = (
+    "--data_path {data} --mask_ratio 0.75 --model pretrain_mae_base_patch16_224 --batch_size 128 --opt adamw "
+    "--opt_betas 0.9 0.95 --warmup_epochs 40 --epochs 1600 --output_dir {out}"
+)
+
+
+def parse(argv):
+    return run_mae_pretraining.get_args_parser().parse_args(argv)
+
+
+def run(argv):
+    run_mae_pretraining.main(parse(argv))
+
+
+def test_seed_readme_command_parses(tmp_path):
+    args = parse(shlex.split(SEED_COMMAND.format(data=tmp_path, out=tmp_path / "out")) + ["--local-rank=3"])
+    assert args.mask_ratio == 0.75 and args.batch_size == 128 and args.epochs == 1600
+    assert args.opt == "adamw" and args.opt_betas == [0.9, 0.95] and args.warmup_epochs == 40
+    assert args.local_rank == 3
+    assert parse(["--local_rank", "5"]).local_rank == 5
+
+
+def test_blr_scales_with_effective_batch():
+    args = parse(["--batch_size", "64", "--accum_iter", "2", "--blr", "1.5e-4"])
+    args.world_size = 8
+    utils.resolve_lr(args)
+    assert args.lr == pytest.approx(1.5e-4 * 64 * 2 * 8 / 256)
+
+
+def test_lr_schedule_warmup_then_half_cosine():
+    args = parse(["--lr", "1.0", "--min_lr", "0.1", "--warmup_epochs", "10", "--epochs", "110"])
+    assert utils.lr_at(5, args) == pytest.approx(0.5)
+    assert utils.lr_at(10, args) == pytest.approx(1.0)
+    assert utils.lr_at(60, args) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert utils.lr_at(110, args) == pytest.approx(0.1)
+
+
+def test_two_epochs_write_checkpoint_log_pictures_and_resume(tmp_path):
+    out = tmp_path / "out"
+    run(TINY + ["--epochs", "2", "--output_dir", str(out)])
+    assert {"checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "reconstruction.png"} <= set(os.listdir(out))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(math.isfinite(r["train_loss"]) and "train_lr" in r for r in records)
+
+    checkpoint = torch.load(out / "checkpoint-1.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and isinstance(checkpoint["args"], dict)
+    assert "decoder_pred.weight" in checkpoint["model"] and "mask_token" in checkpoint["model"]
+    fresh = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32)
+    fresh.load_state_dict(checkpoint["model"], strict=True)
+
+    run(TINY + ["--epochs", "3", "--output_dir", str(out)])
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # resumed at epoch 2, not from scratch
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=4)
+    args = parse(["--lr", "1e-3", "--weight_decay", "0.0"])
+    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    imgs = torch.randn(8, 3, 32, 32).cumsum(dim=-1) / 8  # smooth, predictable images
+    mask = random_masks(8, 4, 0.75, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(40):
+        loss = model.forward_loss(imgs, model(imgs, mask), mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(launcher, tmp_path, extra=()):
+    """Run the rank-dump helper under ``launcher`` with 2 gloo processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", launcher, "--nproc_per_node=2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "pretrain_rank_dump.py"), *TINY, "--epochs", "1",
+           "--output_dir", str(tmp_path / "out"), *extra]
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+
+
+def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
+    result = launch("torch.distributed.run", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    initial = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32).state_dict()
+    assert not torch.equal(states[0]["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
