@@ -51,7 +51,7 @@ def train_one_epoch(
             utils.log_progress(metrics, loss, grad_norm, optimizer, samples.shape[0], data_time, timer, step, steps, epoch)
             if log_writer is not None:
                 global_step = epoch * steps + step
-                log_writer.add_scalar("train/loss", float(loss), global_step)
+                log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
                 log_writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
         data_start = timer.elapsed()
     watch.raise_if_bad(epoch, steps, args, scaler)
