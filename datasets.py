@@ -1,5 +1,6 @@
-"""Datasets for MAE pretraining: image folders (labelled or not), a built-in synthetic set, and
-the wrapper that pairs every augmented image with a fresh random patch mask.
+"""Datasets for MAE pretraining and finetuning: image folders (labelled or not), CIFAR, a built-in
+synthetic set, the wrapper that pairs every augmented image with a fresh random patch mask, and
+the finetuning transforms.
 
 Masks are drawn inside the dataset, so the data-loader workers make them in parallel; they use
 NumPy's global generator, which ``seed_worker`` seeds per worker and per epoch.
@@ -11,10 +12,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from masking_generator import RandomMaskingGenerator
@@ -23,6 +24,7 @@ DATA_SETS = ("image_folder", "synthetic")
 SHAPE_KINDS = ("circle", "square", "triangle", "ring", "cross", "diamond", "x_cross")
 TEXTURE_KINDS = ("horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard", "dots_grid")
 SYNTHETIC_CLASSES = SHAPE_KINDS + TEXTURE_KINDS
+SYNTHETIC_NUM_CLASSES = 10  # the classes the train/val splits use
 
 
 # ----------------------------------------------------------------------------- synthetic shapes
@@ -115,7 +117,7 @@ class SyntheticShapes(Dataset):
         self,
         num_samples: int = 2000,
         image_size: int = 64,
-        num_classes: int = 10,
+        num_classes: int = SYNTHETIC_NUM_CLASSES,
         seed: int = 0,
         transform: Optional[Callable] = None,
     ) -> None:
@@ -215,6 +217,30 @@ def build_image_folder(root: str, transform: Optional[Callable] = None) -> Datas
     return ImageFiles(root, transform=transform)
 
 
+# ----------------------------------------------------------------------------- splits
+
+SYNTHETIC_SPLITS = {"train": (0, 2000), "val": (1, 500)}  # split: (seed, default size)
+
+
+def synthetic_split(split: str, image_size: int, num_samples: Optional[int], transform: Optional[Callable]) -> Dataset:
+    """The synthetic dataset's fixed train or val split: different seeds, so no image is in both.
+
+    ``num_samples`` sizes the training split (it is procedural, so it can grow) and truncates
+    the 500-image validation split.
+    """
+    seed, size = SYNTHETIC_SPLITS[split]
+    if split == "train" and num_samples is not None:
+        size = num_samples
+    return first_samples(SyntheticShapes(size, image_size=image_size, seed=seed, transform=transform), num_samples)
+
+
+def first_samples(dataset: Dataset, num_samples: Optional[int]) -> Dataset:
+    """Only the first ``num_samples`` samples (all of them when None or larger)."""
+    if num_samples is not None and num_samples < len(dataset):
+        return Subset(dataset, range(num_samples))
+    return dataset
+
+
 # ----------------------------------------------------------------------------- pretraining
 
 def build_pretraining_transform(
@@ -258,21 +284,21 @@ def build_pretraining_dataset(
     num_samples: Optional[int] = None,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    seed: int = 0,
 ) -> Dataset:
-    """Augmented images paired with masks; ``num_samples`` keeps only the first N samples."""
+    """Augmented images paired with masks; ``num_samples`` keeps only the first N samples.
+
+    The synthetic set is its training split, the images finetuning also trains on.
+    """
     transform = build_pretraining_transform(input_size, mean, std)
     if data_set == "synthetic":
-        dataset: Dataset = SyntheticShapes(num_samples or 2000, image_size=input_size, seed=seed,
-                                           transform=transform)
+        dataset: Dataset = synthetic_split("train", input_size, num_samples, transform)
     elif data_set == "image_folder":
         if not data_path:
             raise ValueError("data_set 'image_folder' needs a data_path")
         dataset = build_image_folder(data_path, transform)
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
-    if num_samples is not None and num_samples < len(dataset):
-        dataset = Subset(dataset, range(num_samples))
+    dataset = first_samples(dataset, num_samples)
     mask_generator = RandomMaskingGenerator(input_size // patch_size, mask_ratio)
     return MaskedImages(dataset, mask_generator)
 
@@ -287,3 +313,96 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed()  # base_seed + worker_id, up to 64 bits
     random.seed(seed)
     np.random.seed(np.random.SeedSequence(seed).generate_state(4))  # (4,) uint32
+
+
+# ----------------------------------------------------------------------------- finetuning
+
+CLASSIFICATION_SETS = ("IMNET", "image_folder", "CIFAR10", "CIFAR100", "synthetic")
+CIFAR_FOLDERS = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
+
+
+def eval_resize(input_size: int) -> int:
+    """The side to resize to before the center crop: input / 0.875 up to 224 px (256 for 224),
+    the full image above it, as the official MAE evaluates."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return int(input_size / crop_pct)
+
+
+def build_classification_transform(
+    is_train: bool,
+    input_size: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+    color_jitter: Optional[float] = None,
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+) -> Callable:
+    """timm's training pipeline (RandomResizedCrop, flip, RandAugment, random erasing) or the
+    resize + center-crop evaluation pipeline, both bicubic."""
+    if is_train:
+        return create_transform(
+            input_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
+            interpolation="bicubic", re_prob=re_prob, re_mode=re_mode, re_count=re_count, mean=mean, std=std,
+        )
+    return transforms.Compose([
+        transforms.Resize(eval_resize(input_size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def labelled_folder(root: str, transform: Callable) -> ImageFolder:
+    """An ``ImageFolder`` with one subfolder per class; a clear error for anything else."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root} does not exist or is not a directory")
+    if not has_class_folders(root):
+        raise FileNotFoundError(f"{root} has no class subfolders with images (expected {root}/<class>/<image>)")
+    return ImageFolder(root, transform=transform, loader=load_rgb)
+
+
+def cifar(data_set: str, root: str, is_train: bool, transform: Callable) -> Dataset:
+    """CIFAR from torchvision's files under ``root``; never downloaded."""
+    cls = CIFAR10 if data_set == "CIFAR10" else CIFAR100
+    try:
+        return cls(root, train=is_train, transform=transform, download=False)
+    except RuntimeError as error:
+        raise FileNotFoundError(
+            f"{data_set} files not found under {root}: put torchvision's {CIFAR_FOLDERS[data_set]}/ folder "
+            "there (this code never downloads)"
+        ) from error
+
+
+def build_classification_dataset(
+    data_set: str,
+    is_train: bool,
+    data_path: Optional[str],
+    transform: Callable,
+    input_size: int,
+    eval_data_path: Optional[str] = None,
+    num_samples: Optional[int] = None,
+) -> Tuple[Dataset, int]:
+    """The train or evaluation split of a labelled dataset and its number of classes.
+
+    IMNET reads ``data_path/train`` and ``data_path/val``; image_folder reads ``data_path`` for
+    training and ``eval_data_path`` for evaluation; CIFAR reads torchvision's files in data_path.
+    """
+    if data_set == "synthetic":
+        dataset = synthetic_split("train" if is_train else "val", input_size, num_samples, transform)
+        return dataset, SYNTHETIC_NUM_CLASSES
+    if not data_path:
+        raise ValueError(f"data_set {data_set!r} needs a data_path")
+    if data_set in CIFAR_FOLDERS:
+        dataset = cifar(data_set, data_path, is_train, transform)
+    elif data_set == "IMNET":
+        dataset = labelled_folder(os.path.join(data_path, "train" if is_train else "val"), transform)
+    elif data_set == "image_folder":
+        root = data_path if is_train else eval_data_path
+        if not root:
+            raise ValueError("data_set 'image_folder' needs an eval_data_path for evaluation")
+        dataset = labelled_folder(root, transform)
+    else:
+        raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
+    return first_samples(dataset, num_samples), len(dataset.classes)

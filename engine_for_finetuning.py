@@ -52,16 +52,19 @@ def train_one_epoch(
             if log_writer is not None:
                 global_step = epoch * steps + step
                 log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
-                log_writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+                log_writer.add_scalar("train/lr", utils.max_lr(optimizer), global_step)
         data_start = timer.elapsed()
     watch.raise_if_bad(epoch, steps, args, scaler)
     mean_loss = float(utils.all_reduce_mean(loss_sum / steps))
-    return {"loss": mean_loss, "lr": max(group["lr"] for group in optimizer.param_groups), **metrics.averages()}
+    return {"loss": mean_loss, "lr": utils.max_lr(optimizer), **metrics.averages()}
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, amp: str) -> Dict[str, float]:
-    """Top-1, top-5 and cross-entropy, summed over this rank's shard and then over all ranks.
+def evaluate(
+    model: torch.nn.Module, loader: Iterable, device: torch.device, amp: str, reduce: bool = True
+) -> Dict[str, float]:
+    """Top-1, top-5 and cross-entropy, summed over this rank's shard and, with ``reduce``, over
+    all ranks (each holding a disjoint shard).
 
     Sums (not per-rank means) make the result exact however unevenly the shards split.
     """
@@ -81,7 +84,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, amp
             hits.any(dim=1).sum().double(),
             torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
         ])
-    totals = utils.all_reduce_sum(totals)
+    if reduce:
+        totals = utils.all_reduce_sum(totals)
     loss, correct1, correct5, count = totals.tolist()
     return {"loss": loss / count, "acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count,
             "num_samples": int(count)}

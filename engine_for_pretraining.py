@@ -51,9 +51,9 @@ def train_one_epoch(
             if log_writer is not None:
                 global_step = epoch * steps + step
                 log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
-                log_writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+                log_writer.add_scalar("train/lr", utils.max_lr(optimizer), global_step)
                 log_writer.add_scalar("train/grad_norm", float(grad_norm), global_step)
         data_start = timer.elapsed()
     watch.raise_if_bad(epoch, steps, args, scaler)
     mean_loss = float(utils.all_reduce_mean(loss_sum / steps))
-    return {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"], **metrics.averages()}
+    return {"loss": mean_loss, "lr": utils.max_lr(optimizer), **metrics.averages()}

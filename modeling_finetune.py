@@ -4,7 +4,7 @@ The finetuning model is timm's own ``VisionTransformer`` (``vit_base_patch16_224
 the pretraining model subclasses the same class, so the encoder exists once.
 """
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import timm
 import torch

@@ -5,12 +5,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
@@ -27,59 +25,29 @@ NUM_PICTURES = 8
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE pretraining", add_help=True)
     parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
-    parser.add_argument("--epochs", default=400, type=int)
+    parser.add_argument("--epochs", default=400, type=int, help="length of the schedule")
     parser.add_argument("--accum_iter", default=1, type=int, help="micro-steps per optimizer step")
-    parser.add_argument("--save_ckpt_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
-    parser.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="pretrain_mae_base_patch16_224", type=str)
+    model.add_argument("--model", default="pretrain_mae_base_patch16_224", type=str, help="a pretrain_mae_* name")
     model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
     model.add_argument("--mask_ratio", default=0.75, type=float, help="share of patches hidden from the encoder")
     model.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalized pixels")
     model.add_argument("--drop_path", default=0.0, type=float, help="stochastic depth of the encoder")
 
     add_optimizer_args(parser, weight_decay=0.05, betas=(0.9, 0.95))
-    sched = parser.add_argument_group("schedule")
-    sched.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
-    sched.add_argument("--blr", default=1.5e-4, type=float, help="base lr per 256 images")
-    sched.add_argument("--min_lr", default=0.0, type=float, help="lr at the end of the cosine")
-    sched.add_argument("--warmup_epochs", default=40, type=float)
-    sched.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
-
-    data = parser.add_argument_group("data")
+    utils.add_schedule_args(parser, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
+    data = utils.add_loading_args(parser)
     data.add_argument("--data_path", default=None, type=str, help="image folder (ImageFolder layout or flat)")
     data.add_argument("--data_set", default=None, choices=["image_folder", "synthetic"],
                       help="default: image_folder with --data_path, synthetic without")
-    data.add_argument("--num_samples", default=None, type=int, help="use only the first N samples")
-    data.add_argument("--mean", default=list(IMAGENET_DEFAULT_MEAN), type=float, nargs=3)
-    data.add_argument("--std", default=list(IMAGENET_DEFAULT_STD), type=float, nargs=3)
-    data.add_argument("--num_workers", default=10, type=int)
-    data.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
-                      help="pin host memory for faster copies to the GPU")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints, log.txt, pictures")
-    run.add_argument("--log_dir", default=None, type=str, help="TensorBoard logs (default: output_dir/tensorboard)")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                     help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
-    run.add_argument("--seed", default=0, type=int)
-    run.add_argument("--resume", default="", help="checkpoint to continue from")
-    run.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
-                     help="continue from the newest checkpoint in output_dir")
-    run.add_argument("--start_epoch", default=0, type=int)
-    run.add_argument("--local_rank", "--local-rank", default=None, type=int,
-                     help="set by torch.distributed.launch; the environment wins")
+    utils.add_run_args(parser)
     return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before anything is built or written."""
-    if args.batch_size < 1:
-        raise utils.UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.accum_iter < 1:
-        raise utils.UsageError(f"--accum_iter must be at least 1, got {args.accum_iter}")
+    utils.validate_common_args(args)
     try:
         check_mask_ratio(args.mask_ratio)
     except ValueError as error:
@@ -90,8 +58,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise utils.UsageError("--data_set image_folder needs --data_path; omit both for the synthetic dataset")
     if args.data_path and not Path(args.data_path).is_dir():
         raise utils.UsageError(f"--data_path {args.data_path} is not a directory")
-    if args.log_dir is None and args.output_dir:
-        args.log_dir = str(Path(args.output_dir) / "tensorboard")
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -113,7 +79,7 @@ def build_loader(args: argparse.Namespace, patch_size: int) -> DataLoader:
     try:
         dataset = build_pretraining_dataset(
             args.data_set, args.data_path, args.input_size, patch_size, args.mask_ratio,
-            num_samples=args.num_samples, mean=args.mean, std=args.std, seed=args.seed,
+            num_samples=args.num_samples, mean=args.mean, std=args.std,
         )
     except (FileNotFoundError, ValueError) as error:
         raise utils.UsageError(str(error)) from error
@@ -157,16 +123,6 @@ def write_pictures(model: torch.nn.Module, batch, args: argparse.Namespace, epoc
         log_writer.add_image("reconstruction", grid, epoch)
 
 
-def save_epoch(model, optimizer, scaler, epoch: int, args: argparse.Namespace) -> None:
-    """``checkpoint-last.pth`` every epoch; ``checkpoint-{epoch}.pth`` on the keep schedule."""
-    if not args.output_dir:
-        return
-    names = ["checkpoint-last.pth"]
-    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-        names.insert(0, f"checkpoint-{epoch}.pth")
-    utils.save_training_state(Path(args.output_dir), names, model, optimizer, scaler, epoch, args)
-
-
 def main(args: argparse.Namespace) -> torch.nn.Module:
     """Pretrain as ``args`` say; returns the trained model (for scripts that go on with it)."""
     validate_args(args)
@@ -185,8 +141,7 @@ def main(args: argparse.Namespace) -> torch.nn.Module:
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
     pictures = picture_batch(loader, device)
-    ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if args.distributed else model
+    ddp_model = utils.wrap_ddp(model, device, args)
     log_writer = utils.make_tensorboard_writer(args.log_dir)
     try:
         run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures)
@@ -205,7 +160,7 @@ def run_epochs(model, loader, optimizer, scaler, device, args, log_writer, pictu
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log_writer)
-        save_epoch(model, optimizer, scaler, epoch, args)
+        utils.save_epoch(model, optimizer, scaler, epoch, args)
         write_pictures(model, pictures, args, epoch, log_writer)
         record: Dict[str, float] = {f"train_{key}": value for key, value in stats.items()}
         record.update(epoch=epoch, n_parameters=sum(p.numel() for p in model.parameters()))

@@ -11,11 +11,12 @@ import time
 from collections import defaultdict, deque
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Iterable, List, Mapping, Optional
+from typing import Any, ContextManager, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 class UsageError(Exception):
@@ -29,6 +30,61 @@ def exit_on_usage_error(main_fn, args: argparse.Namespace) -> None:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_schedule_args(parser: argparse.ArgumentParser, blr: float, min_lr: float, warmup_epochs: float) -> None:
+    """Learning-rate flags shared by pretraining and finetuning, with each stage's defaults."""
+    group = parser.add_argument_group("schedule")
+    group.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    group.add_argument("--blr", default=blr, type=float, help="base lr per 256 images")
+    group.add_argument("--min_lr", default=min_lr, type=float, help="lr at the end of the cosine")
+    group.add_argument("--warmup_epochs", default=warmup_epochs, type=float, help="linear warmup length")
+    group.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
+
+
+def add_loading_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Data flags shared by both stages; returns the group so a stage can add its own."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--num_samples", default=None, type=int, help="use only the first N samples")
+    group.add_argument("--mean", default=list(IMAGENET_DEFAULT_MEAN), type=float, nargs=3, help="normalization mean")
+    group.add_argument("--std", default=list(IMAGENET_DEFAULT_STD), type=float, nargs=3, help="normalization std")
+    group.add_argument("--num_workers", default=10, type=int, help="data-loader processes per GPU")
+    group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                       help="pin host memory for faster copies to the GPU")
+    return group
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Output, device, precision, seeding, resuming and launcher flags shared by both stages."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints, log.txt, pictures")
+    group.add_argument("--log_dir", default=None, type=str, help="TensorBoard logs (default: output_dir/tensorboard)")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                       help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
+    group.add_argument("--seed", default=0, type=int)
+    group.add_argument("--resume", default="", help="checkpoint to continue from")
+    group.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                       help="continue from the newest checkpoint in output_dir")
+    group.add_argument("--start_epoch", default=0, type=int)
+    group.add_argument("--save_ckpt_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
+    group.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
+    group.add_argument("--local_rank", "--local-rank", default=None, type=int,
+                       help="set by torch.distributed.launch; the environment wins")
+
+
+def validate_common_args(args: argparse.Namespace) -> None:
+    """Checks both stages need before anything is built or written."""
+    for flag in ("batch_size", "accum_iter", "epochs", "save_ckpt_freq", "print_freq"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.log_dir is None and args.output_dir:
+        args.log_dir = str(Path(args.output_dir) / "tensorboard")
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -241,6 +297,27 @@ def save_training_state(
         save_atomic(payload, Path(output_dir) / name)
 
 
+def save_epoch(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int,
+    args: argparse.Namespace, **extra: Any,
+) -> None:
+    """``checkpoint-last.pth`` every epoch; ``checkpoint-{epoch}.pth`` every ``--save_ckpt_freq``
+    epochs and at the end."""
+    if not args.output_dir:
+        return
+    names = ["checkpoint-last.pth"]
+    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+        names.insert(0, f"checkpoint-{epoch}.pth")
+    save_training_state(Path(args.output_dir), names, model, optimizer, scaler, epoch, args, **extra)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> torch.nn.Module:
+    """``DistributedDataParallel`` around ``model`` when this is a multi-process run."""
+    if not args.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def resume_training_state(
     args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -253,12 +330,20 @@ def resume_training_state(
     if not path:
         return {}
     checkpoint = load_checkpoint(Path(path))
-    unwrap_model(model).load_state_dict(checkpoint["model"])
+    try:
+        unwrap_model(model).load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as error:
+        raise UsageError(
+            f"checkpoint {path} does not fit --model {getattr(args, 'model', '?')}: "
+            f"{' '.join(str(error).split())[:400]}; pass a checkpoint of this model (for pretrained "
+            "weights use --finetune)"
+        ) from error
     if "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         args.start_epoch = checkpoint["epoch"] + 1
-    print(f"resumed from {path} at epoch {args.start_epoch}")
+    if is_main_process():
+        print(f"resumed from {path} at epoch {args.start_epoch}")
     return checkpoint
 
 
@@ -407,6 +492,11 @@ class NonFiniteWatch:
             )
 
 
+def max_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest group lr: the schedule's value, which layer decay only scales down."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
 def log_progress(
     metrics: MetricLogger,
     loss: torch.Tensor,
@@ -428,7 +518,7 @@ def log_progress(
         eta = format_eta(elapsed / (step + 1) * (steps - step - 1))
         print(
             f"epoch {epoch} [{step + 1}/{steps}]  loss {loss.item():.4f}  "
-            f"lr {optimizer.param_groups[0]['lr']:.3e}  {metrics.line()}  "
+            f"lr {max_lr(optimizer):.3e}  {metrics.line()}  "
             f"{images_per_s:.1f} img/s  eta {eta}",
             flush=True,
         )

@@ -1,0 +1,186 @@
+"""End-to-end finetuning on CPU: tiny model, tiny synthetic images, checked against the recipe."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from timm.data.auto_augment import posterize
+
+import run_class_finetuning
+import run_mae_pretraining
+import utils
+from datasets import build_classification_transform, eval_resize
+from optim_factory import create_optimizer
+from test_pretraining import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_COMMAND = (
+    "--model vit_base_patch16_224 --data_path {data} --finetune {ckpt} --output_dir {out} --batch_size 128 "
+    "--opt adamw --opt_betas 0.9 0.999 --weight_decay 0.05 --epochs 100 --dist_eval"
+)
+COMMON = ["--input_size", "32", "--num_workers", "0", "--device", "cpu", "--print_freq", "1"]
+PRETRAIN = ["--model", "pretrain_mae_tiny_patch16_224", "--num_samples", "32", "--batch_size", "16",
+            "--epochs", "1", "--warmup_epochs", "1", *COMMON]
+FINETUNE = ["--model", "vit_tiny_patch16_224", "--num_samples", "48", "--batch_size", "16",
+            "--warmup_epochs", "1", "--blr", "1e-3", *COMMON]
+
+
+def parse(argv):
+    return run_class_finetuning.get_args_parser().parse_args(argv)
+
+
+def read_log(out: Path):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A one-epoch tiny MAE checkpoint, as a user's pretraining run leaves it."""
+    out = tmp_path_factory.mktemp("pretrain")
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(PRETRAIN + ["--output_dir", str(out)]))
+    return out / "checkpoint-0.pth"
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory) -> Path:
+    """Two epochs of finetuning from ``pretrained`` with mixup and cutmix."""
+    out = tmp_path_factory.mktemp("finetune")
+    argv = FINETUNE + ["--epochs", "2", "--finetune", str(pretrained), "--mixup", "0.8", "--cutmix", "1.0",
+                       "--output_dir", str(out)]
+    run_class_finetuning.main(parse(argv))
+    return out
+
+
+def test_seed_readme_command_parses(tmp_path):
+    argv = shlex.split(SEED_COMMAND.format(data=tmp_path, ckpt=tmp_path / "m.pth", out=tmp_path / "o"))
+    args = parse(argv + ["--local_rank=1"])
+    assert args.model == "vit_base_patch16_224" and args.batch_size == 128 and args.epochs == 100
+    assert args.opt_betas == [0.9, 0.999] and args.weight_decay == 0.05 and args.dist_eval
+    assert args.global_pool and not parse(["--cls_token"]).global_pool
+    assert args.aa == "rand-m9-mstd0.5-inc1" and args.layer_decay == 0.75 and args.local_rank == 1
+
+
+def test_layer_decay_scales_are_the_papers_formula():
+    """12 blocks: layer 0 is patch embedding, cls token and position embedding, layer i is block
+    i - 1 and layer 13 the head, and each is scaled by 0.75 ** (13 - i)."""
+    args = parse(["--model", "vit_tiny_patch16_224", "--lr", "1.0"])
+    model = run_class_finetuning.create_finetune_model("vit_tiny_patch16_224", 10, img_size=32)
+    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    utils.set_learning_rate(optimizer, 1.0)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+
+    def layer(name: str) -> int:
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return 13
+
+    for name, param in model.named_parameters():
+        assert lr_of[id(param)] == pytest.approx(0.75 ** (13 - layer(name)), rel=1e-12), name
+    no_decay = {n for n, p in model.named_parameters() for g in optimizer.param_groups
+                if g["weight_decay"] == 0 and any(p is q for q in g["params"])}
+    assert {"cls_token", "pos_embed", "blocks.0.norm1.weight", "head.bias"} <= no_decay
+    assert "blocks.0.attn.qkv.weight" not in no_decay
+
+
+def test_finetune_from_mae_checkpoint_logs_accuracy_and_keeps_the_best(finetuned):
+    records = read_log(finetuned)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for record in records:
+        assert 0 <= record["test_acc1"] <= record["test_acc5"] <= 100
+        assert {"train_loss", "test_acc1", "test_acc5", "n_parameters"} <= record.keys()
+    best = torch.load(finetuned / "checkpoint-best.pth", map_location="cpu", weights_only=True)
+    assert best["max_accuracy"] == max(r["test_acc1"] for r in records)
+    assert isinstance(best["args"], dict) and "head.weight" in best["model"]
+
+
+def test_eval_reproduces_the_logged_accuracy(finetuned, tmp_path):
+    best = torch.load(finetuned / "checkpoint-best.pth", map_location="cpu", weights_only=True)
+    logged = next(r for r in read_log(finetuned) if r["epoch"] == best["epoch"])
+    argv = FINETUNE + ["--eval", "--resume", str(finetuned / "checkpoint-best.pth"), "--output_dir", str(tmp_path)]
+    stats = run_class_finetuning.main(parse(argv))
+    assert stats["acc1"] == pytest.approx(logged["test_acc1"])
+    assert stats["acc5"] == pytest.approx(logged["test_acc5"])
+    assert stats["num_samples"] == 48
+
+
+def test_resume_keeps_the_best_accuracy(finetuned, tmp_path):
+    """Continue the finetuning run by one epoch: max_accuracy never drops below what it was."""
+    before = read_log(finetuned)[-1]["max_accuracy"]
+    run_class_finetuning.main(parse(FINETUNE + ["--epochs", "3", "--output_dir", str(finetuned)]))
+    records = read_log(finetuned)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[-1]["max_accuracy"] == max(before, records[-1]["test_acc1"])
+
+
+def usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_class_finetuning.main, parse(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_wrong_nb_classes_names_both_numbers(tmp_path, capsys):
+    out = tmp_path / "never"
+    message = usage_error(FINETUNE + ["--nb_classes", "7", "--output_dir", str(out)], capsys)
+    assert "--nb_classes 7" in message and "10 classes" in message
+    assert not out.exists()
+
+
+def test_missing_cifar_files_are_an_error_not_a_download(tmp_path, capsys):
+    message = usage_error(FINETUNE + ["--data_set", "CIFAR10", "--data_path", str(tmp_path),
+                                      "--output_dir", str(tmp_path / "o")], capsys)
+    assert "cifar-10-batches-py" in message and "never downloads" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_finetune_checkpoint_of_another_size_is_rejected(pretrained, tmp_path, capsys):
+    message = usage_error(FINETUNE + ["--model", "vit_small_patch16_224", "--finetune", str(pretrained),
+                                      "--output_dir", str(tmp_path / "o")], capsys)
+    assert "--finetune" in message and "shapes" in message
+
+
+def test_imagenet_layout_and_eval_transform(tmp_path):
+    """train/ and val/ class folders; evaluation resizes to input / 0.875 and center-crops."""
+    for split in ("train", "val"):
+        for cls in ("cat", "dog", "eel"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (50, 40), (10, 20, 30)).save(tmp_path / split / cls / "a.png")
+    args = parse(FINETUNE + ["--data_path", str(tmp_path)])
+    run_class_finetuning.validate_args(args)
+    assert args.data_set == "IMNET"
+    train_set, val_set, nb_classes = run_class_finetuning.build_datasets(args)
+    assert nb_classes == 3 and args.nb_classes == 3 and len(train_set) == len(val_set) == 3
+    assert eval_resize(224) == 256 and eval_resize(32) == int(32 / 0.875)
+    assert val_set[0][0].shape == (3, 32, 32) and train_set[0][0].shape == (3, 32, 32)
+    resize = build_classification_transform(False, 64).transforms[0]
+    assert resize.size == 73 and resize.interpolation.value == "bicubic"
+
+
+def test_randaugment_full_strength_posterize_works_with_pinned_pillow():
+    """timm's RandAugment posterizes to 0 bits at magnitude 10; Pillow 13 refuses that (hence the pin)."""
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert posterize(image, 0).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_distributed_eval_counts_every_sample_once(finetuned, tmp_path):
+    """Two gloo processes, 7 evaluation images: 4 + 3, no padding, same numbers as one process."""
+    checkpoint = str(finetuned / "checkpoint-best.pth")
+    argv = FINETUNE[:] + ["--eval", "--dist_eval", "--resume", checkpoint, "--output_dir", str(tmp_path)]
+    argv[argv.index("--num_samples") + 1] = "7"
+    single = run_class_finetuning.main(parse(argv))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "finetune_rank_eval.py"), *argv]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        stats = json.loads((tmp_path / f"eval_rank{rank}.json").read_text())
+        assert stats["num_samples"] == 7
+        assert stats["acc1"] == pytest.approx(single["acc1"]) and stats["loss"] == pytest.approx(single["loss"])
