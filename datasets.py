@@ -2,23 +2,27 @@
 synthetic set, the wrapper that pairs every augmented image with a fresh random patch mask, and
 the finetuning transforms.
 
-Masks are drawn inside the dataset, so the data-loader workers make them in parallel; they use
-NumPy's global generator, which ``seed_worker`` seeds per worker and per epoch.
+Masks are drawn inside the dataset, so the data-loader workers make them in parallel; like every
+augmentation they come from RNGs that ``SeededSamples`` seeds per (seed, epoch, sample).
 """
+import multiprocessing
 import os
 import random
-from typing import Callable, List, Optional, Sequence, Tuple
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from masking_generator import RandomMaskingGenerator
+from utils import UsageError, all_reduce_sum, seed_everything
 
 DATA_SETS = ("image_folder", "synthetic")
 SHAPE_KINDS = ("circle", "square", "triangle", "ring", "cross", "diamond", "x_cross")
@@ -213,8 +217,10 @@ def build_image_folder(root: str, transform: Optional[Callable] = None) -> Datas
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     if has_class_folders(root):
         # allow_empty: an empty class folder is harmless for pretraining, which ignores labels
-        return ImageFolder(root, transform=transform, loader=load_rgb, allow_empty=True)
-    return ImageFiles(root, transform=transform)
+        folder = ImageFolder(root, transform=transform, loader=load_rgb, allow_empty=True)
+        return SkipUnreadable(folder, [path for path, _ in folder.samples])
+    files = ImageFiles(root, transform=transform)
+    return SkipUnreadable(files, files.samples)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -303,16 +309,106 @@ def build_pretraining_dataset(
     return MaskedImages(dataset, mask_generator)
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed NumPy and ``random`` from torch's per-worker seed, which
-    differs between workers and changes every epoch, so masks never repeat across either.
+# ----------------------------------------------------------------------------- determinism
 
-    torch >= 1.9 already does this in its workers; calling it ourselves keeps the guarantee
-    explicit, and NumPy gets a SeedSequence-mixed state so its stream is not ``random``'s.
+@contextmanager
+def seeded_rngs(key: Sequence[int]) -> Iterator[None]:
+    """Seed torch (CPU), NumPy and ``random`` from ``key`` and restore their states afterwards,
+    so a sample drawn in the main process leaves the training RNGs as they were."""
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    seed_everything(*key)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+
+
+class SeededSamples(Dataset):
+    """Reads ``(index, epoch)`` keys and draws each sample's crop, flip, RandAugment and mask from
+    RNGs seeded by ``(seed, epoch, index)``.
+
+    A sample then looks the same whichever worker loads it and whether or not the run was
+    interrupted, which is what makes a resumed run bitwise equal to an uninterrupted one; and it
+    still changes from epoch to epoch.
     """
-    seed = torch.initial_seed()  # base_seed + worker_id, up to 64 bits
-    random.seed(seed)
-    np.random.seed(np.random.SeedSequence(seed).generate_state(4))  # (4,) uint32
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, epoch = key
+        with seeded_rngs((self.seed, epoch, index)):
+            return self.dataset[index]
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` yielding ``(index, epoch)`` keys for ``SeededSamples``, able to
+    start the next epoch part-way through after a mid-epoch resume."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def skip_first(self, num_samples: int) -> None:
+        """Leave out this rank's first ``num_samples`` samples of the next pass only."""
+        self.skip = num_samples
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        return iter([(index, self.epoch) for index in indices])
+
+
+# ----------------------------------------------------------------------------- unreadable files
+
+UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for truncated or foreign files
+
+
+class SkipUnreadable(Dataset):
+    """Replaces a sample whose file cannot be decoded by the next readable one, warns once per
+    file, and counts the skips in a counter shared with the data-loader workers."""
+
+    def __init__(self, dataset: Dataset, paths: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.paths = paths
+        self.skipped = multiprocessing.Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.dataset)):
+            candidate = (index + offset) % len(self.dataset)
+            try:
+                sample = self.dataset[candidate]
+            except UNREADABLE as error:
+                warnings.warn(f"skipping unreadable image {self.paths[candidate]}: {error}", stacklevel=2)
+                continue
+            if offset:
+                with self.skipped.get_lock():
+                    self.skipped.value += 1  # one replaced sample, however many files were tried
+            return sample
+        raise FileNotFoundError("no image in the dataset can be read")
+
+
+def skipped_images(dataset: Dataset, device: torch.device) -> int:
+    """Samples replaced because their file was unreadable, summed over all ranks (a collective)."""
+    return int(all_reduce_sum(torch.tensor(count_skipped(dataset), device=device)))
+
+
+def count_skipped(dataset: Dataset) -> int:
+    """Skips so far by this process's ``SkipUnreadable`` (anywhere in the wrapper chain), else 0."""
+    while dataset is not None:
+        if isinstance(dataset, SkipUnreadable):
+            return dataset.skipped.value
+        dataset = getattr(dataset, "dataset", None)
+    return 0
 
 
 # ----------------------------------------------------------------------------- finetuning
@@ -396,13 +492,37 @@ def build_classification_dataset(
         raise ValueError(f"data_set {data_set!r} needs a data_path")
     if data_set in CIFAR_FOLDERS:
         dataset = cifar(data_set, data_path, is_train, transform)
-    elif data_set == "IMNET":
-        dataset = labelled_folder(os.path.join(data_path, "train" if is_train else "val"), transform)
+        return first_samples(dataset, num_samples), len(dataset.classes)
+    if data_set == "IMNET":
+        root = os.path.join(data_path, "train" if is_train else "val")
     elif data_set == "image_folder":
         root = data_path if is_train else eval_data_path
         if not root:
             raise ValueError("data_set 'image_folder' needs an eval_data_path for evaluation")
-        dataset = labelled_folder(root, transform)
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
-    return first_samples(dataset, num_samples), len(dataset.classes)
+    folder = labelled_folder(root, transform)
+    dataset = SkipUnreadable(folder, [path for path, _ in folder.samples])
+    return first_samples(dataset, num_samples), len(folder.classes)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def build_train_loader(dataset: Dataset, args) -> DataLoader:
+    """Shuffled, rank-sharded full batches whose samples are seeded per (seed, epoch, index), so a
+    run resumed mid-epoch sees exactly the batches an uninterrupted one would have."""
+    if len(dataset) < args.batch_size * args.world_size:
+        raise UsageError(
+            f"{len(dataset)} training images are fewer than one global batch ({args.batch_size} x "
+            f"{args.world_size} processes); lower --batch_size or add images"
+        )
+    seeded = SeededSamples(dataset, args.seed)
+    return DataLoader(
+        seeded,
+        batch_size=args.batch_size,
+        sampler=EpochSampler(seeded, args.world_size, args.rank, args.seed),
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and args.device != "cpu",
+        drop_last=True,
+        persistent_workers=args.num_workers > 0,
+    )

@@ -1,10 +1,29 @@
 """One epoch of supervised finetuning, and evaluation that counts every sample once."""
 import argparse
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
 import utils
+
+
+def classification_loss(
+    model: torch.nn.Module,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    mixup_fn: Optional[Callable] = None,
+) -> Callable[[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """``(images, labels)`` batch -> criterion on the logits, after mixup/cutmix when given."""
+
+    def loss_fn(batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        samples, targets = batch  # (B, 3, H, W), (B,)
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)  # targets become (B, classes) soft labels
+        return criterion(model(samples), targets)
+
+    return loss_fn
 
 
 def train_one_epoch(
@@ -18,45 +37,12 @@ def train_one_epoch(
     args: argparse.Namespace,
     mixup_fn: Optional[Callable] = None,
     log_writer: Optional[object] = None,
+    **resume: object,
 ) -> Dict[str, float]:
-    """Train over ``loader`` once with mixup/cutmix when given; return the epoch's averages."""
-    model.train()
-    steps = len(loader)
-    metrics = utils.MetricLogger()
-    watch = utils.NonFiniteWatch(device)
-    loss_sum = torch.zeros((), device=device)
-    grad_norm = torch.zeros((), device=device)
-    timer = utils.Timer()
-    data_start = timer.elapsed()
-    optimizer.zero_grad(set_to_none=True)
-    for step, (samples, targets) in enumerate(loader):
-        data_time = timer.elapsed() - data_start
-        update = (step + 1) % args.accum_iter == 0
-        if step % args.accum_iter == 0:
-            utils.set_learning_rate(optimizer, utils.lr_at(epoch + step / steps, args))
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        with utils.grad_sync(model, update):
-            with utils.autocast(device, args.amp):
-                loss = criterion(model(samples), targets)
-            scaler.scale(loss / args.accum_iter).backward()
-        if update:
-            grad_norm = utils.optimizer_step(utils.unwrap_model(model), optimizer, scaler, args.clip_grad)
-        watch.observe(loss, step)
-        loss_sum += loss.detach()
-        if step % args.print_freq == 0 or step == steps - 1:
-            watch.raise_if_bad(epoch, steps, args, scaler)
-            utils.log_progress(metrics, loss, grad_norm, optimizer, samples.shape[0], data_time, timer, step, steps, epoch)
-            if log_writer is not None:
-                global_step = epoch * steps + step
-                log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
-                log_writer.add_scalar("train/lr", utils.max_lr(optimizer), global_step)
-        data_start = timer.elapsed()
-    watch.raise_if_bad(epoch, steps, args, scaler)
-    mean_loss = float(utils.all_reduce_mean(loss_sum / steps))
-    return {"loss": mean_loss, "lr": utils.max_lr(optimizer), **metrics.averages()}
+    """Train over ``loader`` once with mixup/cutmix when given; ``resume`` as in
+    ``utils.train_epoch``. Returns the epoch's averages."""
+    loss_fn = classification_loss(model, criterion, device, mixup_fn)
+    return utils.train_epoch(model, loader, optimizer, scaler, device, epoch, args, loss_fn, log_writer, **resume)
 
 
 @torch.no_grad()

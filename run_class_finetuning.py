@@ -14,10 +14,16 @@ import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
-from datasets import CLASSIFICATION_SETS, build_classification_dataset, build_classification_transform, seed_worker
+from datasets import (
+    CLASSIFICATION_SETS,
+    build_classification_dataset,
+    build_classification_transform,
+    build_train_loader,
+    skipped_images,
+)
 from engine_for_finetuning import evaluate, train_one_epoch
 from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
 from optim_factory import add_optimizer_args, create_optimizer
@@ -170,23 +176,6 @@ def build_criterion(args: argparse.Namespace) -> Tuple[Optional[Mixup], Callable
     return None, torch.nn.CrossEntropyLoss()
 
 
-def build_train_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
-    """Shuffled, rank-sharded, full batches (mixup needs even ones)."""
-    if len(dataset) < args.batch_size * args.world_size:
-        raise utils.UsageError(
-            f"{len(dataset)} training images are fewer than one global batch ({args.batch_size} x "
-            f"{args.world_size} processes); lower --batch_size or add images"
-        )
-    sampler = DistributedSampler(
-        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True
-    )
-    return DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device != "cpu", drop_last=True, worker_init_fn=seed_worker,
-        persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed + args.rank),
-    )
-
-
 def build_eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
     """With ``--dist_eval`` rank r takes samples r, r + world, ...: no padding, so the summed
     counts see every sample exactly once. Otherwise every rank evaluates everything."""
@@ -241,7 +230,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     log_writer = utils.make_tensorboard_writer(args.log_dir)
     loop = (utils.wrap_ddp(model, device, args), criterion, train_loader, val_loader, optimizer, scaler, mixup_fn)
     try:
-        return run_epochs(*loop, device, args, log_writer, checkpoint.get("max_accuracy", 0.0), reduce_eval)
+        return run_epochs(*loop, device, args, log_writer, checkpoint, reduce_eval)
     except utils.NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
@@ -251,15 +240,17 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
 
 
 def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn, device, args,
-               log_writer, max_accuracy: float, reduce_eval: bool) -> Dict[str, float]:
+               log_writer, checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
     """Train, evaluate and checkpoint each epoch; the best top-1 so far is kept in every checkpoint."""
     timer = utils.Timer()
     test_stats: Dict[str, float] = {}
+    max_accuracy = checkpoint.get("max_accuracy", 0.0)
     n_parameters = sum(p.numel() for p in model.parameters())
     for epoch in range(args.start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
+        start = utils.epoch_start(train_loader, epoch, args, checkpoint)
+        save_step = utils.step_saver(model, optimizer, scaler, epoch, args, max_accuracy=max_accuracy)
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, epoch, args,
-                                      mixup_fn, log_writer)
+                                      mixup_fn, log_writer, **start, save_step=save_step)
         test_stats = evaluate(utils.unwrap_model(model), val_loader, device, args.amp, reduce=reduce_eval)
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
@@ -269,7 +260,8 @@ def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, mi
                                       epoch, args, max_accuracy=max_accuracy)
         record = {f"train_{key}": value for key, value in train_stats.items()}
         record.update({f"test_{key}": value for key, value in test_stats.items()})
-        record.update(epoch=epoch, max_accuracy=max_accuracy, n_parameters=n_parameters)
+        record.update(epoch=epoch, max_accuracy=max_accuracy, n_parameters=n_parameters,
+                      skipped_images=skipped_images(train_loader.dataset, device))
         utils.append_log(args.output_dir, record)
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):

@@ -9,11 +9,11 @@ from typing import Dict
 
 import timm
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from datasets import build_pretraining_dataset, seed_worker
+from datasets import build_pretraining_dataset, build_train_loader, skipped_images
 from engine_for_pretraining import train_one_epoch
 from masking_generator import check_mask_ratio
 from optim_factory import add_optimizer_args, create_optimizer
@@ -75,7 +75,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def build_loader(args: argparse.Namespace, patch_size: int) -> DataLoader:
-    """Shuffled, rank-sharded batches of (images, masks); the order depends on seed and epoch."""
+    """Shuffled, rank-sharded batches of (images, masks); see ``datasets.build_train_loader``."""
     try:
         dataset = build_pretraining_dataset(
             args.data_set, args.data_path, args.input_size, patch_size, args.mask_ratio,
@@ -83,30 +83,12 @@ def build_loader(args: argparse.Namespace, patch_size: int) -> DataLoader:
         )
     except (FileNotFoundError, ValueError) as error:
         raise utils.UsageError(str(error)) from error
-    if len(dataset) < args.batch_size * args.world_size:
-        raise utils.UsageError(
-            f"{len(dataset)} images are fewer than one global batch ({args.batch_size} x {args.world_size} "
-            "processes); lower --batch_size or add images"
-        )
-    sampler = DistributedSampler(
-        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True
-    )
-    return DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device != "cpu",
-        drop_last=True,
-        worker_init_fn=seed_worker,
-        persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed + args.rank),
-    )
+    return build_train_loader(dataset, args)
 
 
 def picture_batch(loader: DataLoader, device: torch.device):
     """A fixed set of images and masks, so the pictures of successive epochs compare."""
-    samples = [loader.dataset[i] for i in range(min(NUM_PICTURES, len(loader.dataset)))]
+    samples = [loader.dataset[(i, 0)] for i in range(min(NUM_PICTURES, len(loader.dataset)))]  # epoch-0 masks
     imgs = torch.stack([img for img, _ in samples]).to(device)
     masks = torch.stack([mask for _, mask in samples]).to(device)
     return imgs, masks
@@ -135,7 +117,7 @@ def main(args: argparse.Namespace) -> torch.nn.Module:
     utils.resolve_lr(args)
     optimizer = create_optimizer(args, model, device)
     scaler = utils.make_grad_scaler(device, args.amp)
-    utils.resume_training_state(args, model, optimizer, scaler)
+    checkpoint = utils.resume_training_state(args, model, optimizer, scaler)
     if utils.is_main_process():
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
@@ -144,7 +126,7 @@ def main(args: argparse.Namespace) -> torch.nn.Module:
     ddp_model = utils.wrap_ddp(model, device, args)
     log_writer = utils.make_tensorboard_writer(args.log_dir)
     try:
-        run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures)
+        run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures, checkpoint)
     except utils.NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
@@ -155,15 +137,18 @@ def main(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def run_epochs(model, loader, optimizer, scaler, device, args, log_writer, pictures) -> None:
+def run_epochs(model, loader, optimizer, scaler, device, args, log_writer, pictures, checkpoint) -> None:
     timer = utils.Timer()
     for epoch in range(args.start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log_writer)
+        start = utils.epoch_start(loader, epoch, args, checkpoint)
+        save_step = utils.step_saver(model, optimizer, scaler, epoch, args)
+        stats = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log_writer, **start,
+                                save_step=save_step)
         utils.save_epoch(model, optimizer, scaler, epoch, args)
         write_pictures(model, pictures, args, epoch, log_writer)
         record: Dict[str, float] = {f"train_{key}": value for key, value in stats.items()}
-        record.update(epoch=epoch, n_parameters=sum(p.numel() for p in model.parameters()))
+        record.update(epoch=epoch, n_parameters=sum(p.numel() for p in model.parameters()),
+                      skipped_images=skipped_images(loader.dataset, device))
         utils.append_log(args.output_dir, record)
         if utils.is_main_process():
             print(json.dumps(record), flush=True)

@@ -4,6 +4,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 from collections import defaultdict, deque
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -71,6 +72,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                        help="continue from the newest checkpoint in output_dir")
     group.add_argument("--start_epoch", default=0, type=int)
     group.add_argument("--save_ckpt_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
+    group.add_argument("--save_ckpt_steps", default=0, type=int,
+                       help="also write checkpoint-last.pth every N optimizer steps (0: at epoch ends only)")
     group.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
     group.add_argument("--local_rank", "--local-rank", default=None, type=int,
                        help="set by torch.distributed.launch; the environment wins")
@@ -81,6 +84,8 @@ def validate_common_args(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "accum_iter", "epochs", "save_ckpt_freq", "print_freq"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.save_ckpt_steps < 0:
+        raise UsageError(f"--save_ckpt_steps must be 0 (off) or positive, got {args.save_ckpt_steps}")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
     if args.log_dir is None and args.output_dir:
@@ -163,11 +168,13 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) from one number."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_everything(*key: int) -> None:
+    """Seed torch (all devices), NumPy and ``random`` from a key of integers, mixed by NumPy's
+    SeedSequence so neighbouring keys (ranks, steps) give unrelated streams."""
+    words = np.random.SeedSequence([int(k) for k in key]).generate_state(4)  # (4,) uint32
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(words)
+    random.seed(int(words[2]) << 32 | int(words[3]))
 
 
 # ----------------------------------------------------------------------------- precision
@@ -247,6 +254,10 @@ def save_atomic(payload: Mapping[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+class CorruptCheckpointError(UsageError):
+    """A checkpoint file that is truncated or damaged (a crash mid-copy, a full disk)."""
+
+
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     """Load tensors and plain values only; refuse anything that would run code."""
     path = Path(path)
@@ -254,10 +265,14 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         raise UsageError(f"checkpoint {path} does not exist; check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the pickle module raises several types for foreign objects
+    except pickle.UnpicklingError as error:  # weights_only refused a global: its code never ran
         raise UsageError(
-            f"checkpoint {path} cannot be loaded with weights_only=True ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); only tensors and plain values are accepted"
+            f"checkpoint {path} holds Python objects that would run code when unpickled "
+            f"({' '.join(str(error).split())[:200]}); refused: only tensors and plain values are accepted"
+        ) from error
+    except Exception as error:  # zip, EOF and storage errors all mean a damaged file
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
         ) from error
 
 
@@ -267,15 +282,38 @@ def checkpoint_epoch(path: Path) -> int:
     return int(stem) if stem.isdigit() else -1
 
 
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """``checkpoint-last.pth`` if present, else the highest-numbered ``checkpoint-N.pth``."""
+def resume_candidates(output_dir: Path) -> List[Path]:
+    """``checkpoint-last.pth``, then the numbered checkpoints, newest first."""
     output_dir = Path(output_dir)
-    last = output_dir / "checkpoint-last.pth"
-    if last.is_file():
-        return last
-    numbered = sorted(output_dir.glob("checkpoint-*.pth"), key=checkpoint_epoch)
-    numbered = [path for path in numbered if checkpoint_epoch(path) >= 0]
-    return numbered[-1] if numbered else None
+    numbered = [path for path in output_dir.glob("checkpoint-*.pth") if checkpoint_epoch(path) >= 0]
+    last = [output_dir / "checkpoint-last.pth"] if (output_dir / "checkpoint-last.pth").is_file() else []
+    return last + sorted(numbered, key=checkpoint_epoch, reverse=True)
+
+
+def find_resume_checkpoint(args: argparse.Namespace) -> Tuple[Optional[Path], Dict[str, Any]]:
+    """``--resume``'s checkpoint, or with ``--auto_resume`` the newest readable one in output_dir
+    (a damaged one is reported and the next older one used)."""
+    if args.resume:
+        return Path(args.resume), load_checkpoint(Path(args.resume))
+    if not (args.auto_resume and args.output_dir):
+        return None, {}
+    for path in resume_candidates(Path(args.output_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CorruptCheckpointError as error:
+            print(f"warning: {error}; trying the next older checkpoint", file=sys.stderr, flush=True)
+    return None, {}
+
+
+def state_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """The missing, unexpected and wrongly shaped keys of ``state`` for ``model``; '' if it fits."""
+    own = model.state_dict()
+    shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
+              for key in sorted(own.keys() & state.keys()) if tuple(state[key].shape) != tuple(own[key].shape)]
+    parts = {"missing": sorted(own.keys() - state.keys()), "unexpected": sorted(state.keys() - own.keys()),
+             "shapes (checkpoint vs model)": shapes}
+    return "; ".join(f"{name}: {', '.join(keys[:8])}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+                     for name, keys in parts.items() if keys)
 
 
 def save_training_state(
@@ -324,27 +362,48 @@ def resume_training_state(
 ) -> Dict[str, Any]:
     """Continue from ``--resume``, or the newest checkpoint when ``--auto_resume``.
 
-    Sets ``args.start_epoch`` and returns the checkpoint (empty when starting fresh).
+    Sets ``args.start_epoch`` (the epoch in progress after a step checkpoint, the next one after
+    an epoch checkpoint) and returns the checkpoint (empty when starting fresh).
     """
-    path = args.resume or (latest_checkpoint(args.output_dir) if args.auto_resume and args.output_dir else None)
-    if not path:
+    path, checkpoint = find_resume_checkpoint(args)
+    if not checkpoint:
         return {}
-    checkpoint = load_checkpoint(Path(path))
-    try:
-        unwrap_model(model).load_state_dict(checkpoint["model"])
-    except (KeyError, RuntimeError) as error:
+    mismatch = state_mismatch(unwrap_model(model), checkpoint.get("model", {}))
+    if mismatch:
         raise UsageError(
-            f"checkpoint {path} does not fit --model {getattr(args, 'model', '?')}: "
-            f"{' '.join(str(error).split())[:400]}; pass a checkpoint of this model (for pretrained "
-            "weights use --finetune)"
-        ) from error
+            f"checkpoint {path} does not fit --model {getattr(args, 'model', '?')}: {mismatch}; pass a "
+            "checkpoint of this model (for pretrained weights use --finetune)"
+        )
+    unwrap_model(model).load_state_dict(checkpoint["model"])
     if "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        args.start_epoch = checkpoint["epoch"] + 1
+        args.start_epoch = checkpoint["epoch"] + (0 if "step" in checkpoint else 1)
     if is_main_process():
-        print(f"resumed from {path} at epoch {args.start_epoch}")
+        where = f"epoch {args.start_epoch}" + (f" step {checkpoint['step']}" if "step" in checkpoint else "")
+        print(f"resumed from {path} at {where}")
     return checkpoint
+
+
+def epoch_start(loader, epoch: int, args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """Point the sampler at ``epoch`` and return ``train_epoch``'s start keywords: part-way
+    through when ``checkpoint`` was written mid-way through this epoch."""
+    start_step, loss_sum = 0, 0.0
+    if "step" in checkpoint and checkpoint["epoch"] == epoch:
+        start_step, loss_sum = checkpoint["step"], checkpoint["loss_sum"]
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.skip_first(start_step * args.batch_size)
+    return {"start_step": start_step, "loss_sum": loss_sum}
+
+
+def step_saver(model, optimizer, scaler, epoch: int, args: argparse.Namespace, **extra: Any) -> Callable[[int, float], None]:
+    """``save_step`` for ``train_epoch``: ``checkpoint-last.pth`` with the position in the epoch."""
+    def save(step: int, loss_sum: float) -> None:
+        if args.output_dir:
+            save_training_state(Path(args.output_dir), ["checkpoint-last.pth"], model, optimizer, scaler, epoch,
+                                args, step=step, loss_sum=loss_sum, **extra)
+
+    return save
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -467,17 +526,23 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteWatch:
-    """Remembers, on the device, the first step whose loss was not finite.
+    """Tracks, on the device, the first step that ends a run of ``patience`` non-finite losses.
 
-    Reading a loss back every step would stall the host while the GPU drains; this keeps the
-    check on the device and reads it only at logging steps and at the end of the epoch.
+    Without a grad scaler one bad loss already poisons the weights, so patience is 1. With fp16
+    the scaler skips such steps and lowers the scale; only a run of them means the run is lost.
+    Reading a loss back every step would stall the host while the GPU drains, so the check stays
+    on the device and is read only at logging steps, before step checkpoints and at epoch end.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, patience: int = 1) -> None:
+        self.patience = patience
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
     def observe(self, loss: torch.Tensor, step: int) -> None:
-        bad_now = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        finite = torch.isfinite(loss.detach())
+        self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+        bad_now = (self.streak >= self.patience) & (self.first_bad < 0)
         self.first_bad = torch.where(bad_now, torch.full_like(self.first_bad, step), self.first_bad)
 
     def raise_if_bad(self, epoch: int, steps_per_epoch: int, args: argparse.Namespace, scaler) -> None:
@@ -490,6 +555,9 @@ class NonFiniteWatch:
                 "stopping without saving, the last good checkpoint is untouched. Lower --blr, "
                 "raise --warmup_epochs or use --amp bf16"
             )
+
+
+FP16_NONFINITE_PATIENCE = 10  # consecutive skipped fp16 steps before the run is called lost
 
 
 def max_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -508,17 +576,97 @@ def log_progress(
     step: int,
     steps: int,
     epoch: int,
+    start_step: int = 0,
 ) -> None:
-    """A progress line on the main process: the only place the loss is read every N steps."""
+    """A progress line on the main process: the only place the loss is read every N steps.
+
+    Throughput and ETA count the steps this process ran, from ``start_step`` after a resume.
+    """
     elapsed = timer.elapsed()
-    images_per_s = batch_size * get_world_size() * (step + 1) / max(elapsed, 1e-9)
+    done = step + 1 - start_step
+    images_per_s = batch_size * get_world_size() * done / max(elapsed, 1e-9)
     metrics.update(grad_norm=float(grad_norm), data_time=data_time)
-    loss = loss.detach()
     if is_main_process():
-        eta = format_eta(elapsed / (step + 1) * (steps - step - 1))
+        eta = format_eta(elapsed / done * (steps - step - 1))
         print(
-            f"epoch {epoch} [{step + 1}/{steps}]  loss {loss.item():.4f}  "
+            f"epoch {epoch} [{step + 1}/{steps}]  loss {loss.detach().item():.4f}  "
             f"lr {max_lr(optimizer):.3e}  {metrics.line()}  "
             f"{images_per_s:.1f} img/s  eta {eta}",
             flush=True,
         )
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    epoch: int,
+    args: argparse.Namespace,
+    loss_fn: Callable[[Any], torch.Tensor],
+    log_writer: Optional[object] = None,
+    start_step: int = 0,
+    loss_sum: float = 0.0,
+    save_step: Optional[Callable[[int, float], None]] = None,
+) -> Dict[str, float]:
+    """One epoch of either stage: ``loss_fn(batch)`` gives the loss, this does the rest.
+
+    Per micro-step: RNGs seeded from (seed, rank, epoch, step), lr from the fractional epoch,
+    forward under autocast, backward (no DDP all-reduce until the last micro-step), optimizer
+    step, and every ``--save_ckpt_steps`` updates ``save_step(steps_done, loss_sum)``. A resumed
+    epoch starts at ``start_step`` with the loss sum it had, so it ends as an uninterrupted one.
+    """
+    model.train()
+    steps = len(loader)
+    metrics = MetricLogger()
+    watch = NonFiniteWatch(device, FP16_NONFINITE_PATIENCE if scaler.is_enabled() else 1)
+    loss_total = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+    grad_norm = torch.zeros((), device=device)
+    timer = Timer()
+    data_start = timer.elapsed()
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(loader, start=start_step):
+        data_time = timer.elapsed() - data_start
+        seed_everything(args.seed, args.rank, epoch, step)
+        update = (step + 1) % args.accum_iter == 0
+        if step % args.accum_iter == 0:
+            set_learning_rate(optimizer, lr_at(epoch + step / steps, args))
+        with grad_sync(model, update):
+            with autocast(device, args.amp):
+                loss = loss_fn(batch)
+            scaler.scale(loss / args.accum_iter).backward()
+        if update:
+            grad_norm = optimizer_step(unwrap_model(model), optimizer, scaler, args.clip_grad)
+        watch.observe(loss, step)
+        loss_total += loss.detach()
+        if update and save_step is not None and step + 1 < steps and is_step_checkpoint(step, args):
+            watch.raise_if_bad(epoch, steps, args, scaler)  # a bad loss never reaches a checkpoint
+            save_step(step + 1, float(loss_total))
+        if step % args.print_freq == 0 or step == steps - 1:
+            watch.raise_if_bad(epoch, steps, args, scaler)
+            log_progress(metrics, loss, grad_norm, optimizer, args.batch_size, data_time, timer, step, steps, epoch,
+                         start_step)
+            log_scalars(log_writer, epoch * steps + step, loss, grad_norm, optimizer)
+        data_start = timer.elapsed()
+    watch.raise_if_bad(epoch, steps, args, scaler)
+    mean_loss = float(all_reduce_mean(loss_total / steps))
+    return {"loss": mean_loss, "lr": max_lr(optimizer), **metrics.averages()}
+
+
+def is_step_checkpoint(step: int, args: argparse.Namespace) -> bool:
+    """Whether the optimizer update at micro-step ``step`` is one ``--save_ckpt_steps`` asks for."""
+    every = getattr(args, "save_ckpt_steps", 0)
+    return bool(every) and ((step + 1) // args.accum_iter) % every == 0
+
+
+def log_scalars(log_writer, global_step: int, loss: torch.Tensor, grad_norm: torch.Tensor, optimizer) -> None:
+    """Training curves in TensorBoard (main process only: others have no writer)."""
+    if log_writer is None:
+        return
+    log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
+    log_writer.add_scalar("train/lr", max_lr(optimizer), global_step)
+    log_writer.add_scalar("train/grad_norm", float(grad_norm), global_step)

@@ -1,4 +1,4 @@
-"""Datasets: the synthetic set, image folders of every pixel format, masks and worker seeding."""
+"""Datasets: the synthetic set, image folders of every pixel format, masks, per-sample seeding and unreadable files."""
 import random
 import warnings
 from pathlib import Path
@@ -15,8 +15,10 @@ from datasets import (
     SyntheticShapes,
     build_image_folder,
     build_pretraining_dataset,
+    EpochSampler,
+    SeededSamples,
+    count_skipped,
     load_rgb,
-    seed_worker,
 )
 
 
@@ -142,8 +144,8 @@ def test_build_image_folder_uses_class_folders_when_present(tmp_path):
     save_rgb(tmp_path / "cat" / "2.jpeg")
     save_rgb(tmp_path / "dog" / "deeper" / "3.PNG")
     dataset = build_image_folder(str(tmp_path), transform=None)
-    assert isinstance(dataset, ImageFolder)
-    assert dataset.classes == ["cat", "dog"] and len(dataset) == 3
+    assert isinstance(dataset.dataset, ImageFolder)
+    assert dataset.dataset.classes == ["cat", "dog"] and len(dataset) == 3
     image, label = dataset[2]
     assert image.mode == "RGB" and label == 1
 
@@ -152,7 +154,7 @@ def test_build_image_folder_reads_a_flat_folder_as_unlabelled(tmp_path):
     for name in ("b.png", "a.jpg", "c.webp"):
         save_rgb(tmp_path / name)
     dataset = build_image_folder(str(tmp_path), transform=None)
-    assert isinstance(dataset, ImageFiles) and len(dataset) == 3
+    assert isinstance(dataset.dataset, ImageFiles) and len(dataset) == 3
 
 
 def test_empty_or_missing_folders_raise_file_not_found(tmp_path):
@@ -195,32 +197,58 @@ def test_pretraining_dataset_rejects_bad_arguments():
         build_pretraining_dataset("image_folder", None, 32, 8, 0.75)
 
 
-def epoch_masks(loader: DataLoader):
-    return [masks for _, masks in loader]  # one (B, N) tensor per batch
+def epoch_masks(loader: DataLoader, sampler: EpochSampler, epoch: int) -> torch.Tensor:
+    sampler.set_epoch(epoch)
+    return torch.cat([masks for _, masks in loader])  # (samples, N)
 
 
-def test_seed_worker_gives_each_worker_and_epoch_new_masks():
-    dataset = build_pretraining_dataset("synthetic", None, 32, 8, 0.75, num_samples=8)
-    loader = DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=seed_worker, persistent_workers=False)
-    first, second = epoch_masks(loader), epoch_masks(loader)
-    assert first[0].shape == (4, 16) and int(first[0].sum()) == 4 * 12
-    assert not torch.equal(first[0], first[1])  # batch 0 comes from worker 0, batch 1 from worker 1
-    assert not torch.equal(torch.cat(first), torch.cat(second))
+def test_samples_depend_on_epoch_and_index_only_not_on_workers():
+    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, 32, 8, 0.75, num_samples=8), seed=3)
+    sampler = EpochSampler(dataset, num_replicas=1, rank=0, seed=3)
+    in_process = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=0)
+    in_workers = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2)
+    first = epoch_masks(in_process, sampler, 0)
+    assert first.shape == (8, 16) and int(first.sum()) == 8 * 12
+    assert torch.equal(first, epoch_masks(in_workers, sampler, 0))  # same masks in any worker
+    assert not torch.equal(first, epoch_masks(in_process, sampler, 1))  # new masks next epoch
+    assert len({tuple(row.tolist()) for row in first}) > 1  # and different across samples
 
 
-def test_seed_worker_seeds_numpy_and_random_from_the_torch_seed():
-    def draws_after_seeding(torch_seed: int):
-        torch.manual_seed(torch_seed)  # what DataLoader does in each worker, before worker_init_fn
-        seed_worker(0)
-        return np.random.rand(3).tolist(), random.random()
+def test_drawing_a_sample_leaves_the_training_rngs_untouched():
+    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, 32, 8, 0.75, num_samples=2), seed=0)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    expected = torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    image_a, _ = dataset[(1, 0)]
+    assert (torch.rand(2).tolist(), np.random.rand(2).tolist(), random.random()) == expected
+    image_b, _ = dataset[(1, 0)]
+    assert torch.equal(image_a, image_b)
 
-    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    try:
-        numpy_a, python_a = draws_after_seeding(5)
-        assert draws_after_seeding(5) == (numpy_a, python_a)
-        numpy_b, python_b = draws_after_seeding(6)
-        assert numpy_b != numpy_a and python_b != python_a
-    finally:
-        torch.set_rng_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
+
+def test_sampler_skips_what_a_resumed_epoch_has_already_seen():
+    sampler = EpochSampler(list(range(10)), num_replicas=2, rank=1, seed=0)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    assert len(full) == 5 and all(epoch == 4 for _, epoch in full)
+    sampler.skip_first(3)
+    assert list(sampler) == full[3:]
+    assert list(sampler) == full  # the skip applies to one pass only
+
+
+def test_unreadable_files_are_skipped_counted_and_named(tmp_path):
+    save_rgb(tmp_path / "a_good.png")
+    (tmp_path / "b_empty.jpg").write_bytes(b"")
+    (tmp_path / "c_text.jpg").write_text("not an image")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "d_full.jpg", quality=90)
+    (tmp_path / "e_truncated.jpg").write_bytes((tmp_path / "d_full.jpg").read_bytes()[:300])
+    dataset = build_image_folder(str(tmp_path))
+    with pytest.warns(UserWarning) as caught:
+        images = [dataset[index][0] for index in range(len(dataset))]
+    assert all(isinstance(image, Image.Image) for image in images)
+    assert count_skipped(dataset) == 3
+    named = " ".join(str(w.message) for w in caught)
+    assert all(name in named for name in ("b_empty.jpg", "c_text.jpg", "e_truncated.jpg"))

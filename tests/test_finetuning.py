@@ -184,3 +184,13 @@ def test_distributed_eval_counts_every_sample_once(finetuned, tmp_path):
         stats = json.loads((tmp_path / f"eval_rank{rank}.json").read_text())
         assert stats["num_samples"] == 7
         assert stats["acc1"] == pytest.approx(single["acc1"]) and stats["loss"] == pytest.approx(single["loss"])
+
+
+def test_finetune_at_another_input_size_resamples_position_embeddings(pretrained, tmp_path):
+    """A 32-pixel (2x2 grid) MAE checkpoint finetuned at 48 pixels (3x3 grid)."""
+    argv = FINETUNE + ["--epochs", "1", "--finetune", str(pretrained), "--output_dir", str(tmp_path)]
+    argv[argv.index("--input_size") + 1] = "48"
+    stats = run_class_finetuning.main(parse(argv))
+    assert stats["num_samples"] == 48
+    model = torch.load(tmp_path / "checkpoint-last.pth", map_location="cpu", weights_only=True)["model"]
+    assert model["pos_embed"].shape == (1, 1 + 9, 192)
