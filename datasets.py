@@ -18,6 +18,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
+from torchvision.transforms import v2 as transforms_v2
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -371,13 +372,14 @@ UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for truncated
 
 
 class SkipUnreadable(Dataset):
-    """Replaces a sample whose file cannot be decoded by the next readable one, warns once per
-    file, and counts the skips in a counter shared with the data-loader workers."""
+    """Replaces a sample whose file cannot be decoded by the next readable one, with a warning
+    naming the file, and marks the file in a byte map shared with the data-loader workers, so
+    the logs can count distinct unreadable files however often they are read."""
 
     def __init__(self, dataset: Dataset, paths: Sequence[str]) -> None:
         self.dataset = dataset
         self.paths = paths
-        self.skipped = multiprocessing.Value("i", 0)
+        self.unreadable = multiprocessing.Array("b", len(paths), lock=False)  # (N,) 0/1 flags
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -386,27 +388,28 @@ class SkipUnreadable(Dataset):
         for offset in range(len(self.dataset)):
             candidate = (index + offset) % len(self.dataset)
             try:
-                sample = self.dataset[candidate]
+                return self.dataset[candidate]
             except UNREADABLE as error:
+                self.unreadable[candidate] = 1
                 warnings.warn(f"skipping unreadable image {self.paths[candidate]}: {error}", stacklevel=2)
-                continue
-            if offset:
-                with self.skipped.get_lock():
-                    self.skipped.value += 1  # one replaced sample, however many files were tried
-            return sample
         raise FileNotFoundError("no image in the dataset can be read")
+
+    def count(self) -> int:
+        return int(np.frombuffer(self.unreadable, dtype=np.int8).sum())
 
 
 def skipped_images(dataset: Dataset, device: torch.device) -> int:
-    """Samples replaced because their file was unreadable, summed over all ranks (a collective)."""
+    """Distinct unreadable files met so far, summed over ranks (a collective; ranks read disjoint
+    shards each epoch, so a file is counted by every rank that met it)."""
     return int(all_reduce_sum(torch.tensor(count_skipped(dataset), device=device)))
 
 
 def count_skipped(dataset: Dataset) -> int:
-    """Skips so far by this process's ``SkipUnreadable`` (anywhere in the wrapper chain), else 0."""
+    """Unreadable files met so far by this rank's ``SkipUnreadable`` (anywhere in the wrapper
+    chain), else 0."""
     while dataset is not None:
         if isinstance(dataset, SkipUnreadable):
-            return dataset.skipped.value
+            return dataset.count()
         dataset = getattr(dataset, "dataset", None)
     return 0
 
@@ -526,3 +529,36 @@ def build_train_loader(dataset: Dataset, args) -> DataLoader:
         drop_last=True,
         persistent_workers=args.num_workers > 0,
     )
+
+
+# ----------------------------------------------------------------------------- tensor decoding
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """Any image file as a (3, H, W) uint8 RGB tensor, decoded without PIL: torchcodec's decoder
+    where it is installed (torchvision 0.29 deprecates its own), else ``torchvision.io``'s."""
+    try:
+        from torchcodec.decoders import decode_image
+    except ImportError:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    return decode_image(path, mode="RGB")
+
+
+def build_tensor_pretraining_transform(
+    input_size: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> transforms_v2.Compose:
+    """``build_pretraining_transform`` on uint8 tensors from ``decode_rgb``: the same crop, flip
+    and normalization, with the float conversion last so it touches only the crop."""
+    return transforms_v2.Compose([
+        transforms_v2.RandomResizedCrop(
+            input_size, scale=(0.2, 1.0), interpolation=transforms_v2.InterpolationMode.BICUBIC, antialias=True
+        ),
+        transforms_v2.RandomHorizontalFlip(),
+        transforms_v2.ToDtype(torch.float32, scale=True),
+        transforms_v2.Normalize(mean, std),
+    ])
+

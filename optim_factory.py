@@ -8,7 +8,7 @@ through the group's ``lr_scale``, which ``utils.set_learning_rate`` honours.
 import argparse
 
 import torch
-from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.optim import Lars, create_optimizer_v2, optimizer_kwargs
 
 FUSED_CAPABLE = ("adam", "adamw")
 
@@ -29,3 +29,18 @@ def create_optimizer(args: argparse.Namespace, model: torch.nn.Module, device: t
     if device.type == "cuda" and args.opt.lower() in FUSED_CAPABLE:
         kwargs["fused"] = True
     return create_optimizer_v2(model, **kwargs)
+
+
+def create_lars(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> Lars:
+    """MAE's linear-probe LARS (trust coefficient 0.001) over the trainable parameters.
+
+    As in MAE, only weight matrices get the layer-wise trust ratio and the weight decay; biases and
+    other 1-D parameters take plain SGD-momentum steps. timm's ``Lars`` adapts a group only when
+    its weight decay is non-zero or ``always_adapt`` is set, hence the two groups.
+    """
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim > 1], "always_adapt": True, "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim <= 1], "always_adapt": False, "weight_decay": 0.0},
+    ]
+    return Lars([group for group in groups if group["params"]], lr=lr, momentum=momentum)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -35,16 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=50, type=int, help="length of the schedule")
     parser.add_argument("--accum_iter", default=1, type=int, help="micro-steps per optimizer step")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="vit_base_patch16_224", type=str, help="a timm vit_* name")
-    model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    model = add_encoder_args(parser, global_pool=True)
     model.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth")
-    model.add_argument("--global_pool", action="store_true", default=True,
-                       help="average the patch tokens, then fc_norm (default, as MAE)")
-    model.add_argument("--cls_token", action="store_false", dest="global_pool",
-                       help="classify from the cls token after the final norm instead")
-    model.add_argument("--nb_classes", default=None, type=int, help="default: the dataset's number of classes")
-    model.add_argument("--finetune", default="", help="pretrained checkpoint: ours, official MAE or timm")
 
     add_optimizer_args(parser, weight_decay=0.05, betas=(0.9, 0.999))
     parser.add_argument("--layer_decay", default=0.75, type=float,
@@ -65,6 +56,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup_switch_prob", default=0.5, type=float, help="chance of cutmix when both are on")
     aug.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
 
+    add_data_args(parser)
+    add_evaluation_args(parser)
+    utils.add_run_args(parser)
+    return parser
+
+
+def add_encoder_args(parser: argparse.ArgumentParser, global_pool: bool) -> argparse._ArgumentGroup:
+    """The encoder flags of every evaluation; finetuning pools the patch tokens by default, the
+    linear probe and k-NN take the cls token, as MAE evaluates. Returns the group."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="vit_base_patch16_224", type=str, help="a timm vit_* name")
+    model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    model.add_argument("--global_pool", action="store_true", default=global_pool,
+                       help="average the patch tokens, then fc_norm" + (" (default, as MAE)" if global_pool else ""))
+    model.add_argument("--cls_token", action="store_false", dest="global_pool",
+                       help="the cls token after the final norm" + ("" if global_pool else " (default, as MAE)"))
+    model.add_argument("--nb_classes", default=None, type=int, help="default: the dataset's number of classes")
+    model.add_argument("--finetune", default="", help="pretrained checkpoint: ours, official MAE or timm")
+    return model
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Which labelled dataset to read, shared by finetuning, linear probing and k-NN."""
     data = utils.add_loading_args(parser)
     data.add_argument("--data_path", default=None, type=str,
                       help="IMNET: folder with train/ and val/; image_folder: the training folder; CIFAR: its files")
@@ -72,17 +86,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_set", default=None, choices=CLASSIFICATION_SETS,
                       help="default: IMNET with --data_path, synthetic without")
 
+
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     evaluation.add_argument("--dist_eval", action="store_true",
                             help="split evaluation over the processes (each sample counted once)")
-    utils.add_run_args(parser)
-    return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before anything is built or written."""
     utils.validate_common_args(args)
+    validate_data_args(args)
+    if args.aa.lower() == "none":
+        args.aa = None
+    if mixup_active(args) and args.batch_size % 2:
+        raise utils.UsageError(f"mixup/cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
+
+
+def validate_data_args(args: argparse.Namespace) -> None:
+    """The dataset and ``--finetune`` checks every evaluation shares."""
     if args.data_set is None:
         args.data_set = "IMNET" if args.data_path else "synthetic"
     if args.data_set != "synthetic" and not args.data_path:
@@ -91,23 +114,27 @@ def validate_args(args: argparse.Namespace) -> None:
         raise utils.UsageError(f"--data_path {args.data_path} is not a directory")
     if args.finetune and not Path(args.finetune).is_file():
         raise utils.UsageError(f"--finetune {args.finetune} does not exist; check the path")
-    if args.aa.lower() == "none":
-        args.aa = None
-    if mixup_active(args) and args.batch_size % 2:
-        raise utils.UsageError(f"mixup/cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def build_datasets(args: argparse.Namespace) -> Tuple[Optional[Dataset], Dataset, int]:
-    """The training set (None with --eval), the evaluation set and the number of classes."""
+def finetune_transform(args: argparse.Namespace, is_train: bool) -> Callable:
+    """RandAugment and random erasing for training, resize and center crop for evaluation."""
+    return build_classification_transform(
+        is_train, args.input_size, args.mean, args.std, args.aa, args.color_jitter, args.reprob, args.remode,
+        args.recount,
+    )
+
+
+def build_datasets(
+    args: argparse.Namespace, make_transform: Callable[[argparse.Namespace, bool], Callable] = finetune_transform
+) -> Tuple[Optional[Dataset], Dataset, int]:
+    """The training set (None with --eval), the evaluation set and the number of classes;
+    ``make_transform(args, is_train)`` gives each split's transform."""
     def build(is_train: bool) -> Tuple[Dataset, int]:
-        transform = build_classification_transform(
-            is_train, args.input_size, args.mean, args.std, args.aa, args.color_jitter,
-            args.reprob, args.remode, args.recount,
-        )
+        transform = make_transform(args, is_train)
         try:
             return build_classification_dataset(
                 args.data_set, is_train, args.data_path, transform, args.input_size,
@@ -142,9 +169,14 @@ def check_nb_classes(args: argparse.Namespace, nb_classes: int) -> None:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """timm's ViT named by ``--model``, with MAE's pooling and a head for the dataset."""
-    if args.model not in timm.list_models("vit_*"):
-        raise utils.UsageError(f"unknown --model {args.model}; use a timm ViT such as vit_base_patch16_224")
-    model = create_finetune_model(args.model, args.nb_classes, args.input_size, args.global_pool, args.drop_path)
+    return build_encoder(args, args.nb_classes, args.drop_path)
+
+
+def build_encoder(args: argparse.Namespace, num_classes: int, drop_path: float = 0.0) -> torch.nn.Module:
+    """timm's ViT named by ``--model`` with ``--global_pool``'s pooling; ``num_classes=0`` gives
+    the pooled features instead of logits."""
+    utils.check_model_name(args.model, "vit_*")
+    model = create_finetune_model(args.model, num_classes, args.input_size, args.global_pool, drop_path)
     patch = model.patch_embed.patch_size[0]
     if args.input_size % patch:
         raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
@@ -199,7 +231,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     args.amp = utils.resolve_amp(args.amp, device)
-    utils.seed_everything(args.seed + args.rank)
+    utils.seed_everything(args.seed, args.rank)
     train_set, val_set, _ = build_datasets(args)
     model = build_model(args)
     if args.finetune and not args.eval:
@@ -213,13 +245,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     scaler = utils.make_grad_scaler(device, args.amp)
     checkpoint = utils.resume_training_state(args, model, optimizer, scaler)
     if args.eval:
-        if not checkpoint:
-            raise utils.UsageError("--eval needs a finetuned checkpoint: pass --resume PATH")
-        stats = evaluate(model, val_loader, device, args.amp, reduce=reduce_eval)
-        if utils.is_main_process():
-            print(f"accuracy on {stats['num_samples']} images: top-1 {stats['acc1']:.3f}%  "
-                  f"top-5 {stats['acc5']:.3f}%  loss {stats['loss']:.4f}")
-        return stats
+        return evaluate_checkpoint(model, val_loader, device, args, checkpoint, reduce_eval)
     train_loader = build_train_loader(train_set, args)
     mixup_fn, criterion = build_criterion(args)
     if utils.is_main_process():
@@ -227,8 +253,27 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
               f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "
               f"{args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
+    loop = (model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn)
+    return train_and_evaluate(*loop, device, args, checkpoint, reduce_eval)
+
+
+def evaluate_checkpoint(model, val_loader, device, args, checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
+    """``--eval``: the accuracy of the ``--resume`` checkpoint, printed and returned."""
+    if not checkpoint:
+        raise utils.UsageError("--eval needs a trained checkpoint: pass --resume PATH")
+    stats = evaluate(model, val_loader, device, args.amp, reduce=reduce_eval)
+    if utils.is_main_process():
+        print(f"accuracy on {stats['num_samples']} images: top-1 {stats['acc1']:.3f}%  "
+              f"top-5 {stats['acc5']:.3f}%  loss {stats['loss']:.4f}")
+    return stats
+
+
+def train_and_evaluate(model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn, device, args,
+                       checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
+    """``run_epochs`` on the compiled, DDP-wrapped model with TensorBoard; a non-finite loss exits 1."""
     log_writer = utils.make_tensorboard_writer(args.log_dir)
-    loop = (utils.wrap_ddp(model, device, args), criterion, train_loader, val_loader, optimizer, scaler, mixup_fn)
+    trained = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
+    loop = (trained, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn)
     try:
         return run_epochs(*loop, device, args, log_writer, checkpoint, reduce_eval)
     except utils.NonFiniteLossError as error:

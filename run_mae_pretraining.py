@@ -62,9 +62,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The registered MAE named by ``--model`` at ``--input_size``."""
-    if args.model not in timm.list_models("pretrain_mae_*"):
-        known = ", ".join(timm.list_models("pretrain_mae_*"))
-        raise utils.UsageError(f"unknown --model {args.model}; choose one of {known}")
+    utils.check_model_name(args.model, "pretrain_mae_*")
     model = timm.create_model(
         args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, drop_path_rate=args.drop_path
     )
@@ -108,12 +106,12 @@ def write_pictures(model: torch.nn.Module, batch, args: argparse.Namespace, epoc
 def main(args: argparse.Namespace) -> torch.nn.Module:
     """Pretrain as ``args`` say; returns the trained model (for scripts that go on with it)."""
     validate_args(args)
-    utils.check_writable_dir(args.output_dir, "--output_dir")
     device = utils.init_distributed(args)
     args.amp = utils.resolve_amp(args.amp, device)
-    utils.seed_everything(args.seed + args.rank)
+    utils.seed_everything(args.seed, args.rank)
     model = build_model(args).to(device)
     loader = build_loader(args, model.patch_size)
+    utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     utils.resolve_lr(args)
     optimizer = create_optimizer(args, model, device)
     scaler = utils.make_grad_scaler(device, args.amp)
@@ -123,7 +121,7 @@ def main(args: argparse.Namespace) -> torch.nn.Module:
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
     pictures = picture_batch(loader, device)
-    ddp_model = utils.wrap_ddp(model, device, args)
+    ddp_model = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
     log_writer = utils.make_tensorboard_writer(args.log_dir)
     try:
         run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures, checkpoint)

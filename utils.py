@@ -1,6 +1,7 @@
 """Shared helpers of the run_* scripts: distribution, precision, schedule, checkpoints, logs."""
 import argparse
 import datetime
+import difflib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -63,9 +65,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints, log.txt, pictures")
     group.add_argument("--log_dir", default=None, type=str, help="TensorBoard logs (default: output_dir/tensorboard)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                       help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
+    add_device_args(group)
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model (slow first steps, faster after; see benchmarks/RESULTS.md)")
     group.add_argument("--seed", default=0, type=int)
     group.add_argument("--resume", default="", help="checkpoint to continue from")
     group.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
@@ -75,8 +77,23 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save_ckpt_steps", default=0, type=int,
                        help="also write checkpoint-last.pth every N optimizer steps (0: at epoch ends only)")
     group.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
+
+
+def add_device_args(group: argparse._ArgumentGroup) -> None:
+    """Device, precision and launcher flags: all that a script which only runs a model needs."""
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                       help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
     group.add_argument("--local_rank", "--local-rank", default=None, type=int,
                        help="set by torch.distributed.launch; the environment wins")
+
+
+def check_model_name(name: str, pattern: str) -> None:
+    """Refuse a ``--model`` that timm does not register under ``pattern``, naming the closest."""
+    known = timm.list_models(pattern)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5) or known[:3]
+        raise UsageError(f"unknown --model {name}; did you mean {' or '.join(close)}? (all: timm.list_models({pattern!r}))")
 
 
 def validate_common_args(args: argparse.Namespace) -> None:
@@ -670,3 +687,9 @@ def log_scalars(log_writer, global_step: int, loss: torch.Tensor, grad_norm: tor
     log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
     log_writer.add_scalar("train/lr", max_lr(optimizer), global_step)
     log_writer.add_scalar("train/grad_norm", float(grad_norm), global_step)
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``torch.compile(model)`` when asked. The wrapper shares the parameters, so the optimizer and
+    checkpoints (through ``unwrap_model``, which strips ``_orig_mod``) see the same tensors."""
+    return torch.compile(model) if enabled else model

@@ -1,0 +1,264 @@
+"""Time complete training steps (forward, backward, optimizer) of MAE pretraining and finetuning.
+
+Each step is timed after warm-up and the median of the repeats is reported as images/s and ms per
+step, with the peak memory and the model FLOPs utilisation (MFU): the FLOPs of one step, counted
+by ``torch.utils.flop_counter.FlopCounterMode``, over the step time and over the peak matmul rate
+this script measures on the same device and dtype in the same run. Where ``transformers`` is
+installed, ``ViTMAEForPreTraining`` of the same size is timed in the same run, so the ratio
+between the two is free of the machine's mood. The last line printed is one JSON object.
+
+    python benchmarks/bench_train.py --model pretrain_mae_base_patch16_224 --batch_size 8 --amp bf16 --device cpu
+"""
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+# On a shared CPU, OpenMP threads that spin while waiting for a preempted sibling made steps up
+# to 70x slower here; sleeping waits cost little. Must be set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import timm  # noqa: E402
+
+import modeling_pretrain  # noqa: E402,F401  registers the pretrain_mae_* models
+import utils  # noqa: E402
+from masking_generator import random_masks  # noqa: E402
+from modeling_finetune import create_finetune_model  # noqa: E402
+from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
+
+AMP_MODES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # our names -> utils.autocast's
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STAGES = ("pretrain", "finetune")
+HF_STAGE = "vitmae_pretrain"
+
+LossFn = Callable[[nn.Module], torch.Tensor]
+Step = Callable[[], torch.Tensor]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="pretrain_mae_base_patch16_224",
+                        help="pretraining model; finetuning times the ViT of the same size (vit_*)")
+    parser.add_argument("--batch_size", default=8, type=int, help="images per step")
+    parser.add_argument("--amp", default="bf16", choices=list(AMP_MODES), help="precision of the step")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the model (the same switch the run_* scripts have)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--stages", default=list(STAGES), nargs="+", choices=STAGES, help="what to time")
+    parser.add_argument("--vitmae", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time transformers' ViTMAEForPreTraining when it is installed")
+    parser.add_argument("--warmup", default=3, type=int, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--steps", default=10, type=int, help="timed steps; the median is reported")
+    parser.add_argument("--input_size", default=224, type=int)
+    parser.add_argument("--mask_ratio", default=0.75, type=float)
+    parser.add_argument("--num_classes", default=1000, type=int, help="finetuning head width")
+    parser.add_argument("--lr", default=1.0e-4, type=float, help="any positive lr: only the cost is measured")
+    add_optimizer_args(parser, weight_decay=0.05, betas=(0.9, 0.95))
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(step: Step, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``step`` after ``warmup`` untimed calls; the device is drained around
+    each timed call, never inside it."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_matmul_flops(device: torch.device, amp: str) -> float:
+    """FLOP/s of the fastest of several large square matmuls in the step's dtype: the ceiling
+    that MFU is measured against, taken on this machine now rather than from a datasheet."""
+    size = 8192 if device.type == "cuda" else 2048
+    dtype = MATMUL_DTYPES[amp]
+    a = torch.randn(size, size, device=device, dtype=dtype)  # random, not zeros: zeros run faster
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    fastest = min(median_seconds(lambda: a @ b, device, warmup=2, repeats=3) for _ in range(3))
+    return 2 * size**3 / fastest
+
+
+def count_flops(step: Step) -> int:
+    """FLOPs of one eager step. Attention runs as plain matmuls here because CPU's fused attention
+    kernel has no FLOP formula; counted that way every device reports the same number."""
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: the allocator's peak since the last reset. CPU: the process's peak resident set, which
+    only grows, so later stages report at least what earlier ones did."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- training steps
+
+
+def train_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, device: torch.device, amp: str) -> Step:
+    """One step as ``utils.train_epoch`` takes it; the loss stays on the device."""
+
+    def step() -> torch.Tensor:
+        with utils.autocast(device, amp):
+            loss = loss_fn(model)
+        scaler.scale(loss).backward()
+        utils.optimizer_step(utils.unwrap_model(model), optimizer, scaler, clip_grad=None)
+        return loss.detach()
+
+    return step
+
+
+def pretrain_loss(imgs: torch.Tensor, masks: torch.Tensor) -> LossFn:
+    num_masked = int(masks[0].sum())  # read once here, so the step never waits for the device
+
+    def loss_fn(model: nn.Module) -> torch.Tensor:
+        pred = model(imgs, masks, num_masked)  # (B, num_masked, p*p*3)
+        return utils.unwrap_model(model).forward_loss(imgs, pred, masks)
+
+    return loss_fn
+
+
+def finetune_loss(imgs: torch.Tensor, labels: torch.Tensor) -> LossFn:
+    return lambda model: F.cross_entropy(model(imgs), labels)
+
+
+def vitmae_loss(imgs: torch.Tensor) -> LossFn:
+    return lambda model: model(pixel_values=imgs).loss  # masks drawn inside, on the device
+
+
+def vitmae_like(mae: modeling_pretrain.PretrainVisionTransformer, mask_ratio: float) -> nn.Module:
+    """transformers' ``ViTMAEForPreTraining`` with the sizes of ``mae`` and SDPA attention."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    encoder, decoder = mae.blocks[0], mae.decoder_blocks[0]
+    config = ViTMAEConfig(
+        image_size=mae.patch_embed.img_size[0],
+        patch_size=mae.patch_size,
+        hidden_size=mae.embed_dim,
+        num_hidden_layers=len(mae.blocks),
+        num_attention_heads=encoder.attn.num_heads,
+        intermediate_size=encoder.mlp.fc1.out_features,
+        decoder_hidden_size=mae.decoder_embed.out_features,
+        decoder_num_hidden_layers=len(mae.decoder_blocks),
+        decoder_num_attention_heads=decoder.attn.num_heads,
+        decoder_intermediate_size=decoder.mlp.fc1.out_features,
+        mask_ratio=mask_ratio,
+        layer_norm_eps=1e-6,
+        attn_implementation="sdpa",
+    )
+    return ViTMAEForPreTraining(config)
+
+
+def finetune_name(pretrain_name: str) -> str:
+    """``pretrain_mae_base_patch16_224`` -> timm's ``vit_base_patch16_224``."""
+    return pretrain_name.replace("pretrain_mae_", "vit_", 1)
+
+
+def time_training(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, device: torch.device,
+                  peak_flops: float) -> Dict[str, float]:
+    """FLOPs from one eager step, then the median step time of the (compiled) model."""
+    model.to(device).train()
+    amp = AMP_MODES[args.amp]
+    optimizer = create_optimizer(args, model, device)
+    scaler = utils.make_grad_scaler(device, amp)
+    flops = count_flops(train_step(model, loss_fn, optimizer, scaler, device, amp))
+    trained = utils.maybe_compile(model, args.compile)
+    reset_peak_memory(device)
+    seconds = median_seconds(train_step(trained, loss_fn, optimizer, scaler, device, amp), device,
+                             args.warmup, args.steps)
+    return {
+        "images_per_s": args.batch_size / seconds,
+        "ms_per_step": seconds * 1e3,
+        "gflop_per_image": flops / args.batch_size / 1e9,
+        "mfu": flops / seconds / peak_flops,
+        "peak_mem_gib": peak_memory_gib(device),
+    }
+
+
+def run_stages(args: argparse.Namespace, device: torch.device, peak_flops: float) -> Dict[str, Dict[str, float]]:
+    """Time every asked stage on one fixed batch made on the device (no input pipeline)."""
+    utils.seed_everything(0)
+    imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)  # (B, 3, H, W)
+    mae = timm.create_model(args.model, img_size=args.input_size)
+    results = {}
+    if "pretrain" in args.stages:
+        masks = random_masks(args.batch_size, mae.patch_embed.num_patches, args.mask_ratio, device=device)  # (B, N)
+        results["pretrain"] = time_training(mae, pretrain_loss(imgs, masks), args, device, peak_flops)
+    if "pretrain" in args.stages and args.vitmae and importlib.util.find_spec("transformers"):
+        hf_model = vitmae_like(mae, args.mask_ratio)
+        results[HF_STAGE] = time_training(hf_model, vitmae_loss(imgs), args, device, peak_flops)
+    if "finetune" in args.stages:
+        vit = create_finetune_model(finetune_name(args.model), args.num_classes, args.input_size)
+        labels = torch.randint(args.num_classes, (args.batch_size,), device=device)  # (B,)
+        results["finetune"] = time_training(vit, finetune_loss(imgs, labels), args, device, peak_flops)
+    return results
+
+
+def summary_line(stage: str, figures: Dict[str, float]) -> str:
+    return (f"{stage:>16}: {figures['images_per_s']:9.1f} images/s  {figures['ms_per_step']:9.1f} ms/step  "
+            f"{figures['gflop_per_image']:6.1f} GFLOP/image  MFU {100 * figures['mfu']:5.1f}%  "
+            f"peak mem {figures['peak_mem_gib']:.2f} GiB")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    device = torch.device(args.device)
+    peak_flops = peak_matmul_flops(device, args.amp)
+    results = run_stages(args, device, peak_flops)
+    report: Dict[str, Any] = {
+        "model": args.model, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
+        "device": device_name(device), "torch": torch.__version__,
+        "peak_matmul_tflops": peak_flops / 1e12, "results": results,
+    }
+    print(f"{args.model} batch {args.batch_size} {args.amp} {'compiled' if args.compile else 'eager'} on "
+          f"{report['device']}; measured {args.amp} matmul peak {peak_flops / 1e12:.3f} TFLOP/s")
+    for stage, figures in results.items():
+        print(summary_line(stage, figures))
+    if HF_STAGE in results:
+        ratio = results["pretrain"]["images_per_s"] / results[HF_STAGE]["images_per_s"]
+        report["speedup_vs_vitmae"] = ratio
+        print(f"pretraining images/s over ViTMAEForPreTraining's: {ratio:.2f}x")
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())

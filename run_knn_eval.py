@@ -1,0 +1,194 @@
+"""Weighted k-NN classification on frozen encoder features, as DINO evaluates.
+
+The features of the training and evaluation sets are extracted once, split over the processes
+(each sample on exactly one rank), gathered, L2-normalized, and each evaluation image is
+classified by the temperature-weighted votes of its nearest training images for every k at once.
+``python run_knn_eval.py --model vit_tiny_patch16_224 --input_size 64 --finetune CKPT`` runs on
+the synthetic dataset; without ``--finetune`` it evaluates a randomly initialized encoder.
+"""
+import argparse
+import json
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+import utils
+from datasets import build_classification_transform
+from run_class_finetuning import (
+    add_data_args,
+    add_encoder_args,
+    build_datasets,
+    build_encoder,
+    load_finetune_weights,
+    validate_data_args,
+)
+
+QUERY_CHUNK = 256  # evaluation images per similarity matrix, to bound memory on ImageNet
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE k-NN evaluation", add_help=True)
+    parser.add_argument("--batch_size", default=256, type=int, help="images per process per forward pass")
+    add_encoder_args(parser, global_pool=False)
+    knn = parser.add_argument_group("k-NN")
+    knn.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+",
+                     help="neighbour counts, all evaluated in one pass")
+    knn.add_argument("--temperature", default=0.07, type=float, help="votes weigh exp(cosine similarity / T)")
+    add_data_args(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default="./output_dir", type=str, help="log.txt gets the result as a JSON line")
+    run.add_argument("--seed", default=0, type=int, help="initializes the encoder when there is no --finetune")
+    utils.add_device_args(run)
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse bad command lines before anything is built or written."""
+    for flag in ("batch_size", "num_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise utils.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if min(args.nb_knn) < 1 or args.temperature <= 0:
+        raise utils.UsageError(f"--nb_knn must be positive and --temperature above 0, got {args.nb_knn}, "
+                               f"{args.temperature}")
+    validate_data_args(args)
+    args.eval = False  # build_datasets: k-NN needs both splits
+
+
+def eval_transform(args: argparse.Namespace, is_train: bool) -> Callable:
+    """No augmentation for either split: each image's feature is computed once."""
+    return build_classification_transform(False, args.input_size, args.mean, args.std)
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, amp: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(N, D)`` float features and ``(N,)`` labels of the whole dataset, on every rank.
+
+    Rank r encodes samples r, r + world, ... (no padding, so each sample is encoded once) and
+    ``all_gather`` puts every feature back at its index.
+    """
+    model.eval()
+    indices = torch.arange(utils.get_rank(), len(dataset), utils.get_world_size())  # this rank's shard
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=num_workers)
+    features, labels = [], []
+    for imgs, targets in loader:
+        with utils.autocast(device, amp):
+            features.append(model(imgs.to(device, non_blocking=True)).float())  # (B, D)
+        labels.append(targets.to(device))
+    if not features:  # more ranks than samples
+        features, labels = [torch.empty(0, model.num_features, device=device)], [indices.to(device)]
+    local_keys = torch.stack([indices.to(device), torch.cat(labels)], dim=1)  # (n_r, 2): index, label
+    return gather_by_index(torch.cat(features), local_keys, len(dataset))
+
+
+def gather_by_index(features: torch.Tensor, keys: torch.Tensor, num_samples: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Collect every rank's ``(n_r, D)`` features and ``(n_r, 2)`` (index, label) keys into
+    ``(N, D)`` features and ``(N,)`` labels in index order; fails unless each index came once."""
+    if utils.get_world_size() > 1:
+        features, keys = all_gather_padded(features), all_gather_padded(keys)
+    index = keys[:, 0]  # (N,)
+    counts = torch.bincount(index, minlength=num_samples)
+    if index.numel() != num_samples or not bool((counts == 1).all()):
+        raise RuntimeError(f"feature extraction saw {index.numel()} samples for {num_samples} in the dataset, "
+                           f"{int((counts == 0).sum())} missing and {int((counts > 1).sum())} repeated")
+    ordered = torch.empty_like(features).index_copy_(0, index, features)  # (N, D)
+    labels = torch.empty_like(index).index_copy_(0, index, keys[:, 1])  # (N,)
+    return ordered, labels
+
+
+def all_gather_padded(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``(n_r, ...)`` rows; the shards differ by one row at most, so
+    each is padded to the largest for ``all_gather`` and cut back after."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(utils.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rows.device))
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, *rows.shape[1:], dtype=rows.dtype, device=rows.device)  # (n_max, ...)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[: int(size)] for part, size in zip(gathered, sizes)])  # (N, ...)
+
+
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int],
+    temperature: float,
+) -> Dict[int, torch.Tensor]:
+    """Predicted class of each query for every k in ``ks`` from one nearest-neighbour search.
+
+    Features must be L2-normalized, so the dot product is the cosine similarity. A neighbour votes
+    ``exp(similarity / temperature)`` for its class; the class with the largest sum over the k
+    nearest wins (Wu et al. 2018, as in DINO).
+    """
+    similarity = queries @ train_features.T  # (Q, N)
+    top_similarity, top_index = similarity.topk(max(ks), dim=1)  # (Q, K), most similar first
+    weights = (top_similarity / temperature).exp()  # (Q, K)
+    votes = F.one_hot(train_labels[top_index], num_classes) * weights.unsqueeze(-1)  # (Q, K, C)
+    scores = votes.cumsum(dim=1)  # (Q, K, C): row k - 1 holds the class scores of the k nearest
+    return {k: scores[:, k - 1].argmax(dim=1) for k in ks}
+
+
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int],
+    temperature: float,
+) -> Dict[int, float]:
+    """Top-1 accuracy (%) of the weighted k-NN classifier for every k, queries taken in chunks."""
+    train_features, test_features = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
+    correct = {k: 0 for k in ks}
+    for start in range(0, len(test_features), QUERY_CHUNK):
+        chunk = slice(start, start + QUERY_CHUNK)
+        predictions = knn_predict(train_features, train_labels, test_features[chunk], num_classes, ks, temperature)
+        for k, predicted in predictions.items():
+            correct[k] += int((predicted == test_labels[chunk]).sum())
+    return {k: 100.0 * hits / len(test_labels) for k, hits in correct.items()}
+
+
+def main(args: argparse.Namespace) -> Dict[str, object]:
+    """Evaluate as ``args`` say; returns the JSON record it prints and logs."""
+    validate_args(args)
+    device = utils.init_distributed(args)
+    try:
+        return run(args, device)
+    finally:
+        utils.cleanup_distributed()
+
+
+def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
+    amp = utils.resolve_amp(args.amp, device)
+    utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
+    train_set, val_set, nb_classes = build_datasets(args, eval_transform)
+    model = build_encoder(args, num_classes=0)
+    if args.finetune:
+        load_finetune_weights(model, args)
+    utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
+    model.to(device)
+    loading = (args.batch_size, args.num_workers, device, amp)
+    train_features, train_labels = extract_features(model, train_set, *loading)
+    val_features, val_labels = extract_features(model, val_set, *loading)
+    ks = sorted({min(k, len(train_set)) for k in args.nb_knn})  # k beyond the training set is all of it
+    accuracy = knn_accuracy(train_features, train_labels, val_features, val_labels, nb_classes, ks, args.temperature)
+    record = {"knn_acc1": {str(k): value for k, value in accuracy.items()}, "temperature": args.temperature,
+              "num_train": len(train_set), "num_val": len(val_set), "model": args.model,
+              "finetune": args.finetune, "global_pool": args.global_pool}
+    utils.append_log(args.output_dir, record)
+    if utils.is_main_process():
+        for k, value in accuracy.items():
+            print(f"{k}-NN top-1 {value:.2f}% on {len(val_set)} images")
+        print(json.dumps(record), flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    utils.exit_on_usage_error(main, get_args_parser().parse_args())

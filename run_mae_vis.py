@@ -1,0 +1,161 @@
+"""Pictures of MAE reconstructions: ``python run_mae_vis.py IMAGE_PATH OUTPUT_DIR --model_path CKPT``.
+
+IMAGE_PATH is an image, a folder of images (one picture each) or the word ``synthetic`` (one
+picture of ``--num_images`` validation images). Each row shows original | masked input |
+reconstruction | reconstruction with the visible patches pasted back, for ``--mask_ratio`` and a
+mask drawn from ``--seed``. Model, input size, normalization and ``norm_pix_loss`` come from the
+checkpoint's args when it has them (ours do; official MAE checkpoints need ``--model`` and, for
+norm-pixel models, ``--norm_pix_loss``).
+"""
+import argparse
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator, List, Mapping, Tuple
+
+import timm
+import torch
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+
+import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
+import utils
+from datasets import find_images, load_rgb, synthetic_split
+from masking_generator import check_mask_ratio, random_masks
+from modeling_finetune import unwrap_state_dict
+from visualization import PANELS, reconstruction_grid
+
+FIXED_TABLES = ("pos_embed", "decoder_pos_embed")  # sine-cosine: the model's own fit any input size
+NORM_PIX_NOTE = "norm_pix_loss: masked patches shown with their true mean/std"
+CAPTION_LINE = 12  # pixels per caption line with PIL's default font
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE reconstruction pictures", add_help=True)
+    parser.add_argument("image_path", help="an image, a folder of images, or 'synthetic'")
+    parser.add_argument("output_dir", help="where the PNG pictures go")
+    parser.add_argument("--model_path", required=True, help="pretraining checkpoint with the decoder: ours or official")
+    parser.add_argument("--model", default=None, help="default: the checkpoint's, else pretrain_mae_base_patch16_224")
+    parser.add_argument("--input_size", default=None, type=int, help="default: the checkpoint's, else 224")
+    parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the model predicts per-patch normalized pixels (default: the checkpoint's)")
+    parser.add_argument("--mask_ratio", default=0.75, type=float, help="share of patches hidden from the encoder")
+    parser.add_argument("--seed", default=0, type=int, help="seed of the random masks")
+    parser.add_argument("--num_images", default=8, type=int, help="rows of the synthetic picture")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def resolve_args(args: argparse.Namespace, checkpoint_args: Mapping[str, Any]) -> None:
+    """Fill what the command line left open from the checkpoint's args, then the defaults."""
+    defaults = {"model": "pretrain_mae_base_patch16_224", "input_size": 224, "norm_pix_loss": False,
+                "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
+    for name, default in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, checkpoint_args.get(name, default))
+    try:
+        check_mask_ratio(args.mask_ratio)
+    except ValueError as error:
+        raise utils.UsageError(f"--mask_ratio: {error}") from error
+    if args.num_images < 1:
+        raise utils.UsageError(f"--num_images must be at least 1, got {args.num_images}")
+
+
+def load_model(args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> torch.nn.Module:
+    """The MAE of ``--model`` at ``--input_size`` with the checkpoint's weights, decoder included."""
+    utils.check_model_name(args.model, "pretrain_mae_*")
+    model = timm.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    if args.input_size % model.patch_size:
+        raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
+    state = unwrap_state_dict(checkpoint)
+    state.update({name: value for name, value in model.state_dict().items() if name in FIXED_TABLES})
+    mismatch = utils.state_mismatch(model, state)
+    if mismatch:
+        hint = f"is --model {args.model} the architecture it was pretrained with?"
+        if "decoder_pred.weight" not in state:
+            hint = "it has no decoder (an encoder-only checkpoint cannot draw reconstructions)"
+        raise utils.UsageError(f"--model_path {args.model_path} does not fit --model {args.model}: {mismatch}; {hint}")
+    model.load_state_dict(state)
+    return model.to(args.device).eval()
+
+
+def image_batches(args: argparse.Namespace) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, (B, 3, H, W) normalized images): one per image file, or one synthetic batch; each
+    image resized (shorter side) and center-cropped to ``--input_size``."""
+    transform = transforms.Compose([
+        transforms.Resize(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(args.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(args.mean, args.std),
+    ])
+    if args.image_path == "synthetic":
+        dataset = synthetic_split("val", args.input_size, args.num_images, transform)
+        yield "synthetic", torch.stack([dataset[i][0] for i in range(len(dataset))])
+        return
+    path = Path(args.image_path)
+    paths = [str(path)] if path.is_file() else find_images(str(path)) if path.is_dir() else []
+    if not paths:
+        raise utils.UsageError(f"{args.image_path} is no image, no folder with images and not 'synthetic'")
+    for image_path in paths:
+        try:
+            image = load_rgb(image_path)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise utils.UsageError(f"cannot read {image_path}: {error}") from error
+        yield Path(image_path).stem, transform(image).unsqueeze(0)
+
+
+def caption_lines(args: argparse.Namespace, width: int) -> List[str]:
+    """What the picture shows, wrapped to its width (about 6 pixels per character)."""
+    text = [" | ".join(PANELS), f"mask ratio {args.mask_ratio:g}, seed {args.seed}, {args.model}"]
+    if args.norm_pix_loss:
+        text.append(NORM_PIX_NOTE)
+    columns = max(width // 6, 20)
+    return [line for paragraph in text for line in textwrap.wrap(paragraph, columns)]
+
+
+def captioned(grid: torch.Tensor, lines: List[str]) -> Image.Image:
+    """The ``(3, H, W)`` grid in [0, 1] as an image under a white strip with ``lines``."""
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # (H, W, 3)
+    strip = CAPTION_LINE * len(lines) + 4
+    canvas = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + strip), "white")
+    canvas.paste(Image.fromarray(pixels), (0, strip))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=10)
+    for row, line in enumerate(lines):
+        draw.text((2, 2 + CAPTION_LINE * row), line, fill="black", font=font)
+    return canvas
+
+
+def save_picture(image: Image.Image, lines: List[str], path: Path) -> None:
+    """PNG with the caption also as a text chunk, written under a temporary name first."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Description", "\n".join(lines))
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    image.save(tmp, pnginfo=info)
+    tmp.replace(path)
+
+
+def main(args: argparse.Namespace) -> List[Path]:
+    """Write one picture per image (one for the synthetic batch); returns their paths."""
+    checkpoint = utils.load_checkpoint(Path(args.model_path))
+    checkpoint_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    resolve_args(args, checkpoint_args)
+    model = load_model(args, checkpoint)
+    batches = list(image_batches(args))  # every input read before anything is written
+    utils.check_writable_dir(args.output_dir, "OUTPUT_DIR")
+    written = []
+    for name, imgs in batches:
+        imgs = imgs.to(args.device)
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        mask = random_masks(imgs.shape[0], model.patch_embed.num_patches, args.mask_ratio, args.device, generator)
+        grid = reconstruction_grid(model, imgs, mask, args.mean, args.std)
+        lines = caption_lines(args, grid.shape[-1])
+        path = Path(args.output_dir) / f"{name}_mask{args.mask_ratio:g}_seed{args.seed}.png"
+        save_picture(captioned(grid, lines), lines, path)
+        written.append(path)
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    utils.exit_on_usage_error(main, get_args_parser().parse_args())

@@ -1,0 +1,73 @@
+"""The benchmarks run end to end on a tiny model (so they cannot rot), and the fast settings they
+time (bf16 autocast, torch.compile) compute the same MAE loss as fp32 eager on the same batch."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* names with timm)
+import utils
+from masking_generator import random_masks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_data  # noqa: E402
+import bench_train  # noqa: E402
+
+TINY = ["--model", "pretrain_mae_tiny_patch16_224", "--batch_size", "2", "--input_size", "32",
+        "--warmup", "1", "--steps", "1", "--device", "cpu", "--no-vitmae"]
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_bench_train_prints_all_figures_as_its_last_line(capsys):
+    bench_train.main(bench_train.parse_args(TINY + ["--amp", "fp32"]))
+    report = last_json_line(capsys.readouterr().out)
+    assert set(report["results"]) == {"pretrain", "finetune"}
+    for figures in report["results"].values():
+        assert figures["images_per_s"] > 0 and figures["ms_per_step"] > 0 and figures["peak_mem_gib"] > 0
+        assert 0 < figures["mfu"] < 1.5  # a step cannot beat the matmul peak by much
+    # the finetuning step runs every patch through the encoder, pretraining a quarter of them
+    assert report["results"]["finetune"]["gflop_per_image"] > report["results"]["pretrain"]["gflop_per_image"]
+
+
+def test_bench_data_names_the_fastest_path(capsys):
+    bench_data.main(bench_data.parse_args(["--num_images", "3", "--repeats", "1", "--device", "cpu"]))
+    report = last_json_line(capsys.readouterr().out)
+    assert {"pil", "torchvision"} <= set(report["per_worker_images_per_s"])
+    assert report["fastest_cpu_path"] in report["per_worker_images_per_s"]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(0)
+    model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=64, depth=2).eval()
+    imgs = torch.randn(4, 3, 64, 64)  # (B, 3, H, W)
+    masks = random_masks(4, 16, 0.75, generator=torch.Generator().manual_seed(0))  # (B, N)
+    return model, imgs, masks
+
+
+def mae_loss(model: torch.nn.Module, imgs: torch.Tensor, masks: torch.Tensor, amp: str) -> float:
+    with torch.no_grad(), utils.autocast(torch.device("cpu"), amp):
+        pred = model(imgs, masks, int(masks[0].sum()))
+        return float(utils.unwrap_model(model).forward_loss(imgs, pred, masks))
+
+
+def test_bf16_autocast_gives_the_fp32_loss(batch):
+    model, imgs, masks = batch
+    reference = mae_loss(model, imgs, masks, "none")
+    assert mae_loss(model, imgs, masks, "bf16") == pytest.approx(reference, rel=1e-2)
+
+
+def test_compiled_model_gives_the_eager_loss(batch):
+    """Forward only, so inductor compiles one small graph (about half a minute on 2 cores)."""
+    model, imgs, masks = batch
+    reference = mae_loss(model, imgs, masks, "none")
+    compiled = utils.maybe_compile(model, True)
+    assert utils.unwrap_model(compiled) is model
+    assert mae_loss(compiled, imgs, masks, "none") == pytest.approx(reference, rel=1e-2)
+    assert mae_loss(compiled, imgs, masks, "bf16") == pytest.approx(reference, rel=1e-2)

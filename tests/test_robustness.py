@@ -1,0 +1,270 @@
+"""Nothing lost, nothing let in: kill-and-resume, atomic writes, bad files, bad input, pickles."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import run_class_finetuning
+import run_mae_pretraining
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRESS = re.compile(r"^epoch \d+ \[\d+/\d+\]")
+COMMON = ["--input_size", "32", "--num_workers", "0", "--device", "cpu", "--print_freq", "1", "--warmup_epochs", "1"]
+PRETRAIN = ["--model", "pretrain_mae_tiny_patch16_224", "--num_samples", "24", "--batch_size", "4",
+            "--epochs", "2", "--blr", "1e-3", "--save_ckpt_steps", "2", *COMMON]
+FINETUNE = ["--model", "vit_tiny_patch16_224", "--num_samples", "24", "--batch_size", "4", "--epochs", "2",
+            "--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1", "--save_ckpt_steps", "2", *COMMON]
+SCRIPTS = {"pretraining": ("run_mae_pretraining.py", PRETRAIN), "finetuning": ("run_class_finetuning.py", FINETUNE)}
+
+
+def start(script: str, argv, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(REPO / script), *argv, "--output_dir", str(out)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_to_end(script: str, argv, out: Path) -> str:
+    process = start(script, argv, out)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def run_and_kill(script: str, argv, out: Path, after_steps: int) -> None:
+    """SIGKILL the run right after its ``after_steps``-th progress line (one per step)."""
+    process = start(script, argv, out)
+    seen = 0
+    for line in process.stdout:
+        seen += bool(PROGRESS.match(line))
+        if seen == after_steps:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended before step {after_steps}"
+
+
+def final_state(out: Path):
+    checkpoint = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    return checkpoint["model"], checkpoint["optimizer"]["state"]
+
+
+def assert_bitwise_equal(a, b) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_bitwise_equal(a[key], b[key])
+        else:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+@pytest.mark.parametrize("stage", ["pretraining", "finetuning"])
+def test_killed_at_a_random_step_and_restarted_ends_bitwise_equal(stage, tmp_path):
+    script, argv = SCRIPTS[stage]
+    run_to_end(script, argv, tmp_path / "straight")
+    after_steps = random.Random().randint(1, 11)  # 12 steps in all: 2 epochs of 6
+    run_and_kill(script, argv, tmp_path / "killed", after_steps)
+    output = run_to_end(script, argv, tmp_path / "killed")
+    assert "resumed from" in output or after_steps == 1, output[-2000:]
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert_bitwise_equal(straight[0], resumed[0])
+    assert_bitwise_equal(straight[1], resumed[1])
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    target = tmp_path / "checkpoint-last.pth"
+    utils.save_atomic({"model": {"w": torch.ones(3)}, "epoch": 4}, target)
+    writer = (
+        "import sys, torch, utils\n"
+        "utils.save_atomic({'model': {'w': torch.zeros(64, 1024, 1024)}, 'epoch': 5}, sys.argv[1])\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", writer, str(target)], cwd=REPO)
+    temporary = tmp_path / ".checkpoint-last.pth.tmp"
+    while not temporary.exists() and process.poll() is None:
+        pass
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    if process.returncode != -signal.SIGKILL:
+        pytest.skip("the 256 MB write finished before the kill landed")
+    checkpoint = utils.load_checkpoint(target)
+    assert checkpoint["epoch"] == 4 and torch.equal(checkpoint["model"]["w"], torch.ones(3))
+
+
+def test_a_corrupt_newest_checkpoint_is_reported_and_the_older_one_used(tmp_path, capsys):
+    out = tmp_path / "out"
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(
+        PRETRAIN + ["--save_ckpt_freq", "1", "--output_dir", str(out)]))
+    last = out / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[:1000])  # a copy cut short
+    capsys.readouterr()
+    args = run_mae_pretraining.get_args_parser().parse_args(PRETRAIN + ["--epochs", "3", "--output_dir", str(out)])
+    run_mae_pretraining.main(args)
+    captured = capsys.readouterr()
+    assert "checkpoint-last.pth is truncated or corrupt" in captured.err
+    assert "resumed from" in captured.out and "checkpoint-1.pth at epoch 2" in captured.out
+
+
+def write_broken_images(folder: Path) -> None:
+    folder.mkdir()
+    for index in range(5):
+        Image.new("RGB", (48, 40), (index * 40, 90, 200)).save(folder / f"good{index}.jpg", quality=90)
+    (folder / "truncated.jpg").write_bytes((folder / "good0.jpg").read_bytes()[:400])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is text, not a JPEG")
+
+
+def test_a_folder_with_broken_files_trains_to_the_end(tmp_path):
+    data = tmp_path / "images"
+    write_broken_images(data)
+    out = tmp_path / "out"
+    argv = PRETRAIN + ["--data_path", str(data), "--num_samples", "8", "--epochs", "1", "--output_dir", str(out)]
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(argv))
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert record["epoch"] == 0 and record["skipped_images"] == 3  # distinct files, not reads
+
+
+def usage_error(main, parser, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(main, parser.parse_args(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mismatched_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of a 2-block model: its keys do not fit the 12-block tiny models."""
+    model = run_class_finetuning.create_finetune_model("vit_tiny_patch16_224", 10, img_size=32, depth=2)
+    path = tmp_path_factory.mktemp("ckpt") / "small.pth"
+    utils.save_atomic({"model": model.state_dict()}, path)
+    return path
+
+
+PRETRAIN_ERRORS = [
+    (["--input_size", "40"], "not divisible by the patch size 16"),
+    (["--mask_ratio", "1.0"], "--mask_ratio"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--model", "pretrain_mae_bas_patch16_224"], "did you mean pretrain_mae_base_patch16_224"),
+    (["--data_path", "/no/such/folder"], "--data_path /no/such/folder is not a directory"),
+    (["--resume", "/no/such/checkpoint.pth"], "does not exist"),
+]
+FINETUNE_ERRORS = [
+    (["--finetune", "/no/such/mae.pth"], "--finetune /no/such/mae.pth does not exist"),
+    (["--finetune", "{bad}"], "missing ['blocks.10.attn.proj.bias'"),
+    (["--resume", "{bad}"], "missing: blocks.10.attn.proj.bias"),
+]
+
+
+@pytest.mark.parametrize("extra, message", PRETRAIN_ERRORS)
+def test_bad_pretraining_command_lines_exit_2_and_write_nothing(extra, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    parser = run_mae_pretraining.get_args_parser()
+    error = usage_error(run_mae_pretraining.main, parser, PRETRAIN + extra + ["--output_dir", str(out)], capsys)
+    assert message in error and error.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("extra, message", FINETUNE_ERRORS)
+def test_bad_finetuning_command_lines_exit_2_and_write_nothing(extra, message, mismatched_checkpoint, tmp_path,
+                                                               capsys):
+    out = tmp_path / "out"
+    extra = [str(mismatched_checkpoint) if item == "{bad}" else item for item in extra]
+    parser = run_class_finetuning.get_args_parser()
+    error = usage_error(run_class_finetuning.main, parser, FINETUNE + extra + ["--output_dir", str(out)], capsys)
+    assert message in error and error.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_unwritable_output_dir_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    parser = run_mae_pretraining.get_args_parser()
+    error = usage_error(run_mae_pretraining.main, parser, PRETRAIN + ["--output_dir", str(blocker / "out")], capsys)
+    assert "--output_dir" in error and "cannot be written" in error
+
+
+class WritesAFile:
+    """Unpickling this would create ``path``: the classic malicious checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path, capsys):
+    evidence = tmp_path / "pwned.txt"
+    checkpoint = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": WritesAFile(str(evidence))}, checkpoint)
+    assert not evidence.exists()
+    parser = run_class_finetuning.get_args_parser()
+    error = usage_error(run_class_finetuning.main, parser,
+                        FINETUNE + ["--finetune", str(checkpoint), "--output_dir", str(tmp_path / "o")], capsys)
+    assert "would run code" in error and "refused" in error
+    assert not evidence.exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_leaves_the_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    parse = run_mae_pretraining.get_args_parser().parse_args
+    run_mae_pretraining.main(parse(PRETRAIN + ["--epochs", "1", "--output_dir", str(out)]))
+    before = (out / "checkpoint-last.pth").read_bytes()
+    real_loss = run_mae_pretraining.modeling_pretrain.PretrainVisionTransformer.forward_loss
+    calls = []
+
+    def poisoned(self, imgs, pred, mask):
+        calls.append(1)
+        loss = real_loss(self, imgs, pred, mask)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(run_mae_pretraining.modeling_pretrain.PretrainVisionTransformer, "forward_loss", poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        run_mae_pretraining.main(parse(PRETRAIN + ["--output_dir", str(out)]))
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "loss is not finite at epoch 1 step 1" in error and "lr" in error and "loss scale" in error
+    assert (out / "checkpoint-last.pth").read_bytes() == before
+
+
+def test_fp16_tolerates_isolated_non_finite_losses_but_not_a_run_of_them():
+    watch = utils.NonFiniteWatch(torch.device("cpu"), patience=3)
+    for step, value in enumerate([1.0, float("inf"), float("nan"), 2.0, float("nan"), float("nan")]):
+        watch.observe(torch.tensor(value), step)
+    assert int(watch.first_bad) == -1
+    watch.observe(torch.tensor(float("inf")), 6)
+    assert int(watch.first_bad) == 6
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_500_steps_do_not_grow_process_memory(tmp_path):
+    """Anything kept per step (a loss tensor with its graph, a log list) would add up here."""
+    args = run_mae_pretraining.get_args_parser().parse_args(PRETRAIN + ["--print_freq", "50"])
+    args.rank, args.world_size, args.amp = 0, 1, "none"
+    utils.resolve_lr(args)
+    model = run_mae_pretraining.build_model(args)
+    optimizer = run_mae_pretraining.create_optimizer(args, model, torch.device("cpu"))
+    scaler = utils.make_grad_scaler(torch.device("cpu"), "none")
+    imgs, mask = torch.randn(4, 3, 32, 32), torch.tensor([[True, True, True, False]] * 4)
+    steps, rss = [], []
+
+    def loss_fn(batch):
+        if len(steps) in (100, 499):
+            rss.append(resident_bytes())
+        steps.append(batch)
+        return model.forward_loss(imgs, model(imgs, mask, 3), mask)
+
+    utils.train_epoch(model, [None] * 500, optimizer, scaler, torch.device("cpu"), 0, args, loss_fn)
+    warm, end = rss
+    assert end - warm < 8 * 2**20, f"grew by {(end - warm) / 2**20:.1f} MiB over 400 steps"
