@@ -185,9 +185,10 @@ def find_images(root: str) -> List[str]:
 class ImageFiles(Dataset):
     """Every image under ``root`` (flat or nested, no class folders), each labelled 0."""
 
-    def __init__(self, root: str, transform: Optional[Callable] = None) -> None:
+    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Callable = None) -> None:
         self.root = str(root)
         self.transform = transform
+        self.loader = loader or load_rgb
         self.samples: List[str] = find_images(self.root)
         if not self.samples:
             raise FileNotFoundError(
@@ -198,7 +199,7 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Tuple[object, int]:
-        image = load_rgb(self.samples[index])
+        image = self.loader(self.samples[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, 0
@@ -211,16 +212,18 @@ def has_class_folders(root: str) -> bool:
     return any(find_images(folder) for folder in folders)
 
 
-def build_image_folder(root: str, transform: Optional[Callable] = None) -> Dataset:
-    """torchvision's ``ImageFolder`` for ``root/<class>/...`` layouts, ``ImageFiles`` otherwise."""
+def build_image_folder(root: str, transform: Optional[Callable] = None, loader: Callable = None) -> Dataset:
+    """torchvision's ``ImageFolder`` for ``root/<class>/...`` layouts, ``ImageFiles`` otherwise;
+    ``loader`` reads one file (default: ``load_rgb``, PIL)."""
+    loader = loader or load_rgb
     root = str(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     if has_class_folders(root):
         # allow_empty: an empty class folder is harmless for pretraining, which ignores labels
-        folder = ImageFolder(root, transform=transform, loader=load_rgb, allow_empty=True)
+        folder = ImageFolder(root, transform=transform, loader=loader, allow_empty=True)
         return SkipUnreadable(folder, [path for path, _ in folder.samples])
-    files = ImageFiles(root, transform=transform)
+    files = ImageFiles(root, transform=transform, loader=loader)
     return SkipUnreadable(files, files.samples)
 
 
@@ -291,18 +294,28 @@ def build_pretraining_dataset(
     num_samples: Optional[int] = None,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    decoder: str = "pil",
 ) -> Dataset:
     """Augmented images paired with masks; ``num_samples`` keeps only the first N samples.
 
-    The synthetic set is its training split, the images finetuning also trains on.
+    The synthetic set is its training split, the images finetuning also trains on. ``decoder``
+    "tensor" reads image files with ``decode_rgb`` and augments uint8 tensors, 1.6x PIL's
+    images/s per worker (benchmarks/RESULTS.md); the synthetic set is drawn, so it has no files.
     """
-    transform = build_pretraining_transform(input_size, mean, std)
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
     if data_set == "synthetic":
+        if decoder != "pil":
+            raise ValueError("the synthetic dataset draws PIL images and has no files to decode: use decoder 'pil'")
+        transform = build_pretraining_transform(input_size, mean, std)
         dataset: Dataset = synthetic_split("train", input_size, num_samples, transform)
     elif data_set == "image_folder":
         if not data_path:
             raise ValueError("data_set 'image_folder' needs a data_path")
-        dataset = build_image_folder(data_path, transform)
+        if decoder == "tensor":
+            dataset = build_image_folder(data_path, build_tensor_pretraining_transform(input_size, mean, std), decode_rgb)
+        else:
+            dataset = build_image_folder(data_path, build_pretraining_transform(input_size, mean, std))
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
     dataset = first_samples(dataset, num_samples)
@@ -534,16 +547,30 @@ def build_train_loader(dataset: Dataset, args) -> DataLoader:
 # ----------------------------------------------------------------------------- tensor decoding
 
 
-def decode_rgb(path: str) -> torch.Tensor:
-    """Any image file as a (3, H, W) uint8 RGB tensor, decoded without PIL: torchcodec's decoder
-    where it is installed (torchvision 0.29 deprecates its own), else ``torchvision.io``'s."""
+DECODERS = ("pil", "tensor")
+
+
+def decode_file(path: str) -> torch.Tensor:
+    """torchcodec's image decoder where it is installed (torchvision 0.29 deprecates its own),
+    else ``torchvision.io``'s; both return (3, H, W) RGB."""
     try:
         from torchcodec.decoders import decode_image
     except ImportError:
-        from torchvision.io import ImageReadMode, decode_image, read_file
+        from torchvision.io import ImageReadMode, read_file
+        from torchvision.io import decode_image as decode_bytes
 
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return decode_bytes(read_file(path), mode=ImageReadMode.RGB)
     return decode_image(path, mode="RGB")
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """Any image file as a (3, H, W) RGB tensor (uint8; uint16 for 16-bit PNGs), decoded without
+    PIL. A file that cannot be decoded raises ``OSError``, as with PIL, so ``SkipUnreadable``
+    skips it."""
+    try:
+        return decode_file(path)
+    except (RuntimeError, ValueError) as error:
+        raise OSError(f"cannot decode {path}: {error}") from error
 
 
 def build_tensor_pretraining_transform(

@@ -6,7 +6,6 @@ synthetic dataset anywhere; ``torchrun --nproc_per_node 8 run_class_finetuning.p
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -222,11 +221,7 @@ def build_eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Finetune (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
     validate_args(args)
-    device = utils.init_distributed(args)
-    try:
-        return run(args, device)
-    finally:
-        utils.cleanup_distributed()
+    return utils.run_distributed(run, args)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
@@ -271,17 +266,10 @@ def evaluate_checkpoint(model, val_loader, device, args, checkpoint: Dict, reduc
 def train_and_evaluate(model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn, device, args,
                        checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
     """``run_epochs`` on the compiled, DDP-wrapped model with TensorBoard; a non-finite loss exits 1."""
-    log_writer = utils.make_tensorboard_writer(args.log_dir)
     trained = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
     loop = (trained, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn)
-    try:
+    with utils.training_writer(args.log_dir) as log_writer:
         return run_epochs(*loop, device, args, log_writer, checkpoint, reduce_eval)
-    except utils.NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if log_writer is not None:
-            log_writer.close()
 
 
 def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn, device, args,

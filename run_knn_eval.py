@@ -158,11 +158,7 @@ def knn_accuracy(
 def main(args: argparse.Namespace) -> Dict[str, object]:
     """Evaluate as ``args`` say; returns the JSON record it prints and logs."""
     validate_args(args)
-    device = utils.init_distributed(args)
-    try:
-        return run(args, device)
-    finally:
-        utils.cleanup_distributed()
+    return utils.run_distributed(run, args)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:

@@ -98,11 +98,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     """Probe (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
     utils.validate_common_args(args)
     validate_data_args(args)
-    device = utils.init_distributed(args)
-    try:
-        return run(args, device)
-    finally:
-        utils.cleanup_distributed()
+    return utils.run_distributed(run, args)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:

@@ -3,7 +3,6 @@
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from datasets import build_pretraining_dataset, build_train_loader, skipped_images
+from datasets import DECODERS, build_pretraining_dataset, build_train_loader, skipped_images
 from engine_for_pretraining import train_one_epoch
 from masking_generator import check_mask_ratio
 from optim_factory import add_optimizer_args, create_optimizer
@@ -41,6 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_path", default=None, type=str, help="image folder (ImageFolder layout or flat)")
     data.add_argument("--data_set", default=None, choices=["image_folder", "synthetic"],
                       help="default: image_folder with --data_path, synthetic without")
+    data.add_argument("--decoder", default="pil", choices=DECODERS,
+                      help="tensor: decode with torchcodec/torchvision.io and augment uint8 tensors, "
+                           "about 1.6x PIL's images/s per worker (benchmarks/RESULTS.md); image folders only")
     utils.add_run_args(parser)
     return parser
 
@@ -58,6 +60,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise utils.UsageError("--data_set image_folder needs --data_path; omit both for the synthetic dataset")
     if args.data_path and not Path(args.data_path).is_dir():
         raise utils.UsageError(f"--data_path {args.data_path} is not a directory")
+    if args.decoder != "pil" and args.data_set == "synthetic":
+        raise utils.UsageError("--decoder tensor decodes image files; the synthetic dataset has none: "
+                               "drop --decoder or give --data_path")
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -77,7 +82,7 @@ def build_loader(args: argparse.Namespace, patch_size: int) -> DataLoader:
     try:
         dataset = build_pretraining_dataset(
             args.data_set, args.data_path, args.input_size, patch_size, args.mask_ratio,
-            num_samples=args.num_samples, mean=args.mean, std=args.std,
+            num_samples=args.num_samples, mean=args.mean, std=args.std, decoder=args.decoder,
         )
     except (FileNotFoundError, ValueError) as error:
         raise utils.UsageError(str(error)) from error
@@ -106,7 +111,10 @@ def write_pictures(model: torch.nn.Module, batch, args: argparse.Namespace, epoc
 def main(args: argparse.Namespace) -> torch.nn.Module:
     """Pretrain as ``args`` say; returns the trained model (for scripts that go on with it)."""
     validate_args(args)
-    device = utils.init_distributed(args)
+    return utils.run_distributed(run, args)
+
+
+def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed, args.rank)
     model = build_model(args).to(device)
@@ -122,16 +130,8 @@ def main(args: argparse.Namespace) -> torch.nn.Module:
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
     pictures = picture_batch(loader, device)
     ddp_model = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
-    log_writer = utils.make_tensorboard_writer(args.log_dir)
-    try:
+    with utils.training_writer(args.log_dir) as log_writer:
         run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures, checkpoint)
-    except utils.NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if log_writer is not None:
-            log_writer.close()
-        utils.cleanup_distributed()
     return model
 
 

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import time
 from collections import defaultdict, deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, TypeVar
 
 import numpy as np
 import timm
@@ -183,6 +183,19 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+Result = TypeVar("Result")
+
+
+def run_distributed(run: Callable[[argparse.Namespace, torch.device], Result], args: argparse.Namespace) -> Result:
+    """``run(args, device)`` inside the process group ``args`` ask for, torn down however it ends,
+    so a failed rank does not leave the others waiting in a collective."""
+    device = init_distributed(args)
+    try:
+        return run(args, device)
+    finally:
+        cleanup_distributed()
 
 
 def seed_everything(*key: int) -> None:
@@ -490,6 +503,21 @@ def make_tensorboard_writer(log_dir: Optional[str]):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=log_dir)
+
+
+@contextmanager
+def training_writer(log_dir: Optional[str]) -> Iterator[Optional[Any]]:
+    """The TensorBoard writer of a training run (None off the main process), closed however the run
+    ends; a non-finite loss ends the process with exit code 1 and its message, not a traceback."""
+    writer = make_tensorboard_writer(log_dir)
+    try:
+        yield writer
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def check_writable_dir(path: Optional[str], flag: str) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 
 from datasets import (
@@ -18,6 +19,7 @@ from datasets import (
     EpochSampler,
     SeededSamples,
     count_skipped,
+    decode_rgb,
     load_rgb,
 )
 
@@ -252,3 +254,35 @@ def test_unreadable_files_are_skipped_counted_and_named(tmp_path):
     assert count_skipped(dataset) == 3
     named = " ".join(str(w.message) for w in caught)
     assert all(name in named for name in ("b_empty.jpg", "c_text.jpg", "e_truncated.jpg"))
+
+
+# ----------------------------------------------------------------------------- tensor decoding
+
+@pytest.mark.parametrize("mode, colour", [("RGB", (200, 30, 60)), ("L", 77), ("RGBA", (10, 20, 30, 128))])
+def test_tensor_decoder_gives_the_pixels_of_a_lossless_file(tmp_path, mode, colour):
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 256, (12, 20, len(Image.new(mode, (1, 1)).getbands())), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    Image.fromarray(values.squeeze(-1) if mode == "L" else values, mode=mode).save(path)
+    decoded = decode_rgb(str(path))  # (3, H, W) uint8
+    assert decoded.shape == (3, 12, 20) and decoded.dtype == torch.uint8
+    expected = values[..., :3] if mode != "L" else np.repeat(values, 3, axis=-1)  # alpha dropped, grey repeated
+    assert np.array_equal(decoded.permute(1, 2, 0).numpy(), expected)
+
+
+def test_tensor_decoder_reports_unreadable_files_as_os_errors(tmp_path):
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(OSError, match="text.jpg"):
+        decode_rgb(str(tmp_path / "text.jpg"))
+
+
+def test_both_decoders_give_normalized_crops_and_masks(tmp_path):
+    for index in range(3):
+        Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / f"white{index}.jpg", quality=95)
+    for decoder in ("pil", "tensor"):
+        dataset = build_pretraining_dataset("image_folder", str(tmp_path), 32, 16, 0.75, decoder=decoder)
+        image, mask = dataset[0]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+        white = (1 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)  # (3,)
+        assert torch.allclose(image.mean(dim=(1, 2)), white, atol=0.05)  # JPEG and resampling wiggle
+        assert mask.shape == (4,) and int(mask.sum()) == 3

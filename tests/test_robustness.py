@@ -121,11 +121,13 @@ def write_broken_images(folder: Path) -> None:
     (folder / "notes.jpg").write_text("this is text, not a JPEG")
 
 
-def test_a_folder_with_broken_files_trains_to_the_end(tmp_path):
+@pytest.mark.parametrize("decoder", ["pil", "tensor"])
+def test_a_folder_with_broken_files_trains_to_the_end(tmp_path, decoder):
     data = tmp_path / "images"
     write_broken_images(data)
     out = tmp_path / "out"
-    argv = PRETRAIN + ["--data_path", str(data), "--num_samples", "8", "--epochs", "1", "--output_dir", str(out)]
+    argv = PRETRAIN + ["--data_path", str(data), "--num_samples", "8", "--epochs", "1", "--output_dir", str(out),
+                       "--decoder", decoder]
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(argv))
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
@@ -151,6 +153,7 @@ def mismatched_checkpoint(tmp_path_factory) -> Path:
 PRETRAIN_ERRORS = [
     (["--input_size", "40"], "not divisible by the patch size 16"),
     (["--mask_ratio", "1.0"], "--mask_ratio"),
+    (["--decoder", "tensor"], "the synthetic dataset has none"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--model", "pretrain_mae_bas_patch16_224"], "did you mean pretrain_mae_base_patch16_224"),
     (["--data_path", "/no/such/folder"], "--data_path /no/such/folder is not a directory"),
