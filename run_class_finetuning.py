@@ -67,6 +67,8 @@ def add_encoder_args(parser: argparse.ArgumentParser, global_pool: bool) -> argp
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="vit_base_patch16_224", type=str, help="a timm vit_* name")
     model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    model.add_argument("--patch_size", default=None, type=int,
+                       help="patch side in pixels, instead of the model's; must match the pretraining's")
     model.add_argument("--global_pool", action="store_true", default=global_pool,
                        help="average the patch tokens, then fc_norm" + (" (default, as MAE)" if global_pool else ""))
     model.add_argument("--cls_token", action="store_false", dest="global_pool",
@@ -175,7 +177,8 @@ def build_encoder(args: argparse.Namespace, num_classes: int, drop_path: float =
     """timm's ViT named by ``--model`` with ``--global_pool``'s pooling; ``num_classes=0`` gives
     the pooled features instead of logits."""
     utils.check_model_name(args.model, "vit_*")
-    model = create_finetune_model(args.model, num_classes, args.input_size, args.global_pool, drop_path)
+    model = create_finetune_model(args.model, num_classes, args.input_size, args.global_pool, drop_path,
+                                  **utils.patch_size_kwargs(args))
     patch = model.patch_embed.patch_size[0]
     if args.input_size % patch:
         raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")

@@ -30,6 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="pretrain_mae_base_patch16_224", type=str, help="a pretrain_mae_* name")
     model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    model.add_argument("--patch_size", default=None, type=int,
+                       help="patch side in pixels, instead of the model's (e.g. 8 or 4 for small images)")
     model.add_argument("--mask_ratio", default=0.75, type=float, help="share of patches hidden from the encoder")
     model.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalized pixels")
     model.add_argument("--drop_path", default=0.0, type=float, help="stochastic depth of the encoder")
@@ -69,7 +71,8 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The registered MAE named by ``--model`` at ``--input_size``."""
     utils.check_model_name(args.model, "pretrain_mae_*")
     model = timm.create_model(
-        args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, drop_path_rate=args.drop_path
+        args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, drop_path_rate=args.drop_path,
+        **utils.patch_size_kwargs(args),
     )
     patch = model.patch_size
     if args.input_size % patch:

@@ -37,6 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_path", required=True, help="pretraining checkpoint with the decoder: ours or official")
     parser.add_argument("--model", default=None, help="default: the checkpoint's, else pretrain_mae_base_patch16_224")
     parser.add_argument("--input_size", default=None, type=int, help="default: the checkpoint's, else 224")
+    parser.add_argument("--patch_size", default=None, type=int, help="default: the checkpoint's, else the model's")
     parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
                         help="whether the model predicts per-patch normalized pixels (default: the checkpoint's)")
     parser.add_argument("--mask_ratio", default=0.75, type=float, help="share of patches hidden from the encoder")
@@ -53,6 +54,8 @@ def resolve_args(args: argparse.Namespace, checkpoint_args: Mapping[str, Any]) -
     for name, default in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, checkpoint_args.get(name, default))
+    if args.patch_size is None:
+        args.patch_size = checkpoint_args.get("patch_size")
     try:
         check_mask_ratio(args.mask_ratio)
     except ValueError as error:
@@ -64,7 +67,8 @@ def resolve_args(args: argparse.Namespace, checkpoint_args: Mapping[str, Any]) -
 def load_model(args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> torch.nn.Module:
     """The MAE of ``--model`` at ``--input_size`` with the checkpoint's weights, decoder included."""
     utils.check_model_name(args.model, "pretrain_mae_*")
-    model = timm.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    model = timm.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                              **utils.patch_size_kwargs(args))
     if args.input_size % model.patch_size:
         raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
     state = unwrap_state_dict(checkpoint)

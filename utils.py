@@ -88,6 +88,15 @@ def add_device_args(group: argparse._ArgumentGroup) -> None:
                        help="set by torch.distributed.launch; the environment wins")
 
 
+def patch_size_kwargs(args: argparse.Namespace) -> Dict[str, int]:
+    """``patch_size`` for ``timm.create_model`` when ``--patch_size`` overrides the model's."""
+    if args.patch_size is None:
+        return {}
+    if args.patch_size < 1:
+        raise UsageError(f"--patch_size must be at least 1, got {args.patch_size}")
+    return {"patch_size": args.patch_size}
+
+
 def check_model_name(name: str, pattern: str) -> None:
     """Refuse a ``--model`` that timm does not register under ``pattern``, naming the closest."""
     known = timm.list_models(pattern)

@@ -13,6 +13,7 @@ from timm.data.auto_augment import posterize
 
 import run_class_finetuning
 import run_mae_pretraining
+import run_mae_vis
 import utils
 from datasets import build_classification_transform, eval_resize
 from optim_factory import create_optimizer
@@ -194,3 +195,24 @@ def test_finetune_at_another_input_size_resamples_position_embeddings(pretrained
     assert stats["num_samples"] == 48
     model = torch.load(tmp_path / "checkpoint-last.pth", map_location="cpu", weights_only=True)["model"]
     assert model["pos_embed"].shape == (1, 1 + 9, 192)
+
+
+def test_a_smaller_patch_size_carries_from_pretraining_to_finetuning_and_pictures(tmp_path, capsys):
+    """--patch_size 8 at 32 px: a 4 x 4 grid of 8 x 8 x 3 = 192-pixel patches all the way through."""
+    pre = tmp_path / "pre"
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(
+        PRETRAIN + ["--patch_size", "8", "--num_samples", "16", "--output_dir", str(pre)]))
+    state = torch.load(pre / "checkpoint-0.pth", weights_only=True)["model"]
+    assert state["patch_embed.proj.weight"].shape == (192, 3, 8, 8)
+    assert state["decoder_pred.weight"].shape[0] == 8 * 8 * 3 and state["pos_embed"].shape == (1, 1 + 16, 192)
+    out = tmp_path / "ft"
+    stats = run_class_finetuning.main(parse(FINETUNE + ["--patch_size", "8", "--epochs", "1", "--num_samples", "16",
+                                                       "--finetune", str(pre / "checkpoint-0.pth"), "--output_dir", str(out)]))
+    assert 0 <= stats["acc1"] <= 100
+    message = usage_error(FINETUNE + ["--finetune", str(pre / "checkpoint-0.pth"), "--output_dir", str(tmp_path / "o")],
+                          capsys)  # forgot --patch_size: the 16-pixel model cannot take 8-pixel patches
+    assert "patch_embed.proj.weight" in message
+    [picture] = run_mae_vis.main(run_mae_vis.get_args_parser().parse_args(
+        ["synthetic", str(tmp_path / "vis"), "--model_path", str(pre / "checkpoint-0.pth"), "--num_images", "2",
+         "--device", "cpu"]))
+    assert Image.open(picture).width >= 4 * 32  # four panels of the 32-pixel image
