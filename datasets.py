@@ -185,7 +185,7 @@ def find_images(root: str) -> List[str]:
 class ImageFiles(Dataset):
     """Every image under ``root`` (flat or nested, no class folders), each labelled 0."""
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Callable = None) -> None:
+    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Optional[Callable] = None) -> None:
         self.root = str(root)
         self.transform = transform
         self.loader = loader or load_rgb
@@ -212,7 +212,7 @@ def has_class_folders(root: str) -> bool:
     return any(find_images(folder) for folder in folders)
 
 
-def build_image_folder(root: str, transform: Optional[Callable] = None, loader: Callable = None) -> Dataset:
+def build_image_folder(root: str, transform: Optional[Callable] = None, loader: Optional[Callable] = None) -> Dataset:
     """torchvision's ``ImageFolder`` for ``root/<class>/...`` layouts, ``ImageFiles`` otherwise;
     ``loader`` reads one file (default: ``load_rgb``, PIL)."""
     loader = loader or load_rgb
@@ -313,7 +313,8 @@ def build_pretraining_dataset(
         if not data_path:
             raise ValueError("data_set 'image_folder' needs a data_path")
         if decoder == "tensor":
-            dataset = build_image_folder(data_path, build_tensor_pretraining_transform(input_size, mean, std), decode_rgb)
+            transform = build_tensor_pretraining_transform(input_size, mean, std)
+            dataset = build_image_folder(data_path, transform, decode_rgb)
         else:
             dataset = build_image_folder(data_path, build_pretraining_transform(input_size, mean, std))
     else:
