@@ -5,6 +5,7 @@ the finetuning transforms.
 Masks are drawn inside the dataset, so the data-loader workers make them in parallel; like every
 augmentation they come from RNGs that ``SeededSamples`` seeds per (seed, epoch, sample).
 """
+import functools
 import multiprocessing
 import os
 import random
@@ -185,10 +186,10 @@ def find_images(root: str) -> List[str]:
 class ImageFiles(Dataset):
     """Every image under ``root`` (flat or nested, no class folders), each labelled 0."""
 
-    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Optional[Callable] = None) -> None:
+    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Callable = load_rgb) -> None:
         self.root = str(root)
         self.transform = transform
-        self.loader = loader or load_rgb
+        self.loader = loader
         self.samples: List[str] = find_images(self.root)
         if not self.samples:
             raise FileNotFoundError(
@@ -212,10 +213,9 @@ def has_class_folders(root: str) -> bool:
     return any(find_images(folder) for folder in folders)
 
 
-def build_image_folder(root: str, transform: Optional[Callable] = None, loader: Optional[Callable] = None) -> Dataset:
+def build_image_folder(root: str, transform: Optional[Callable] = None, loader: Callable = load_rgb) -> Dataset:
     """torchvision's ``ImageFolder`` for ``root/<class>/...`` layouts, ``ImageFiles`` otherwise;
-    ``loader`` reads one file (default: ``load_rgb``, PIL)."""
-    loader = loader or load_rgb
+    ``loader`` reads one file (PIL's ``load_rgb`` or the tensor path's ``decode_rgb``)."""
     root = str(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
@@ -299,24 +299,24 @@ def build_pretraining_dataset(
     """Augmented images paired with masks; ``num_samples`` keeps only the first N samples.
 
     The synthetic set is its training split, the images finetuning also trains on. ``decoder``
-    "tensor" reads image files with ``decode_rgb`` and augments uint8 tensors, 1.6x PIL's
+    "tensor" reads image files with ``decode_rgb`` and augments uint8 tensors, 1.6-1.7x PIL's
     images/s per worker (benchmarks/RESULTS.md); the synthetic set is drawn, so it has no files.
     """
-    if decoder not in DECODERS:
+    if decoder == "tensor":
+        transform, loader = build_tensor_pretraining_transform(input_size, mean, std), decode_rgb
+    elif decoder == "pil":
+        transform, loader = build_pretraining_transform(input_size, mean, std), load_rgb
+    else:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
     if data_set == "synthetic":
         if decoder != "pil":
-            raise ValueError("the synthetic dataset draws PIL images and has no files to decode: use decoder 'pil'")
-        transform = build_pretraining_transform(input_size, mean, std)
+            raise ValueError("decoder 'tensor' decodes image files and the synthetic dataset has none: "
+                             "use decoder 'pil' (the default) or an image folder")
         dataset: Dataset = synthetic_split("train", input_size, num_samples, transform)
     elif data_set == "image_folder":
         if not data_path:
             raise ValueError("data_set 'image_folder' needs a data_path")
-        if decoder == "tensor":
-            transform = build_tensor_pretraining_transform(input_size, mean, std)
-            dataset = build_image_folder(data_path, transform, decode_rgb)
-        else:
-            dataset = build_image_folder(data_path, build_pretraining_transform(input_size, mean, std))
+        dataset = build_image_folder(data_path, transform, loader)
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
     dataset = first_samples(dataset, num_samples)
@@ -551,17 +551,19 @@ def build_train_loader(dataset: Dataset, args) -> DataLoader:
 DECODERS = ("pil", "tensor")
 
 
-def decode_file(path: str) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def file_decoder() -> Callable[[str], torch.Tensor]:
     """torchcodec's image decoder where it is installed (torchvision 0.29 deprecates its own),
-    else ``torchvision.io``'s; both return (3, H, W) RGB."""
+    else ``torchvision.io``'s; both give (3, H, W) RGB. Chosen once per process, since a failed
+    import is retried, and searched for on disk, every time it runs."""
     try:
         from torchcodec.decoders import decode_image
     except ImportError:
         from torchvision.io import ImageReadMode, read_file
         from torchvision.io import decode_image as decode_bytes
 
-        return decode_bytes(read_file(path), mode=ImageReadMode.RGB)
-    return decode_image(path, mode="RGB")
+        return lambda path: decode_bytes(read_file(path), mode=ImageReadMode.RGB)
+    return lambda path: decode_image(path, mode="RGB")
 
 
 def decode_rgb(path: str) -> torch.Tensor:
@@ -569,7 +571,7 @@ def decode_rgb(path: str) -> torch.Tensor:
     PIL. A file that cannot be decoded raises ``OSError``, as with PIL, so ``SkipUnreadable``
     skips it."""
     try:
-        return decode_file(path)
+        return file_decoder()(path)
     except (RuntimeError, ValueError) as error:
         raise OSError(f"cannot decode {path}: {error}") from error
 

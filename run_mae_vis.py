@@ -20,7 +20,7 @@ from torchvision import transforms
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from datasets import find_images, load_rgb, synthetic_split
+from datasets import UNREADABLE, find_images, load_rgb, synthetic_split
 from masking_generator import check_mask_ratio, random_masks
 from modeling_finetune import unwrap_state_dict
 from visualization import PANELS, reconstruction_grid
@@ -103,7 +103,7 @@ def image_batches(args: argparse.Namespace) -> Iterator[Tuple[str, torch.Tensor]
     for image_path in paths:
         try:
             image = load_rgb(image_path)
-        except (OSError, SyntaxError, ValueError) as error:
+        except UNREADABLE as error:
             raise utils.UsageError(f"cannot read {image_path}: {error}") from error
         yield Path(image_path).stem, transform(image).unsqueeze(0)
 
