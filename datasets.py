@@ -253,15 +253,20 @@ def first_samples(dataset: Dataset, num_samples: Optional[int]) -> Dataset:
 
 # ----------------------------------------------------------------------------- pretraining
 
+PRETRAIN_CROP_SCALE = (0.2, 1.0)  # MAE pretraining crops keep at least a fifth of the image
+
+
 def build_pretraining_transform(
     input_size: int,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    crop_scale: Tuple[float, float] = PRETRAIN_CROP_SCALE,
 ) -> transforms.Compose:
-    """The MAE pretraining augmentation: crop and flip only, since masking is the main regulariser."""
+    """The MAE pretraining augmentation: crop and flip only, since masking is the main regulariser.
+    The linear probe trains with the same pipeline and a wider ``crop_scale``."""
     return transforms.Compose([
         transforms.RandomResizedCrop(
-            input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+            input_size, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC
         ),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
@@ -585,7 +590,8 @@ def build_tensor_pretraining_transform(
     and normalization, with the float conversion last so it touches only the crop."""
     return transforms_v2.Compose([
         transforms_v2.RandomResizedCrop(
-            input_size, scale=(0.2, 1.0), interpolation=transforms_v2.InterpolationMode.BICUBIC, antialias=True
+            input_size, scale=PRETRAIN_CROP_SCALE, interpolation=transforms_v2.InterpolationMode.BICUBIC,
+            antialias=True,
         ),
         transforms_v2.RandomHorizontalFlip(),
         transforms_v2.ToDtype(torch.float32, scale=True),

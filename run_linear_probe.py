@@ -12,10 +12,9 @@ from typing import Callable, Dict
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
-from torchvision import transforms
 
 import utils
-from datasets import build_classification_transform, build_train_loader
+from datasets import build_classification_transform, build_pretraining_transform, build_train_loader
 from optim_factory import create_lars
 from run_class_finetuning import (
     add_data_args,
@@ -29,6 +28,8 @@ from run_class_finetuning import (
     train_and_evaluate,
     validate_data_args,
 )
+
+PROBE_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's default, which MAE's probe keeps
 
 
 class LinearProbe(nn.Module):
@@ -78,12 +79,7 @@ def probe_transform(args: argparse.Namespace, is_train: bool) -> Callable:
     """RandomResizedCrop and flip for training, as MAE probes; finetuning's evaluation transform."""
     if not is_train:
         return build_classification_transform(False, args.input_size, args.mean, args.std)
-    return transforms.Compose([
-        transforms.RandomResizedCrop(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(args.mean, args.std),
-    ])
+    return build_pretraining_transform(args.input_size, args.mean, args.std, crop_scale=PROBE_CROP_SCALE)
 
 
 def build_probe(args: argparse.Namespace) -> LinearProbe:
