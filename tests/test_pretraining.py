@@ -98,6 +98,22 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
+def test_adamw_is_fused_on_cpu_and_takes_the_textbook_first_step():
+    """After one step Adam's bias-corrected moments are g and g^2, so AdamW moves each weight to
+    w (1 - lr wd) - lr g / (|g| + eps) (Loshchilov & Hutter, Algorithm 2)."""
+    lr, wd, eps = 0.1, 0.05, 1e-8
+    model = torch.nn.Linear(3, 2)
+    args = parse(["--lr", str(lr), "--weight_decay", str(wd), "--opt_eps", str(eps)])
+    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    assert optimizer.defaults["fused"] is True
+    before = model.weight.detach().clone()
+    grad = torch.tensor([[0.5, -2.0, 1e-3], [3.0, -0.25, 0.0]])
+    model.weight.grad, model.bias.grad = grad.clone(), torch.zeros(2)
+    optimizer.step()
+    expected = before * (1 - lr * wd) - lr * grad / (grad.abs() + eps)
+    torch.testing.assert_close(model.weight.detach(), expected)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
