@@ -236,6 +236,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         load_finetune_weights(model, args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     model.to(device)
+    utils.use_fastest_attention(model, device, args.amp)
     val_loader = build_eval_loader(val_set, args)
     reduce_eval = args.dist_eval and args.distributed
     utils.resolve_lr(args)

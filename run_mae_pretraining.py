@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed, args.rank)
     model = build_model(args).to(device)
+    utils.use_fastest_attention(model, device, args.amp)
     loader = build_loader(args, model.patch_size)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     utils.resolve_lr(args)

@@ -159,8 +159,14 @@ def vitmae_loss(imgs: torch.Tensor) -> LossFn:
     return lambda model: model(pixel_values=imgs).loss  # masks drawn inside, on the device
 
 
-def vitmae_like(mae: modeling_pretrain.PretrainVisionTransformer, mask_ratio: float) -> nn.Module:
-    """transformers' ``ViTMAEForPreTraining`` with the sizes of ``mae`` and SDPA attention."""
+def vitmae_attention(device: torch.device, amp: str) -> str:
+    """The transformers attention matching ours: SDPA where we run it, its eager matmul-softmax
+    path where we run timm's, so the ratio compares the models and not the attention kernels."""
+    return "sdpa" if utils.fused_attention_is_faster(device, amp) else "eager"
+
+
+def vitmae_like(mae: modeling_pretrain.PretrainVisionTransformer, mask_ratio: float, attention: str) -> nn.Module:
+    """transformers' ``ViTMAEForPreTraining`` with the sizes of ``mae`` and the given attention."""
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     encoder, decoder = mae.blocks[0], mae.decoder_blocks[0]
@@ -177,7 +183,7 @@ def vitmae_like(mae: modeling_pretrain.PretrainVisionTransformer, mask_ratio: fl
         decoder_intermediate_size=decoder.mlp.fc1.out_features,
         mask_ratio=mask_ratio,
         layer_norm_eps=1e-6,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
     )
     return ViTMAEForPreTraining(config)
 
@@ -192,6 +198,7 @@ def time_training(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     """FLOPs from one eager step, then the median step time of the (compiled) model."""
     model.to(device).train()
     amp = AMP_MODES[args.amp]
+    utils.use_fastest_attention(model, device, amp)
     optimizer = create_optimizer(args, model, device)
     scaler = utils.make_grad_scaler(device, amp)
     flops = count_flops(train_step(model, loss_fn, optimizer, scaler, device, amp))
@@ -218,7 +225,7 @@ def run_stages(args: argparse.Namespace, device: torch.device, peak_flops: float
         masks = random_masks(args.batch_size, mae.patch_embed.num_patches, args.mask_ratio, device=device)  # (B, N)
         results["pretrain"] = time_training(mae, pretrain_loss(imgs, masks), args, device, peak_flops)
     if "pretrain" in args.stages and args.vitmae and importlib.util.find_spec("transformers"):
-        hf_model = vitmae_like(mae, args.mask_ratio)
+        hf_model = vitmae_like(mae, args.mask_ratio, vitmae_attention(device, AMP_MODES[args.amp]))
         results[HF_STAGE] = time_training(hf_model, vitmae_loss(imgs), args, device, peak_flops)
     if "finetune" in args.stages:
         vit = create_finetune_model(finetune_name(args.model), args.num_classes, args.input_size)
@@ -246,10 +253,12 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "model": args.model, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
         "device": device_name(device), "torch": torch.__version__,
+        "fused_attention": utils.fused_attention_is_faster(device, AMP_MODES[args.amp]),
         "peak_matmul_tflops": peak_flops / 1e12, "results": results,
     }
     print(f"{args.model} batch {args.batch_size} {args.amp} {'compiled' if args.compile else 'eager'} on "
-          f"{report['device']}; measured {args.amp} matmul peak {peak_flops / 1e12:.3f} TFLOP/s")
+          f"{report['device']}; {'fused' if report['fused_attention'] else 'matmul-softmax'} attention; "
+          f"measured {args.amp} matmul peak {peak_flops / 1e12:.3f} TFLOP/s")
     for stage, figures in results.items():
         print(summary_line(stage, figures))
     if HF_STAGE in results:

@@ -28,6 +28,7 @@ def test_bench_train_prints_all_figures_as_its_last_line(capsys):
     bench_train.main(bench_train.parse_args(TINY + ["--amp", "fp32"]))
     report = last_json_line(capsys.readouterr().out)
     assert set(report["results"]) == {"pretrain", "finetune"}
+    assert report["fused_attention"] is True  # fp32 on CPU keeps F.scaled_dot_product_attention
     for figures in report["results"].values():
         assert figures["images_per_s"] > 0 and figures["ms_per_step"] > 0 and figures["peak_mem_gib"] > 0
         assert 0 < figures["mfu"] < 1.5  # a step cannot beat the matmul peak by much
@@ -71,3 +72,18 @@ def test_compiled_model_gives_the_eager_loss(batch):
     assert utils.unwrap_model(compiled) is model
     assert mae_loss(compiled, imgs, masks, "none") == pytest.approx(reference, rel=1e-2)
     assert mae_loss(compiled, imgs, masks, "bf16") == pytest.approx(reference, rel=1e-2)
+
+
+def test_bf16_on_cpu_switches_to_timm_matmul_softmax_attention_with_the_same_loss(batch):
+    """The switch changes the kernel, not the function: the loss of the unfused bf16 path is the
+    fused fp32 one."""
+    model, imgs, masks = batch
+    attentions = [m for m in model.modules() if isinstance(m, timm.layers.Attention)]
+    reference = mae_loss(model, imgs, masks, "none")
+    utils.use_fastest_attention(model, torch.device("cpu"), "bf16")
+    try:
+        assert attentions and not any(attention.fused_attn for attention in attentions)
+        assert mae_loss(model, imgs, masks, "bf16") == pytest.approx(reference, rel=1e-2)
+    finally:
+        utils.use_fastest_attention(model, torch.device("cpu"), "none")
+    assert all(attention.fused_attn for attention in attentions)
