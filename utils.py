@@ -395,6 +395,20 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, args: argparse.Namesp
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+OPTIMIZER_KERNEL_KEYS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """The checkpoint's moments and hyperparameters with this run's kernel choice.
+
+    ``Optimizer.load_state_dict`` takes every group setting from the checkpoint, ``fused`` too, so a
+    state saved unfused (or on another device) would silently switch the fused kernel off here.
+    """
+    kernels = [{key: group[key] for key in OPTIMIZER_KERNEL_KEYS if key in group} for group in optimizer.param_groups]
+    groups = [{**saved, **kernel} for saved, kernel in zip(state["param_groups"], kernels)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
 def resume_training_state(
     args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -415,7 +429,7 @@ def resume_training_state(
         )
     unwrap_model(model).load_state_dict(checkpoint["model"])
     if "optimizer" in checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         args.start_epoch = checkpoint["epoch"] + (0 if "step" in checkpoint else 1)
     if is_main_process():

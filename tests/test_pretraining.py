@@ -1,4 +1,5 @@
 """End-to-end pretraining on CPU: tiny model, tiny synthetic images."""
+import copy
 import json
 import math
 import os
@@ -112,6 +113,31 @@ def test_adamw_is_fused_on_cpu_and_takes_the_textbook_first_step():
     optimizer.step()
     expected = before * (1 - lr * wd) - lr * grad / (grad.abs() + eps)
     torch.testing.assert_close(model.weight.detach(), expected)
+
+
+def test_resuming_an_unfused_optimizer_state_keeps_the_fused_kernel_and_the_trajectory():
+    """States saved before AdamW ran fused on CPU carry ``fused=None``; resumed, the run keeps the
+    fused kernel and takes the step the unfused optimizer would have taken."""
+    args = parse(["--lr", "0.1", "--weight_decay", "0.05"])
+    torch.manual_seed(0)
+    saved, resumed = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    unfused = create_optimizer(args, saved, torch.device("cpu"))
+    for group in unfused.param_groups:
+        group["fused"] = None  # as an older checkpoint has it
+    grads = [(torch.randn(2, 3), torch.randn(2)) for _ in range(2)]
+
+    def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad: tuple) -> None:
+        model.weight.grad, model.bias.grad = (g.clone() for g in grad)
+        optimizer.step()
+
+    step(saved, unfused, grads[0])
+    resumed.load_state_dict(saved.state_dict())
+    fused = create_optimizer(args, resumed, torch.device("cpu"))
+    utils.load_optimizer_state(fused, copy.deepcopy(unfused.state_dict()))  # as if read from disk
+    assert all(group["fused"] for group in fused.param_groups)
+    step(saved, unfused, grads[1])
+    step(resumed, fused, grads[1])
+    torch.testing.assert_close(resumed.state_dict(), saved.state_dict())
 
 
 def free_port() -> int:
