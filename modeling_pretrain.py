@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models import register_model
@@ -162,10 +163,29 @@ class PretrainVisionTransformer(VisionTransformer):
         h, w = self.patch_embed.grid_size
         return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
 
+    def embed_visible(self, imgs: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+        """Embed only the visible patches: (B, C, H, W) -> (B, N_vis, D), without position.
+
+        The patch embedding is a convolution whose stride is its kernel, one matrix product per
+        patch, so applying ``patch_embed.proj`` as a matrix to the gathered visible pixels gives
+        what convolving the whole image and dropping the masked 75% gives, for a quarter of the
+        work (forward and weight gradient) and without the convolution's layout conversions.
+        """
+        if tuple(imgs.shape[-2:]) != tuple(self.patch_embed.img_size):
+            raise ValueError(
+                f"images are {tuple(imgs.shape[-2:])} pixels but the model was built for "
+                f"{tuple(self.patch_embed.img_size)}; resize them or build it with img_size={imgs.shape[-1]}"
+            )
+        p = self.patch_size
+        pixels = rearrange(imgs, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)  # (B, N, C*p*p), conv order
+        pixels = gather_tokens(pixels, visible_idx)  # (B, N_vis, C*p*p)
+        proj = self.patch_embed.proj
+        return F.linear(pixels, proj.weight.flatten(1), proj.bias)  # (B, N_vis, D)
+
     def forward_encoder(self, imgs: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
         """Encode only the visible patches: (B, C, H, W) -> (B, 1 + N_vis, D), cls first."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # (B, N, D)
-        x = gather_tokens(x, visible_idx)  # (B, N_vis, D)
+        patch_pos = self.pos_embed[:, 1:].expand(imgs.shape[0], -1, -1)  # (B, N, D)
+        x = self.embed_visible(imgs, visible_idx) + gather_tokens(patch_pos, visible_idx)  # (B, N_vis, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + N_vis, D)
         x = self.blocks(x)
@@ -220,7 +240,6 @@ class PretrainVisionTransformer(VisionTransformer):
             var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return (pred.float() - target).pow(2).mean()
-
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -210,6 +210,28 @@ def test_decoder_matches_the_official_unshuffled_layout():
         torch.testing.assert_close(model(imgs, mask), expected, atol=1e-5, rtol=0)
 
 
+def test_visible_patch_embedding_equals_timm_patch_embed_convolution():
+    # The official MAE convolves the whole image, then drops the masked tokens; ours embeds only
+    # the visible pixels. Values and weight gradients must agree with timm's PatchEmbed.
+    model = tiny_mae()
+    imgs, mask = images(2, 64, 64), masks(2, 16)
+    visible_idx, _ = split_indices(mask, 12)
+    ours = model.embed_visible(imgs, visible_idx)  # (B, 4, D)
+    ours.square().sum().backward()
+    ours_grad = model.patch_embed.proj.weight.grad.clone()
+    model.zero_grad()
+    full = model.patch_embed(imgs)  # (B, 16, D), timm's Conv2d
+    conv = torch.stack([full[b][~mask[b]] for b in range(2)])  # (B, 4, D), patch order
+    conv.square().sum().backward()
+    torch.testing.assert_close(ours, conv, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_grad, model.patch_embed.proj.weight.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_images_of_another_size_are_refused_with_the_size_to_build():
+    with pytest.raises(ValueError, match="img_size=96"):
+        tiny_mae()(images(1, 96, 96), masks(1, 36))
+
+
 def test_encoder_cost_follows_the_visible_tokens():
     # The real tiny encoder (12 blocks) at 224 px: 49 + 1 tokens instead of 196 + 1.
     torch.manual_seed(0)
