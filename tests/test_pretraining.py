@@ -115,6 +115,18 @@ def test_adamw_is_fused_on_cpu_and_takes_the_textbook_first_step():
     torch.testing.assert_close(model.weight.detach(), expected)
 
 
+@pytest.mark.parametrize("clip_grad, scale", [(None, 1.0), (6.5, 0.5), (26.0, 1.0)])
+def test_the_gradient_norm_is_measured_and_only_clipped_when_asked(clip_grad, scale):
+    """Gradients (3, 4) and (12,) have the total norm sqrt(9 + 16 + 144) = 13; clipping to
+    6.5 halves them, and a limit above 13 or no limit leaves them as they are."""
+    model = torch.nn.Linear(2, 1, bias=True)
+    model.weight.grad, model.bias.grad = torch.tensor([[3.0, 4.0]]), torch.tensor([12.0])
+    norm = utils.clip_or_measure_grad_norm(model, clip_grad)
+    assert float(norm) == pytest.approx(13.0)
+    torch.testing.assert_close(model.weight.grad, scale * torch.tensor([[3.0, 4.0]]))
+    torch.testing.assert_close(model.bias.grad, scale * torch.tensor([12.0]))
+
+
 def test_resuming_an_unfused_optimizer_state_keeps_the_fused_kernel_and_the_trajectory():
     """States saved before AdamW ran fused on CPU carry ``fused=None``; resumed, the run keeps the
     fused kernel and takes the step the unfused optimizer would have taken."""

@@ -155,6 +155,7 @@ PRETRAIN_ERRORS = [
     (["--mask_ratio", "1.0"], "--mask_ratio"),
     (["--decoder", "tensor"], "the synthetic dataset has none"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--clip_grad", "-1"], "--clip_grad must be a positive norm"),
     (["--model", "pretrain_mae_bas_patch16_224"], "did you mean pretrain_mae_base_patch16_224"),
     (["--data_path", "/no/such/folder"], "--data_path /no/such/folder is not a directory"),
     (["--resume", "/no/such/checkpoint.pth"], "does not exist"),
