@@ -4,8 +4,9 @@ Each step is timed after warm-up and the median of the repeats is reported as im
 step, with the peak memory and the model FLOPs utilisation (MFU): the FLOPs of one step, counted
 by ``torch.utils.flop_counter.FlopCounterMode``, over the step time and over the peak matmul rate
 this script measures on the same device and dtype in the same run. Where ``transformers`` is
-installed, ``ViTMAEForPreTraining`` of the same size is timed in the same run, so the ratio
-between the two is free of the machine's mood. The last line printed is one JSON object.
+installed, ``ViTMAEForPreTraining`` of the same size is timed in the same run. The stages' timed
+steps take turns, one step of each per round, so that a busy minute on a shared machine slows
+every stage alike and the ratio between them holds. The last line printed is one JSON object.
 
     python benchmarks/bench_train.py --model pretrain_mae_base_patch16_224 --batch_size 8 --amp bf16 --device cpu
 """
@@ -18,7 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 # On a shared CPU, OpenMP threads that spin while waiting for a preempted sibling made steps up
 # to 70x slower here; sleeping waits cost little. Must be set before torch starts OpenMP.
@@ -42,6 +43,7 @@ AMP_MODES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # our names -> uti
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAGES = ("pretrain", "finetune")
 HF_STAGE = "vitmae_pretrain"
+PROBE = "matmul"  # the peak-rate probe, timed before and between the training steps
 
 LossFn = Callable[[nn.Module], torch.Tensor]
 Step = Callable[[], torch.Tensor]
@@ -77,30 +79,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(step: Step, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``step`` after ``warmup`` untimed calls; the device is drained around
-    each timed call, never inside it."""
-    for _ in range(warmup):
-        step()
+def timed(step: Step, device: torch.device) -> float:
+    """Wall time of one call; the device is drained around it, never inside it."""
     synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
-def peak_matmul_flops(device: torch.device, amp: str) -> float:
-    """FLOP/s of the fastest of several large square matmuls in the step's dtype: the ceiling
-    that MFU is measured against, taken on this machine now rather than from a datasheet."""
+def take_turns(steps: Dict[str, Step], device: torch.device, rounds: int) -> Dict[str, List[float]]:
+    """Wall times of ``rounds`` calls of every step, one call of each per round, so that another
+    process slowing a shared machine for a while slows all of them alike."""
+    seconds: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            seconds[name].append(timed(step, device))
+    return seconds
+
+
+def matmul_probe(device: torch.device, amp: str) -> Tuple[Step, int]:
+    """A large square matmul in the step's dtype and its FLOPs. Its fastest run is the ceiling MFU
+    is measured against, taken on this machine now rather than from a datasheet."""
     size = 8192 if device.type == "cuda" else 2048
     dtype = MATMUL_DTYPES[amp]
     a = torch.randn(size, size, device=device, dtype=dtype)  # random, not zeros: zeros run faster
     b = torch.randn(size, size, device=device, dtype=dtype)
-    fastest = min(median_seconds(lambda: a @ b, device, warmup=2, repeats=3) for _ in range(3))
-    return 2 * size**3 / fastest
+    return (lambda: a @ b), 2 * size**3
 
 
 def count_flops(step: Step) -> int:
@@ -111,17 +116,21 @@ def count_flops(step: Step) -> int:
     return counter.get_total_flops()
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def allocated_bytes(device: torch.device) -> int:
+    """CUDA: bytes the allocator holds for tensors now. CPU: 0 (no per-tensor accounting)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """CUDA: the allocator's peak since the last reset. CPU: the process's peak resident set, which
-    only grows, so later stages report at least what earlier ones did."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def step_peak_bytes(step: Step, device: torch.device) -> int:
+    """CUDA: how far one call of ``step`` raises the allocator's peak above what was held before it.
+    CPU: the process's peak resident set, which only grows and covers every stage built so far."""
+    if device.type != "cuda":
+        step()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    held = allocated_bytes(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    return torch.cuda.max_memory_allocated(device) - held
 
 
 # ----------------------------------------------------------------------------- training steps
@@ -193,45 +202,62 @@ def finetune_name(pretrain_name: str) -> str:
     return pretrain_name.replace("pretrain_mae_", "vit_", 1)
 
 
-def time_training(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, device: torch.device,
-                  peak_flops: float) -> Dict[str, float]:
-    """FLOPs from one eager step, then the median step time of the (compiled) model."""
+class Stage(NamedTuple):
+    step: Step  # one training step of the (compiled) model, warmed up
+    flops: int  # of one eager step
+    held_bytes: int  # CUDA memory the stage holds between steps: weights, optimizer state
+
+
+def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, device: torch.device) -> Stage:
+    """FLOPs from one eager step, then the (compiled) model's warm-up steps."""
+    before = allocated_bytes(device)
     model.to(device).train()
     amp = AMP_MODES[args.amp]
     utils.use_fastest_attention(model, device, amp)
     optimizer = create_optimizer(args, model, device)
     scaler = utils.make_grad_scaler(device, amp)
     flops = count_flops(train_step(model, loss_fn, optimizer, scaler, device, amp))
-    trained = utils.maybe_compile(model, args.compile)
-    reset_peak_memory(device)
-    seconds = median_seconds(train_step(trained, loss_fn, optimizer, scaler, device, amp), device,
-                             args.warmup, args.steps)
-    return {
-        "images_per_s": args.batch_size / seconds,
-        "ms_per_step": seconds * 1e3,
-        "gflop_per_image": flops / args.batch_size / 1e9,
-        "mfu": flops / seconds / peak_flops,
-        "peak_mem_gib": peak_memory_gib(device),
-    }
+    step = train_step(utils.maybe_compile(model, args.compile), loss_fn, optimizer, scaler, device, amp)
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    return Stage(step, flops, allocated_bytes(device) - before)
 
 
-def run_stages(args: argparse.Namespace, device: torch.device, peak_flops: float) -> Dict[str, Dict[str, float]]:
-    """Time every asked stage on one fixed batch made on the device (no input pipeline)."""
+def stage_figures(stages: Dict[str, Stage], seconds: Dict[str, List[float]], args: argparse.Namespace,
+                  device: torch.device, peak_flops: float) -> Dict[str, Dict[str, float]]:
+    """Every stage's figures from its median step time. Its peak memory is what it holds between
+    steps plus how far one more step raises the allocator's peak (on CPU the process's peak)."""
+    results = {}
+    for name, stage in stages.items():
+        median = statistics.median(seconds[name])
+        results[name] = {
+            "images_per_s": args.batch_size / median,
+            "ms_per_step": median * 1e3,
+            "gflop_per_image": stage.flops / args.batch_size / 1e9,
+            "mfu": stage.flops / median / peak_flops,
+            "peak_mem_gib": (stage.held_bytes + step_peak_bytes(stage.step, device)) / 2**30,
+        }
+    return results
+
+
+def build_stages(args: argparse.Namespace, device: torch.device) -> Dict[str, Stage]:
+    """Every asked stage on one fixed batch made on the device (no input pipeline)."""
     utils.seed_everything(0)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)  # (B, 3, H, W)
     mae = timm.create_model(args.model, img_size=args.input_size)
-    results = {}
+    stages = {}
     if "pretrain" in args.stages:
         masks = random_masks(args.batch_size, mae.patch_embed.num_patches, args.mask_ratio, device=device)  # (B, N)
-        results["pretrain"] = time_training(mae, pretrain_loss(imgs, masks), args, device, peak_flops)
+        stages["pretrain"] = prepare_stage(mae, pretrain_loss(imgs, masks), args, device)
     if "pretrain" in args.stages and args.vitmae and importlib.util.find_spec("transformers"):
         hf_model = vitmae_like(mae, args.mask_ratio, vitmae_attention(device, AMP_MODES[args.amp]))
-        results[HF_STAGE] = time_training(hf_model, vitmae_loss(imgs), args, device, peak_flops)
+        stages[HF_STAGE] = prepare_stage(hf_model, vitmae_loss(imgs), args, device)
     if "finetune" in args.stages:
         vit = create_finetune_model(finetune_name(args.model), args.num_classes, args.input_size)
         labels = torch.randint(args.num_classes, (args.batch_size,), device=device)  # (B,)
-        results["finetune"] = time_training(vit, finetune_loss(imgs, labels), args, device, peak_flops)
-    return results
+        stages["finetune"] = prepare_stage(vit, finetune_loss(imgs, labels), args, device)
+    return stages
 
 
 def summary_line(stage: str, figures: Dict[str, float]) -> str:
@@ -248,8 +274,12 @@ def device_name(device: torch.device) -> str:
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
-    peak_flops = peak_matmul_flops(device, args.amp)
-    results = run_stages(args, device, peak_flops)
+    probe, probe_flops = matmul_probe(device, args.amp)
+    probe_seconds = take_turns({PROBE: probe}, device, rounds=11)[PROBE][2:]  # 2 to warm up
+    stages = build_stages(args, device)
+    seconds = take_turns({**{name: stage.step for name, stage in stages.items()}, PROBE: probe}, device, args.steps)
+    peak_flops = probe_flops / min(probe_seconds + seconds.pop(PROBE))
+    results = stage_figures(stages, seconds, args, device, peak_flops)
     report: Dict[str, Any] = {
         "model": args.model, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
         "device": device_name(device), "torch": torch.__version__,

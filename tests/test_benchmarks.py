@@ -36,6 +36,15 @@ def test_bench_train_prints_all_figures_as_its_last_line(capsys):
     assert report["results"]["finetune"]["gflop_per_image"] > report["results"]["pretrain"]["gflop_per_image"]
 
 
+def test_timed_steps_take_turns():
+    """One step of each per round, so a slow spell on a shared machine hits every stage."""
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("pretrain", "vitmae_pretrain", "matmul")}
+    seconds = bench_train.take_turns(steps, torch.device("cpu"), rounds=3)
+    assert calls == ["pretrain", "vitmae_pretrain", "matmul"] * 3
+    assert {name: len(times) for name, times in seconds.items()} == dict.fromkeys(steps, 3)
+
+
 def test_bench_data_names_the_fastest_path(capsys):
     bench_data.main(bench_data.parse_args(["--num_images", "3", "--repeats", "1", "--device", "cpu"]))
     report = last_json_line(capsys.readouterr().out)
