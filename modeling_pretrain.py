@@ -171,10 +171,12 @@ class PretrainVisionTransformer(VisionTransformer):
         what convolving the whole image and dropping the masked 75% gives, for a quarter of the
         work (forward and weight gradient) and without the convolution's layout conversions.
         """
-        if tuple(imgs.shape[-2:]) != tuple(self.patch_embed.img_size):
+        size = tuple(imgs.shape[-2:])
+        if size != tuple(self.patch_embed.img_size):
+            fitting = size[0] if size[0] == size[1] else size
             raise ValueError(
-                f"images are {tuple(imgs.shape[-2:])} pixels but the model was built for "
-                f"{tuple(self.patch_embed.img_size)}; resize them or build it with img_size={imgs.shape[-1]}"
+                f"images are {size} pixels but the model was built for "
+                f"{tuple(self.patch_embed.img_size)}; resize them or build it with img_size={fitting}"
             )
         p = self.patch_size
         pixels = rearrange(imgs, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)  # (B, N, C*p*p), conv order

@@ -203,6 +203,8 @@ def finetune_name(pretrain_name: str) -> str:
 
 
 class Stage(NamedTuple):
+    """A model ready to be timed, with what its figures need besides the step times."""
+
     step: Step  # one training step of the (compiled) model, warmed up
     flops: int  # of one eager step
     held_bytes: int  # CUDA memory the stage holds between steps: weights, optimizer state
