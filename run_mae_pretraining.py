@@ -4,7 +4,7 @@
 import argparse
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 import timm
 import torch
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from datasets import DECODERS, build_pretraining_dataset, build_train_loader, skipped_images
+from datasets import DECODERS, build_pretraining_dataset, build_train_loader, normalize_on_device, skipped_images
 from engine_for_pretraining import train_one_epoch
 from masking_generator import check_mask_ratio
 from optim_factory import add_optimizer_args, create_optimizer
@@ -43,8 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_set", default=None, choices=["image_folder", "synthetic"],
                       help="default: image_folder with --data_path, synthetic without")
     data.add_argument("--decoder", default="pil", choices=DECODERS,
-                      help="tensor: decode with torchcodec/torchvision.io and augment uint8 tensors, "
-                           "about 1.6-1.7x PIL's images/s per worker (benchmarks/RESULTS.md); image folders only")
+                      help="tensor: decode with torchcodec/torchvision.io, augment uint8 tensors and normalize "
+                           "on the device, about 2x PIL's images/s (benchmarks/RESULTS.md); image folders only")
     utils.add_run_args(parser)
     return parser
 
@@ -89,10 +89,10 @@ def build_loader(args: argparse.Namespace, patch_size: int) -> DataLoader:
     return build_train_loader(dataset, args)
 
 
-def picture_batch(loader: DataLoader, device: torch.device):
-    """A fixed set of images and masks, so the pictures of successive epochs compare."""
+def picture_batch(loader: DataLoader, device: torch.device, mean: Sequence[float], std: Sequence[float]):
+    """A fixed set of images, normalized, and masks, so the pictures of successive epochs compare."""
     samples = [loader.dataset[(i, 0)] for i in range(min(NUM_PICTURES, len(loader.dataset)))]  # epoch-0 masks
-    imgs = torch.stack([img for img, _ in samples]).to(device)
+    imgs = normalize_on_device(torch.stack([img for img, _ in samples]).to(device), mean, std)
     masks = torch.stack([mask for _, mask in samples]).to(device)
     return imgs, masks
 
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    pictures = picture_batch(loader, device)
+    pictures = picture_batch(loader, device, args.mean, args.std)
     ddp_model = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
     with utils.training_writer(args.log_dir) as log_writer:
         run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures, checkpoint)

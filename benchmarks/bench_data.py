@@ -3,7 +3,8 @@
 It writes its own ImageNet-like JPEG files (500x375, quality 90) and runs each decode path on them
 in one thread, as one data-loader worker does: PIL with the MAE transform (what
 ``datasets.build_pretraining_dataset`` uses), and the tensor decoders of torchvision and torchcodec
-with the same augmentation on uint8 tensors. With ``--num_workers`` it also times a whole
+with the same augmentation on uint8 tensors, whose batches are normalized after the copy to the
+device (``datasets.normalize_on_device``), outside the worker. With ``--num_workers`` it also times a whole
 ``DataLoader``, and on CUDA it times batched nvJPEG decoding on the GPU. Prints the fastest path;
 the last line is one JSON object.
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -102,7 +104,7 @@ class PipelineSamples(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> Sample:
-        image = self.transform(self.decode(self.files[index]))  # (3, H, W) float
+        image = self.transform(self.decode(self.files[index]))  # (3, H, W): float from PIL, uint8 from tensors
         return image, torch.from_numpy(self.masks())  # (3, H, W), (N,)
 
 
@@ -138,7 +140,7 @@ def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: tor
 
 def gpu_batch_rates(files: Sequence[str], input_size: int, batch_size: int, repeats: int) -> Dict[str, float]:
     """Images/s of batched nvJPEG decoding on the GPU, alone and with the same augmentation there
-    (crops per image, one normalized (B, 3, H, W) batch); the files are read on the host first."""
+    (crops per image, then the batch normalized as training does); the files are read on the host first."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     transform = datasets.build_tensor_pretraining_transform(input_size)
@@ -149,7 +151,8 @@ def gpu_batch_rates(files: Sequence[str], input_size: int, batch_size: int, repe
         return decode_jpeg(batch, mode=ImageReadMode.RGB, device="cuda")  # B x (3, h, w) uint8
 
     def augment(batch: List[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([transform(image) for image in decode(batch)])  # (B, 3, H, W)
+        crops = torch.stack([transform(image) for image in decode(batch)])  # (B, 3, H, W) uint8
+        return datasets.normalize_on_device(crops, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
     rates = {}
     for name, work in (("decode", decode), ("decode_augment", augment)):

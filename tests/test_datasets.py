@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2 as transforms_v2
 
 from datasets import (
     ImageFiles,
@@ -21,6 +22,7 @@ from datasets import (
     count_skipped,
     decode_rgb,
     load_rgb,
+    normalize_on_device,
 )
 
 
@@ -276,13 +278,43 @@ def test_tensor_decoder_reports_unreadable_files_as_os_errors(tmp_path):
         decode_rgb(str(tmp_path / "text.jpg"))
 
 
-def test_both_decoders_give_normalized_crops_and_masks(tmp_path):
+def test_both_decoders_give_crops_that_normalize_to_the_same_values(tmp_path):
     for index in range(3):
         Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / f"white{index}.jpg", quality=95)
-    for decoder in ("pil", "tensor"):
+    for decoder, dtype in (("pil", torch.float32), ("tensor", torch.uint8)):
         dataset = build_pretraining_dataset("image_folder", str(tmp_path), 32, 16, 0.75, decoder=decoder)
         image, mask = dataset[0]
-        assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+        assert image.shape == (3, 32, 32) and image.dtype == dtype
+        image = normalize_on_device(image[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0]
         white = (1 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)  # (3,)
         assert torch.allclose(image.mean(dim=(1, 2)), white, atol=0.05)  # JPEG and resampling wiggle
         assert mask.shape == (4,) and int(mask.sum()) == 3
+
+
+def test_uint8_batches_are_normalized_as_the_formula_says_and_float_ones_pass_through():
+    mean, std = (0.5, 0.25, 0.0), (0.5, 0.25, 2.0)
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)  # (B, 3, H, W)
+    expected = torch.tensor([(0 - 0.5) / 0.5, (0.2 - 0.25) / 0.25, (1.0 - 0.0) / 2.0]).view(1, 3, 1, 1)
+    normalized = normalize_on_device(pixels, mean, std)
+    assert normalized.dtype == torch.float32
+    torch.testing.assert_close(normalized, expected.expand(2, 3, 2, 2), atol=1e-6, rtol=0)
+    already = torch.randn(2, 3, 2, 2)
+    assert normalize_on_device(already, mean, std) is already
+
+
+def test_normalizing_on_the_device_gives_the_values_the_workers_gave_before():
+    """The tensor path used to end with torchvision's ToDtype and Normalize in each worker."""
+    crops = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    in_worker = transforms_v2.Compose([
+        transforms_v2.ToDtype(torch.float32, scale=True),
+        transforms_v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+    expected = torch.stack([in_worker(crop) for crop in crops])
+    assert torch.equal(normalize_on_device(crops, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), expected)
+
+
+def test_16_bit_files_reach_the_tensor_crop_as_their_top_8_bits(tmp_path):
+    values = np.full((40, 50), 0x8A3F, dtype=np.uint16)  # 8-bit value 0x8A = 138
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    image, _ = build_pretraining_dataset("image_folder", str(tmp_path), 32, 16, 0.75, decoder="tensor")[0]
+    assert image.dtype == torch.uint8 and bool((image == 0x8A).all())
