@@ -256,22 +256,30 @@ def first_samples(dataset: Dataset, num_samples: Optional[int]) -> Dataset:
 PRETRAIN_CROP_SCALE = (0.2, 1.0)  # MAE pretraining crops keep at least a fifth of the image
 
 
+def pretraining_augmentation(input_size: int, crop_scale: Tuple[float, float] = PRETRAIN_CROP_SCALE) -> List[Callable]:
+    """The MAE pretraining augmentation on PIL images: crop and flip only, since masking is the
+    main regulariser."""
+    return [
+        transforms.RandomResizedCrop(input_size, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+    ]
+
+
 def build_pretraining_transform(
     input_size: int,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     crop_scale: Tuple[float, float] = PRETRAIN_CROP_SCALE,
 ) -> transforms.Compose:
-    """The MAE pretraining augmentation: crop and flip only, since masking is the main regulariser.
-    The linear probe trains with the same pipeline and a wider ``crop_scale``."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(
-            input_size, scale=crop_scale, interpolation=transforms.InterpolationMode.BICUBIC
-        ),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    """``pretraining_augmentation`` to a normalized float tensor in the worker: the linear probe's
+    training transform, with its wider ``crop_scale``."""
+    return transforms.Compose([*pretraining_augmentation(input_size, crop_scale), transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
+
+
+def build_pil_pretraining_transform(input_size: int) -> transforms.Compose:
+    """``pretraining_augmentation`` to a (3, H, W) uint8 tensor; ``normalize_on_device`` does the rest."""
+    return transforms.Compose([*pretraining_augmentation(input_size), transforms.PILToTensor()])
 
 
 class MaskedImages(Dataset):
@@ -297,21 +305,19 @@ def build_pretraining_dataset(
     patch_size: int,
     mask_ratio: float,
     num_samples: Optional[int] = None,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     decoder: str = "pil",
 ) -> Dataset:
-    """Augmented images paired with masks; ``num_samples`` keeps only the first N samples.
+    """Augmented (3, H, W) uint8 images paired with masks; ``num_samples`` keeps only the first N.
 
-    The synthetic set is its training split, the images finetuning also trains on. ``decoder``
-    "tensor" reads image files with ``decode_rgb`` and augments uint8 tensors, about twice PIL's
-    images/s per worker (benchmarks/RESULTS.md), and its images stay uint8 until
-    ``normalize_on_device``; the synthetic set is drawn, so it has no files.
+    Images stay uint8 until ``normalize_on_device``. The synthetic set is its training split, the
+    images finetuning also trains on. ``decoder`` "tensor" reads image files with ``decode_rgb``
+    and augments uint8 tensors, about twice PIL's images/s (benchmarks/RESULTS.md); the synthetic
+    set is drawn, so it has no files.
     """
     if decoder == "tensor":
         transform, loader = build_tensor_pretraining_transform(input_size), decode_rgb
     elif decoder == "pil":
-        transform, loader = build_pretraining_transform(input_size, mean, std), load_rgb
+        transform, loader = build_pil_pretraining_transform(input_size), load_rgb
     else:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
     if data_set == "synthetic":
@@ -597,16 +603,18 @@ def build_tensor_pretraining_transform(input_size: int) -> transforms_v2.Compose
 
 
 def normalize_on_device(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 batches (B, 3, H, W) from the tensor path -> normalized float32, on their device;
-    float batches, already normalized by the PIL path, pass through.
+    """(B, 3, H, W) uint8 pretraining batches -> normalized float32, on their own device.
 
-    Leaving the float pass to the device makes a worker 15-20% faster and the batch a quarter of
-    the bytes to pin and copy (benchmarks/RESULTS.md); the torchvision kernels are the ones the
-    worker ran before, so the values are the same.
+    Workers hand over uint8 crops: a quarter of the bytes to collate, pin and copy, and no float
+    pass in the worker (benchmarks/RESULTS.md). The arithmetic is ``ToTensor`` then ``Normalize``
+    (true division by 255, then by std), so the values are the ones the workers used to make;
+    255 is a tensor because CUDA divides by a Python scalar as a multiplication by its inverse.
     """
     if imgs.dtype != torch.uint8:
-        return imgs
-    return transforms_v2.functional.normalize(
-        transforms_v2.functional.to_dtype(imgs, torch.float32, scale=True), list(mean), list(std)
-    )
+        raise TypeError(f"normalize_on_device expects uint8 images, got {imgs.dtype}; were they normalized already?")
+    shape = (-1, 1, 1)  # per channel
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=imgs.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=imgs.device).view(shape)
+    scale = torch.tensor(255.0, device=imgs.device)
+    return imgs.float().div_(scale).sub_(mean_t).div_(std_t)
 

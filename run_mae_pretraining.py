@@ -82,7 +82,7 @@ def build_loader(args: argparse.Namespace, patch_size: int) -> DataLoader:
     try:
         dataset = build_pretraining_dataset(
             args.data_set, args.data_path, args.input_size, patch_size, args.mask_ratio,
-            num_samples=args.num_samples, mean=args.mean, std=args.std, decoder=args.decoder,
+            num_samples=args.num_samples, decoder=args.decoder,
         )
     except (FileNotFoundError, ValueError) as error:
         raise utils.UsageError(str(error)) from error

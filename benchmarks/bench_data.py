@@ -3,8 +3,8 @@
 It writes its own ImageNet-like JPEG files (500x375, quality 90) and runs each decode path on them
 in one thread, as one data-loader worker does: PIL with the MAE transform (what
 ``datasets.build_pretraining_dataset`` uses), and the tensor decoders of torchvision and torchcodec
-with the same augmentation on uint8 tensors, whose batches are normalized after the copy to the
-device (``datasets.normalize_on_device``), outside the worker. With ``--num_workers`` it also times a whole
+with the same augmentation on uint8 tensors. Every path ends with a uint8 crop; batches are
+normalized after the copy to the device (``datasets.normalize_on_device``), outside the workers. With ``--num_workers`` it also times a whole
 ``DataLoader``, and on CUDA it times batched nvJPEG decoding on the GPU. Prints the fastest path;
 the last line is one JSON object.
 
@@ -78,7 +78,7 @@ def cpu_paths(input_size: int) -> Dict[str, Tuple[Decode, Callable]]:
     """name: (decode, transform) of every CPU path that can run here."""
     tensor_transform = datasets.build_tensor_pretraining_transform(input_size)
     paths = {
-        "pil": (datasets.load_rgb, datasets.build_pretraining_transform(input_size)),
+        "pil": (datasets.load_rgb, datasets.build_pil_pretraining_transform(input_size)),
         "torchvision": (torchvision_decode, tensor_transform),
     }
     if importable("torchcodec.decoders"):
@@ -104,7 +104,7 @@ class PipelineSamples(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> Sample:
-        image = self.transform(self.decode(self.files[index]))  # (3, H, W): float from PIL, uint8 from tensors
+        image = self.transform(self.decode(self.files[index]))  # (3, H, W) uint8
         return image, torch.from_numpy(self.masks())  # (3, H, W), (N,)
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
-from torchvision.transforms import v2 as transforms_v2
+from torchvision import transforms
 
 from datasets import (
     ImageFiles,
@@ -173,7 +173,7 @@ def test_empty_or_missing_folders_raise_file_not_found(tmp_path):
 # ----------------------------------------------------------------------------- pretraining
 
 def check_pretraining_sample(image: torch.Tensor, mask: torch.Tensor) -> None:
-    assert image.shape == (3, 224, 224) and image.dtype == torch.float32
+    assert image.shape == (3, 224, 224) and image.dtype == torch.uint8
     assert mask.shape == (196,) and mask.dtype == torch.bool
     assert int(mask.sum()) == 147  # official rounding: int(196 * 0.25) = 49 patches stay visible
 
@@ -281,36 +281,35 @@ def test_tensor_decoder_reports_unreadable_files_as_os_errors(tmp_path):
 def test_both_decoders_give_crops_that_normalize_to_the_same_values(tmp_path):
     for index in range(3):
         Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / f"white{index}.jpg", quality=95)
-    for decoder, dtype in (("pil", torch.float32), ("tensor", torch.uint8)):
+    for decoder in ("pil", "tensor"):
         dataset = build_pretraining_dataset("image_folder", str(tmp_path), 32, 16, 0.75, decoder=decoder)
         image, mask = dataset[0]
-        assert image.shape == (3, 32, 32) and image.dtype == dtype
+        assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
         image = normalize_on_device(image[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0]
         white = (1 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)  # (3,)
         assert torch.allclose(image.mean(dim=(1, 2)), white, atol=0.05)  # JPEG and resampling wiggle
         assert mask.shape == (4,) and int(mask.sum()) == 3
 
 
-def test_uint8_batches_are_normalized_as_the_formula_says_and_float_ones_pass_through():
+def test_uint8_batches_are_normalized_as_the_formula_says():
     mean, std = (0.5, 0.25, 0.0), (0.5, 0.25, 2.0)
     pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)  # (B, 3, H, W)
     expected = torch.tensor([(0 - 0.5) / 0.5, (0.2 - 0.25) / 0.25, (1.0 - 0.0) / 2.0]).view(1, 3, 1, 1)
     normalized = normalize_on_device(pixels, mean, std)
     assert normalized.dtype == torch.float32
     torch.testing.assert_close(normalized, expected.expand(2, 3, 2, 2), atol=1e-6, rtol=0)
-    already = torch.randn(2, 3, 2, 2)
-    assert normalize_on_device(already, mean, std) is already
+    with pytest.raises(TypeError, match="normalized already"):
+        normalize_on_device(normalized, mean, std)
 
 
-def test_normalizing_on_the_device_gives_the_values_the_workers_gave_before():
-    """The tensor path used to end with torchvision's ToDtype and Normalize in each worker."""
-    crops = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    in_worker = transforms_v2.Compose([
-        transforms_v2.ToDtype(torch.float32, scale=True),
-        transforms_v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
-    expected = torch.stack([in_worker(crop) for crop in crops])
-    assert torch.equal(normalize_on_device(crops, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), expected)
+def test_normalizing_on_the_device_gives_the_values_torchvision_gave_in_the_workers():
+    """The PIL path used to end with ``ToTensor`` and ``Normalize`` in each worker: every one of
+    the 256 pixel values must come out bit for bit as it did."""
+    values = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)  # (3, H, W)
+    picture = Image.fromarray(values.permute(1, 2, 0).numpy())
+    in_worker = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    on_device = normalize_on_device(transforms.PILToTensor()(picture)[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert torch.equal(on_device[0], in_worker(picture))
 
 
 def test_16_bit_files_reach_the_tensor_crop_as_their_top_8_bits(tmp_path):
