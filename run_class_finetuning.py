@@ -306,6 +306,11 @@ def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, mi
         if utils.is_main_process():
             print(json.dumps(record), flush=True)
             print(f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
+    if not test_stats:  # resumed a finished run: report where it ended rather than nothing
+        test_stats = evaluate(utils.unwrap_model(model), val_loader, device, args.amp, reduce=reduce_eval)
+        if utils.is_main_process():
+            print(f"nothing left to train (epoch {args.start_epoch} of {args.epochs}); the resumed model: "
+                  f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
     if utils.is_main_process():
         print(f"training time {utils.format_eta(timer.elapsed())}")
     return test_stats

@@ -3,7 +3,9 @@ and finetuning accuracy of a random encoder (from scratch) and of the MAE encode
 
 ``python run_synthetic_results.py`` runs every step in this process with the command line each
 script would take, prints a markdown table with those commands and the time each took, and
-writes the table to output_dir/results.md and a reconstruction picture to output_dir/vis.
+writes the table to output_dir/results.md and a reconstruction picture to output_dir/vis. Run
+again into the same output_dir, every step resumes its own folder: finished ones only evaluate,
+and the table marks their times "(resumed)".
 About 40 minutes on 2 CPU cores with the defaults, 31 of them pretraining: 240 epochs, because
 40 left an encoder that finetuned worse than a random one (README).
 """
@@ -11,7 +13,7 @@ import argparse
 import shlex
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Set, Tuple
 
 import torch
 
@@ -101,12 +103,15 @@ ROWS: List[Tuple[str, str, Callable[[Dict], str]]] = [
 ]
 
 
-def table(results: Dict[str, object], seconds: Dict[str, float], steps: Dict[str, Tuple[str, List[str]]]) -> str:
-    """The markdown table: top-1 on the 500 validation images (last epoch), time and command."""
+def table(results: Dict[str, object], seconds: Dict[str, float], steps: Dict[str, Tuple[str, List[str]]],
+          resumed: Set[str]) -> str:
+    """The markdown table: top-1 on the 500 validation images (last epoch), time and command.
+    A step in ``resumed`` continued a run already in its folder, so its time is not the whole run's."""
     lines = ["| evaluation | top-1 (%) | time | command |", "|---|---|---|---|"]
     for label, name, cell in [("MAE pretraining", "pretrain", lambda _: "")] + ROWS:
         script, argv = steps[name]
-        lines.append(f"| {label} | {cell(results[name])} | {seconds[name] / 60:.1f} min | "
+        note = " (resumed)" if name in resumed else ""
+        lines.append(f"| {label} | {cell(results[name])} | {seconds[name] / 60:.1f} min{note} | "
                      f"`python {script} {shlex.join(argv)}` |")
     return "\n".join(lines)
 
@@ -115,10 +120,11 @@ def main(args: argparse.Namespace) -> str:
     """Run every step and return the table (also printed and written to results.md)."""
     utils.check_writable_dir(args.output_dir, "--output_dir")
     steps = commands(args)
+    resumed = {name for name in steps if (Path(args.output_dir) / name / "checkpoint-last.pth").exists()}
     results, seconds = {}, {}
     for name, (script, argv) in steps.items():
         results[name], seconds[name] = run_step(script, argv)
-    report = table(results, seconds, steps)
+    report = table(results, seconds, steps, resumed)
     total = sum(seconds.values()) / 60
     report += f"\n\n{torch.get_num_threads()} CPU threads, {total:.1f} minutes in all."
     (Path(args.output_dir) / "results.md").write_text(report + "\n")

@@ -180,6 +180,11 @@ def test_results_script_runs_every_step_and_prints_the_table(tmp_path):
     assert len(rows) == 7  # pretraining and six evaluations, each with its command
     assert (tmp_path / "results.md").read_text().strip() == report.strip()
     assert (tmp_path / "vis" / "synthetic_mask0.75_seed0.png").is_file()
+    # Run again: the trained steps resume finished runs, only evaluate, and say so.
+    again = run_synthetic_results.main(run_synthetic_results.get_args_parser().parse_args(argv))
+    rerun = [line for line in again.splitlines() if line.startswith("| ") and "`python run_" in line]
+    assert [row.split(" | ")[1] for row in rerun] == [row.split(" | ")[1] for row in rows]  # same top-1
+    assert sum("(resumed)" in row for row in rerun) == 5  # pretraining, two probes, two finetunings
 
 
 def test_mae_vis_refuses_an_encoder_only_checkpoint(mae_checkpoint, tmp_path, capsys):

@@ -120,6 +120,14 @@ def test_resume_keeps_the_best_accuracy(finetuned, tmp_path):
     assert records[-1]["max_accuracy"] == max(before, records[-1]["test_acc1"])
 
 
+def test_rerunning_a_finished_run_trains_nothing_and_reports_its_last_accuracy(finetuned, capsys):
+    last = read_log(finetuned)[-1]
+    stats = run_class_finetuning.main(parse(FINETUNE + ["--epochs", str(last["epoch"] + 1), "--output_dir", str(finetuned)]))
+    assert read_log(finetuned)[-1] == last  # no epoch ran
+    assert stats["acc1"] == pytest.approx(last["test_acc1"]) and stats["num_samples"] == 48
+    assert "nothing left to train" in capsys.readouterr().out
+
+
 def usage_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         utils.exit_on_usage_error(run_class_finetuning.main, parse(argv))
