@@ -11,12 +11,14 @@ import os
 import random
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, create_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 from torchvision.transforms import v2 as transforms_v2
@@ -265,21 +267,12 @@ def pretraining_augmentation(input_size: int, crop_scale: Tuple[float, float] = 
     ]
 
 
-def build_pretraining_transform(
-    input_size: int,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    crop_scale: Tuple[float, float] = PRETRAIN_CROP_SCALE,
+def build_pil_pretraining_transform(
+    input_size: int, crop_scale: Tuple[float, float] = PRETRAIN_CROP_SCALE
 ) -> transforms.Compose:
-    """``pretraining_augmentation`` to a normalized float tensor in the worker: the linear probe's
-    training transform, with its wider ``crop_scale``."""
-    return transforms.Compose([*pretraining_augmentation(input_size, crop_scale), transforms.ToTensor(),
-                               transforms.Normalize(mean, std)])
-
-
-def build_pil_pretraining_transform(input_size: int) -> transforms.Compose:
-    """``pretraining_augmentation`` to a (3, H, W) uint8 tensor; ``normalize_on_device`` does the rest."""
-    return transforms.Compose([*pretraining_augmentation(input_size), transforms.PILToTensor()])
+    """``pretraining_augmentation`` to a (3, H, W) uint8 tensor; ``normalize_on_device`` does the
+    rest. The linear probe trains on it too, with its wider ``crop_scale``."""
+    return transforms.Compose([*pretraining_augmentation(input_size, crop_scale), transforms.PILToTensor()])
 
 
 class MaskedImages(Dataset):
@@ -457,26 +450,45 @@ def build_classification_transform(
     is_train: bool,
     input_size: int,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
     color_jitter: Optional[float] = None,
-    re_prob: float = 0.25,
-    re_mode: str = "pixel",
-    re_count: int = 1,
 ) -> Callable:
-    """timm's training pipeline (RandomResizedCrop, flip, RandAugment, random erasing) or the
-    resize + center-crop evaluation pipeline, both bicubic."""
+    """The workers' part of timm's training pipeline (RandomResizedCrop, flip, RandAugment, which
+    fills with ``mean``) or of the resize + center-crop evaluation pipeline, both bicubic, ending
+    in a (3, H, W) uint8 tensor: ``BatchTransform`` normalizes and erases on the device."""
     if is_train:
         return create_transform(
             input_size, is_training=True, color_jitter=color_jitter, auto_augment=auto_augment,
-            interpolation="bicubic", re_prob=re_prob, re_mode=re_mode, re_count=re_count, mean=mean, std=std,
+            interpolation="bicubic", mean=mean, use_prefetcher=True,
         )
     return transforms.Compose([
         transforms.Resize(eval_resize(input_size), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        transforms.PILToTensor(),
     ])
+
+
+@dataclass(frozen=True)
+class BatchTransform:
+    """What a classification transform does to whole batches once they are on the device:
+    ``normalize_on_device``, then (training) timm's random erasing of each image, which fills
+    with normalized noise and so has to follow the normalization, as in timm's prefetcher.
+
+    Run inside the training step, the erasing draws from the RNGs seeded per step, so a resumed
+    run erases as an uninterrupted one."""
+
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_count: int = 1
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        normalized = normalize_on_device(imgs, self.mean, self.std)  # (B, 3, H, W) float32
+        if self.re_prob <= 0:
+            return normalized
+        erasing = RandomErasing(self.re_prob, mode=self.re_mode, max_count=self.re_count, device=imgs.device)
+        return erasing(normalized)  # in place, image by image
 
 
 def labelled_folder(root: str, transform: Callable) -> ImageFolder:
@@ -589,7 +601,7 @@ def decode_rgb(path: str) -> torch.Tensor:
 
 
 def build_tensor_pretraining_transform(input_size: int) -> transforms_v2.Compose:
-    """``build_pretraining_transform``'s crop and flip on tensors from ``decode_rgb``, giving
+    """``pretraining_augmentation``'s crop and flip on tensors from ``decode_rgb``, giving
     (3, H, W) uint8: 16-bit files are brought to 8 bits first, as ``load_rgb`` does, and
     ``normalize_on_device`` scales and normalizes whole batches after the copy."""
     return transforms_v2.Compose([

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import utils
 from datasets import (
     CLASSIFICATION_SETS,
+    BatchTransform,
     build_classification_dataset,
     build_classification_transform,
     build_train_loader,
@@ -122,11 +123,18 @@ def mixup_active(args: argparse.Namespace) -> bool:
 
 
 def finetune_transform(args: argparse.Namespace, is_train: bool) -> Callable:
-    """RandAugment and random erasing for training, resize and center crop for evaluation."""
-    return build_classification_transform(
-        is_train, args.input_size, args.mean, args.std, args.aa, args.color_jitter, args.reprob, args.remode,
-        args.recount,
-    )
+    """The workers' part: RandAugment for training, resize and center crop for evaluation."""
+    return build_classification_transform(is_train, args.input_size, args.mean, args.aa, args.color_jitter)
+
+
+def erasing_batch_transform(args: argparse.Namespace) -> BatchTransform:
+    """Finetuning's training batches on the device: normalized, then randomly erased."""
+    return BatchTransform(tuple(args.mean), tuple(args.std), args.reprob, args.remode, args.recount)
+
+
+def normalizing_batch_transform(args: argparse.Namespace) -> BatchTransform:
+    """Evaluation batches (and the linear probe's training ones) on the device: normalized only."""
+    return BatchTransform(tuple(args.mean), tuple(args.std))
 
 
 def build_datasets(
@@ -247,12 +255,13 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         return evaluate_checkpoint(model, val_loader, device, args, checkpoint, reduce_eval)
     train_loader = build_train_loader(train_set, args)
     mixup_fn, criterion = build_criterion(args)
+    train_batch = erasing_batch_transform(args)
     if utils.is_main_process():
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
               f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "
               f"{args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    loop = (model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn)
+    loop = (model, criterion, train_loader, val_loader, optimizer, scaler, train_batch, mixup_fn)
     return train_and_evaluate(*loop, device, args, checkpoint, reduce_eval)
 
 
@@ -260,26 +269,27 @@ def evaluate_checkpoint(model, val_loader, device, args, checkpoint: Dict, reduc
     """``--eval``: the accuracy of the ``--resume`` checkpoint, printed and returned."""
     if not checkpoint:
         raise utils.UsageError("--eval needs a trained checkpoint: pass --resume PATH")
-    stats = evaluate(model, val_loader, device, args.amp, reduce=reduce_eval)
+    stats = evaluate(model, val_loader, device, args.amp, normalizing_batch_transform(args), reduce=reduce_eval)
     if utils.is_main_process():
         print(f"accuracy on {stats['num_samples']} images: top-1 {stats['acc1']:.3f}%  "
               f"top-5 {stats['acc5']:.3f}%  loss {stats['loss']:.4f}")
     return stats
 
 
-def train_and_evaluate(model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn, device, args,
-                       checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
+def train_and_evaluate(model, criterion, train_loader, val_loader, optimizer, scaler, train_batch, mixup_fn,
+                       device, args, checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
     """``run_epochs`` on the compiled, DDP-wrapped model with TensorBoard; a non-finite loss exits 1."""
     trained = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
-    loop = (trained, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn)
+    loop = (trained, criterion, train_loader, val_loader, optimizer, scaler, train_batch, mixup_fn)
     with utils.training_writer(args.log_dir) as log_writer:
         return run_epochs(*loop, device, args, log_writer, checkpoint, reduce_eval)
 
 
-def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn, device, args,
+def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, train_batch, mixup_fn, device, args,
                log_writer, checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
     """Train, evaluate and checkpoint each epoch; the best top-1 so far is kept in every checkpoint."""
     timer = utils.Timer()
+    eval_batch = normalizing_batch_transform(args)
     test_stats: Dict[str, float] = {}
     max_accuracy = checkpoint.get("max_accuracy", 0.0)
     n_parameters = sum(p.numel() for p in model.parameters())
@@ -287,8 +297,8 @@ def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, mi
         start = utils.epoch_start(train_loader, epoch, args, checkpoint)
         save_step = utils.step_saver(model, optimizer, scaler, epoch, args, max_accuracy=max_accuracy)
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, epoch, args,
-                                      mixup_fn, log_writer, **start, save_step=save_step)
-        test_stats = evaluate(utils.unwrap_model(model), val_loader, device, args.amp, reduce=reduce_eval)
+                                      train_batch, mixup_fn, log_writer, **start, save_step=save_step)
+        test_stats = evaluate(utils.unwrap_model(model), val_loader, device, args.amp, eval_batch, reduce=reduce_eval)
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         utils.save_epoch(model, optimizer, scaler, epoch, args, max_accuracy=max_accuracy)
@@ -307,7 +317,7 @@ def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, mi
             print(json.dumps(record), flush=True)
             print(f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
     if not test_stats:  # resumed a finished run: report where it ended rather than nothing
-        test_stats = evaluate(utils.unwrap_model(model), val_loader, device, args.amp, reduce=reduce_eval)
+        test_stats = evaluate(utils.unwrap_model(model), val_loader, device, args.amp, eval_batch, reduce=reduce_eval)
         if utils.is_main_process():
             print(f"nothing left to train (epoch {args.start_epoch} of {args.epochs}); the resumed model: "
                   f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")

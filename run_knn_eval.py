@@ -23,6 +23,7 @@ from run_class_finetuning import (
     build_datasets,
     build_encoder,
     load_finetune_weights,
+    normalizing_batch_transform,
     validate_data_args,
 )
 
@@ -59,12 +60,18 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def eval_transform(args: argparse.Namespace, is_train: bool) -> Callable:
     """No augmentation for either split: each image's feature is computed once."""
-    return build_classification_transform(False, args.input_size, args.mean, args.std)
+    return build_classification_transform(False, args.input_size, args.mean)
 
 
 @torch.no_grad()
 def extract_features(
-    model: torch.nn.Module, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, amp: str
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    amp: str,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(N, D)`` float features and ``(N,)`` labels of the whole dataset, on every rank.
 
@@ -76,8 +83,9 @@ def extract_features(
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=num_workers)
     features, labels = [], []
     for imgs, targets in loader:
+        imgs = batch_transform(imgs.to(device, non_blocking=True))  # (B, 3, H, W) uint8 -> float
         with utils.autocast(device, amp):
-            features.append(model(imgs.to(device, non_blocking=True)).float())  # (B, D)
+            features.append(model(imgs).float())  # (B, D)
         labels.append(targets.to(device))
     if not features:  # more ranks than samples
         features, labels = [torch.empty(0, model.num_features, device=device)], [indices.to(device)]
@@ -170,7 +178,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
         load_finetune_weights(model, args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     model.to(device)
-    loading = (args.batch_size, args.num_workers, device, amp)
+    loading = (args.batch_size, args.num_workers, device, amp, normalizing_batch_transform(args))
     train_features, train_labels = extract_features(model, train_set, *loading)
     val_features, val_labels = extract_features(model, val_set, *loading)
     ks = sorted({min(k, len(train_set)) for k in args.nb_knn})  # k beyond the training set is all of it

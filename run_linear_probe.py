@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 import utils
-from datasets import build_classification_transform, build_pretraining_transform, build_train_loader
+from datasets import build_classification_transform, build_pil_pretraining_transform, build_train_loader
 from optim_factory import create_lars
 from run_class_finetuning import (
     add_data_args,
@@ -25,6 +25,7 @@ from run_class_finetuning import (
     build_eval_loader,
     evaluate_checkpoint,
     load_finetune_weights,
+    normalizing_batch_transform,
     train_and_evaluate,
     validate_data_args,
 )
@@ -76,10 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def probe_transform(args: argparse.Namespace, is_train: bool) -> Callable:
-    """RandomResizedCrop and flip for training, as MAE probes; finetuning's evaluation transform."""
+    """RandomResizedCrop and flip for training, as MAE probes; finetuning's evaluation transform.
+    Both end in uint8, normalized on the device (``normalizing_batch_transform``)."""
     if not is_train:
-        return build_classification_transform(False, args.input_size, args.mean, args.std)
-    return build_pretraining_transform(args.input_size, args.mean, args.std, crop_scale=PROBE_CROP_SCALE)
+        return build_classification_transform(False, args.input_size, args.mean)
+    return build_pil_pretraining_transform(args.input_size, crop_scale=PROBE_CROP_SCALE)
 
 
 def build_probe(args: argparse.Namespace) -> LinearProbe:
@@ -119,7 +121,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         print(f"linear probe on {args.model} from {source}: {n_trainable} trainable parameters; "
               f"{len(train_set)} training and {len(val_set)} evaluation images, {args.nb_classes} classes; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    loop = (model, nn.CrossEntropyLoss(), train_loader, val_loader, optimizer, scaler, None)
+    loop = (model, nn.CrossEntropyLoss(), train_loader, val_loader, optimizer, scaler,
+            normalizing_batch_transform(args), None)
     return train_and_evaluate(*loop, device, args, checkpoint, reduce_eval)
 
 

@@ -4,9 +4,11 @@ It writes its own ImageNet-like JPEG files (500x375, quality 90) and runs each d
 in one thread, as one data-loader worker does: PIL with the MAE transform (what
 ``datasets.build_pretraining_dataset`` uses), and the tensor decoders of torchvision and torchcodec
 with the same augmentation on uint8 tensors. Every path ends with a uint8 crop; batches are
-normalized after the copy to the device (``datasets.normalize_on_device``), outside the workers. With ``--num_workers`` it also times a whole
-``DataLoader``, and on CUDA it times batched nvJPEG decoding on the GPU. Prints the fastest path;
-the last line is one JSON object.
+normalized after the copy to the device (``datasets.normalize_on_device``), outside the workers.
+With ``--num_workers`` it also times a whole ``DataLoader``, and on CUDA it times batched nvJPEG
+decoding on the GPU. ``--stage finetune`` times finetuning's PIL pipeline instead (crop, flip,
+RandAugment; normalization and random erasing run on the device). Prints the fastest path; the
+last line is one JSON object.
 
     python benchmarks/bench_data.py --num_images 200
 """
@@ -36,6 +38,8 @@ Sample = Tuple[torch.Tensor, torch.Tensor]
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", default=200, type=int, help="JPEG files to write and read")
+    parser.add_argument("--stage", default="pretrain", choices=["pretrain", "finetune"],
+                        help="whose training pipeline to time")
     parser.add_argument("--input_size", default=224, type=int)
     parser.add_argument("--patch_size", default=16, type=int)
     parser.add_argument("--mask_ratio", default=0.75, type=float)
@@ -74,8 +78,11 @@ def torchcodec_decode(path: str) -> torch.Tensor:
     return decode_jpeg(path, mode="RGB")
 
 
-def cpu_paths(input_size: int) -> Dict[str, Tuple[Decode, Callable]]:
-    """name: (decode, transform) of every CPU path that can run here."""
+def cpu_paths(input_size: int, stage: str) -> Dict[str, Tuple[Decode, Callable]]:
+    """name: (decode, transform) of every CPU path of ``stage`` that can run here; finetuning has
+    PIL only, since timm's RandAugment works on PIL images."""
+    if stage == "finetune":
+        return {"pil": (datasets.load_rgb, datasets.build_classification_transform(True, input_size))}
     tensor_transform = datasets.build_tensor_pretraining_transform(input_size)
     paths = {
         "pil": (datasets.load_rgb, datasets.build_pil_pretraining_transform(input_size)),
@@ -95,9 +102,11 @@ def importable(module: str) -> bool:
 
 
 class PipelineSamples(Dataset):
-    """One file through one path: ``(image, mask)`` exactly as ``datasets.MaskedImages`` yields."""
+    """One file through one path: ``(image, mask)`` exactly as ``datasets.MaskedImages`` yields,
+    or ``(image, label)`` for finetuning (no ``masks``)."""
 
-    def __init__(self, files: Sequence[str], decode: Decode, transform: Callable, masks: RandomMaskingGenerator):
+    def __init__(self, files: Sequence[str], decode: Decode, transform: Callable,
+                 masks: Optional[RandomMaskingGenerator]) -> None:
         self.files, self.decode, self.transform, self.masks = files, decode, transform, masks
 
     def __len__(self) -> int:
@@ -105,6 +114,8 @@ class PipelineSamples(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         image = self.transform(self.decode(self.files[index]))  # (3, H, W) uint8
+        if self.masks is None:
+            return image, torch.tensor(0)
         return image, torch.from_numpy(self.masks())  # (3, H, W), (N,)
 
 
@@ -171,12 +182,14 @@ def gpu_batch_rates(files: Sequence[str], input_size: int, batch_size: int, repe
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
-    masks = RandomMaskingGenerator(args.input_size // args.patch_size, args.mask_ratio)
-    report: Dict[str, Any] = {"num_images": args.num_images, "per_worker_images_per_s": {}}
+    masks = None
+    if args.stage == "pretrain":
+        masks = RandomMaskingGenerator(args.input_size // args.patch_size, args.mask_ratio)
+    report: Dict[str, Any] = {"stage": args.stage, "num_images": args.num_images, "per_worker_images_per_s": {}}
     with tempfile.TemporaryDirectory() as folder:
         files = write_jpegs(Path(folder), args.num_images)
         report["mean_file_kib"] = float(np.mean([Path(path).stat().st_size for path in files]) / 1024)
-        for name, (decode, transform) in cpu_paths(args.input_size).items():
+        for name, (decode, transform) in cpu_paths(args.input_size, args.stage).items():
             samples = PipelineSamples(files, decode, transform, masks)
             rate = per_worker_rate(samples, args.repeats)
             report["per_worker_images_per_s"][name] = rate
@@ -184,7 +197,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             if args.num_workers:
                 report.setdefault(f"loader_{args.num_workers}_workers_images_per_s", {})[name] = loader_rate(
                     samples, args.num_workers, args.batch_size, device)
-        if device.type == "cuda":
+        if device.type == "cuda" and args.stage == "pretrain":
             report["gpu_nvjpeg_images_per_s"] = gpu_batch_rates(files, args.input_size, args.batch_size, args.repeats)
     fastest = max(report["per_worker_images_per_s"], key=report["per_worker_images_per_s"].get)
     report["fastest_cpu_path"] = fastest

@@ -52,6 +52,15 @@ def test_bench_data_names_the_fastest_path(capsys):
     assert report["fastest_cpu_path"] in report["per_worker_images_per_s"]
 
 
+def test_bench_data_times_the_finetuning_pipeline_through_a_loader(capsys):
+    argv = ["--stage", "finetune", "--num_images", "4", "--repeats", "1", "--device", "cpu", "--num_workers", "1",
+            "--batch_size", "2"]
+    bench_data.main(bench_data.parse_args(argv))
+    report = last_json_line(capsys.readouterr().out)
+    assert report["stage"] == "finetune" and set(report["per_worker_images_per_s"]) == {"pil"}
+    assert report["loader_1_workers_images_per_s"]["pil"] > 0
+
+
 @pytest.fixture(scope="module")
 def batch():
     torch.manual_seed(0)

@@ -5,17 +5,21 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import posterize
+from torchvision import transforms
 
 import run_class_finetuning
 import run_mae_pretraining
 import run_mae_vis
 import utils
-from datasets import build_classification_transform, eval_resize
+from datasets import BatchTransform, build_classification_transform, eval_resize, normalize_on_device
 from optim_factory import create_optimizer
 from test_pretraining import free_port
 
@@ -170,6 +174,55 @@ def test_imagenet_layout_and_eval_transform(tmp_path):
     assert val_set[0][0].shape == (3, 32, 32) and train_set[0][0].shape == (3, 32, 32)
     resize = build_classification_transform(False, 64).transforms[0]
     assert resize.size == 73 and resize.interpolation.value == "bicubic"
+
+
+def noisy_picture(size: Tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_uint8_workers_and_device_normalization_give_timms_float_pipelines():
+    """Workers stop at uint8; normalized on the device, the crops must equal bit for bit what
+    timm's float training pipeline (random erasing off) and the ToTensor + Normalize evaluation
+    pipeline made in the workers, under the same seeds."""
+    picture = noisy_picture((50, 40), seed=0)
+    normalize = BatchTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    timm_train = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                  interpolation="bicubic", re_prob=0.0)
+    float_eval = transforms.Compose([
+        transforms.Resize(eval_resize(32), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(32), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+    for is_train, reference in ((True, timm_train), (False, float_eval)):
+        for seed in range(4):
+            utils.seed_everything(seed)
+            expected = reference(picture)
+            utils.seed_everything(seed)
+            crop = build_classification_transform(is_train, 32)(picture)
+            assert crop.dtype == torch.uint8
+            assert torch.equal(normalize(crop[None])[0], expected)
+
+
+def test_device_random_erasing_replaces_one_rectangle_of_each_image_with_noise():
+    """timm's erasing (as DeiT and MAE finetune): at probability 1 each image gets one rectangle
+    of 2% to 1/3 of its area, aspect 0.3 to 1/0.3, filled with normal noise; the rest is the
+    normalized image. At probability 0 the transform only normalizes."""
+    imgs = torch.full((6, 3, 40, 40), 128, dtype=torch.uint8)  # (B, 3, H, W)
+    plain = normalize_on_device(imgs, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert torch.equal(BatchTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(imgs), plain)
+    utils.seed_everything(0)
+    erased = BatchTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=1.0)(imgs)
+    for image, original in zip(erased, plain):
+        changed = (image != original).any(dim=0)  # (H, W)
+        rows, cols = changed.any(dim=1).nonzero()[:, 0], changed.any(dim=0).nonzero()[:, 0]
+        height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert int(changed.sum()) == height * width  # one filled rectangle
+        # the sides are sqrt(area * aspect) and sqrt(area / aspect), rounded to whole pixels
+        assert (height - 0.5) * (width - 0.5) <= 40 * 40 / 3 and (height + 0.5) * (width + 0.5) >= 0.02 * 40 * 40
+        assert (height + 0.5) / (width - 0.5) >= 0.3 and (height - 0.5) / (width + 0.5) <= 1 / 0.3
+        noise = image[:, changed]  # (3, h * w)
+        assert abs(float(noise.mean())) < 0.5 and 0.7 < float(noise.std()) < 1.3
 
 
 def test_randaugment_full_strength_posterize_works_with_pinned_pillow():
