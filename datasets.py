@@ -1,9 +1,9 @@
 """Datasets for MAE pretraining and finetuning: image folders (labelled or not), CIFAR, a built-in
-synthetic set, the wrapper that pairs every augmented image with a fresh random patch mask, and
-the finetuning transforms.
+synthetic set, the pretraining and finetuning transforms, and what runs on whole batches on the
+device (normalization, random erasing).
 
-Masks are drawn inside the dataset, so the data-loader workers make them in parallel; like every
-augmentation they come from RNGs that ``SeededSamples`` seeds per (seed, epoch, sample).
+Every augmentation in the workers comes from RNGs that ``SeededSamples`` seeds per (seed, epoch,
+sample); the patch masks are made on the device in the training step (``engine_for_pretraining``).
 """
 import functools
 import multiprocessing
@@ -25,7 +25,6 @@ from torchvision.transforms import v2 as transforms_v2
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from masking_generator import RandomMaskingGenerator
 from utils import UsageError, all_reduce_sum, seed_everything
 
 DATA_SETS = ("image_folder", "synthetic")
@@ -275,32 +274,15 @@ def build_pil_pretraining_transform(
     return transforms.Compose([*pretraining_augmentation(input_size, crop_scale), transforms.PILToTensor()])
 
 
-class MaskedImages(Dataset):
-    """``(image, label)`` samples as ``(image, mask)``, with a new random ``(N,)`` bool mask each
-    time a sample is read (True = hidden from the encoder)."""
-
-    def __init__(self, dataset: Dataset, mask_generator: RandomMaskingGenerator) -> None:
-        self.dataset = dataset
-        self.mask_generator = mask_generator
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        image, _ = self.dataset[index]
-        return image, torch.from_numpy(self.mask_generator())  # (3, H, W), (N,)
-
-
 def build_pretraining_dataset(
     data_set: str,
     data_path: Optional[str],
     input_size: int,
-    patch_size: int,
-    mask_ratio: float,
     num_samples: Optional[int] = None,
     decoder: str = "pil",
 ) -> Dataset:
-    """Augmented (3, H, W) uint8 images paired with masks; ``num_samples`` keeps only the first N.
+    """``(image, label)`` samples, augmented (3, H, W) uint8 images; ``num_samples`` keeps only
+    the first N; the labels go unused.
 
     Images stay uint8 until ``normalize_on_device``. The synthetic set is its training split, the
     images finetuning also trains on. ``decoder`` "tensor" reads image files with ``decode_rgb``
@@ -324,9 +306,7 @@ def build_pretraining_dataset(
         dataset = build_image_folder(data_path, transform, loader)
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
-    dataset = first_samples(dataset, num_samples)
-    mask_generator = RandomMaskingGenerator(input_size // patch_size, mask_ratio)
-    return MaskedImages(dataset, mask_generator)
+    return first_samples(dataset, num_samples)
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -6,20 +6,24 @@ import torch
 
 import utils
 from datasets import normalize_on_device
+from masking_generator import num_masked_patches, random_masks
 
 
 def reconstruction_loss(
-    model: torch.nn.Module, device: torch.device, mean: Sequence[float], std: Sequence[float]
+    model: torch.nn.Module, device: torch.device, mean: Sequence[float], std: Sequence[float], mask_ratio: float
 ) -> Callable[[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """``(images, masks)`` batch -> MAE loss on the masked patches; uint8 images (the tensor
-    decoder's) are normalized with ``mean``/``std`` after the copy to the device."""
+    """``(uint8 images, labels)`` batch -> MAE loss on the masked patches. The images are
+    normalized with ``mean``/``std`` after the copy to the device, and each one's mask is drawn
+    there, as the official MAE does: from the RNGs ``utils.train_epoch`` seeds per step, so a
+    resumed run masks as an uninterrupted one."""
     mae = utils.unwrap_model(model)
+    num_patches = mae.patch_embed.num_patches
+    num_masked = num_masked_patches(num_patches, mask_ratio)  # known on the host: no device sync
 
     def loss_fn(batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        imgs, masks = batch  # (B, 3, H, W) float or uint8, (B, N) bool
-        num_masked = int(masks[0].sum())  # read on the host, before the copy: no device sync
+        imgs, _ = batch  # (B, 3, H, W) uint8; the labels go unused
         imgs = normalize_on_device(imgs.to(device, non_blocking=True), mean, std)  # (B, 3, H, W) float
-        masks = masks.to(device, non_blocking=True)
+        masks = random_masks(imgs.shape[0], num_patches, mask_ratio, device=device)  # (B, N) bool
         pred = model(imgs, masks, num_masked)  # (B, num_masked, p*p*3)
         return mae.forward_loss(imgs, pred, masks)
 
@@ -39,5 +43,5 @@ def train_one_epoch(
 ) -> Dict[str, float]:
     """Train over ``loader`` once; ``resume`` carries ``start_step``/``loss_sum``/``save_step``
     (see ``utils.train_epoch``). Returns the epoch's averages, the loss averaged over ranks."""
-    loss_fn = reconstruction_loss(model, device, args.mean, args.std)
+    loss_fn = reconstruction_loss(model, device, args.mean, args.std, args.mask_ratio)
     return utils.train_epoch(model, loader, optimizer, scaler, device, epoch, args, loss_fn, log_writer, **resume)

@@ -2,11 +2,11 @@
 
 The count follows the official MAE rounding: ``int(N * (1 - mask_ratio))`` patches stay
 visible and the rest are masked (147 of 196 at 0.75, 177 of 196 at 0.9), so every sample in
-a batch masks the same number of patches and the visible tokens stack into one tensor.
+a batch masks the same number of patches and the visible tokens stack into one tensor. Masks are
+made per sample, for a whole batch at once, on the device that trains.
 """
 from typing import Optional, Tuple, Union
 
-import numpy as np
 import torch
 
 
@@ -28,27 +28,6 @@ def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
     """Masked patches per sample with the official rounding of the visible count."""
     check_mask_ratio(mask_ratio)
     return num_patches - int(num_patches * (1 - mask_ratio))
-
-
-class RandomMaskingGenerator:
-    """Per-sample boolean mask maps, True where a patch is hidden from the encoder.
-
-    Used inside datasets so that data-loader workers make the masks in parallel; each worker
-    draws from NumPy's global generator, which the loader's ``worker_init_fn`` seeds.
-    """
-
-    def __init__(self, input_size: Union[int, Tuple[int, int]], mask_ratio: float) -> None:
-        self.height, self.width = to_grid(input_size)
-        self.num_patches = self.height * self.width
-        self.num_mask = num_masked_patches(self.num_patches, mask_ratio)
-
-    def __repr__(self) -> str:
-        return f"RandomMaskingGenerator(patches={self.num_patches}, masked={self.num_mask})"
-
-    def __call__(self) -> np.ndarray:
-        mask = np.zeros(self.num_patches, dtype=bool)
-        mask[np.random.permutation(self.num_patches)[: self.num_mask]] = True
-        return mask  # (N,), N = height * width
 
 
 def random_masks(

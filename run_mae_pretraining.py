@@ -4,7 +4,7 @@
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict
 
 import timm
 import torch
@@ -14,7 +14,7 @@ import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models wit
 import utils
 from datasets import DECODERS, build_pretraining_dataset, build_train_loader, normalize_on_device, skipped_images
 from engine_for_pretraining import train_one_epoch
-from masking_generator import check_mask_ratio
+from masking_generator import check_mask_ratio, random_masks
 from optim_factory import add_optimizer_args, create_optimizer
 from visualization import reconstruction_grid, save_png
 
@@ -77,24 +77,25 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def build_loader(args: argparse.Namespace, patch_size: int) -> DataLoader:
-    """Shuffled, rank-sharded batches of (images, masks); see ``datasets.build_train_loader``."""
+def build_loader(args: argparse.Namespace) -> DataLoader:
+    """Shuffled, rank-sharded batches of uint8 images; see ``datasets.build_train_loader``."""
     try:
         dataset = build_pretraining_dataset(
-            args.data_set, args.data_path, args.input_size, patch_size, args.mask_ratio,
-            num_samples=args.num_samples, decoder=args.decoder,
+            args.data_set, args.data_path, args.input_size, num_samples=args.num_samples, decoder=args.decoder,
         )
     except (FileNotFoundError, ValueError) as error:
         raise utils.UsageError(str(error)) from error
     return build_train_loader(dataset, args)
 
 
-def picture_batch(loader: DataLoader, device: torch.device, mean: Sequence[float], std: Sequence[float]):
-    """A fixed set of images, normalized, and masks, so the pictures of successive epochs compare."""
-    samples = [loader.dataset[(i, 0)] for i in range(min(NUM_PICTURES, len(loader.dataset)))]  # epoch-0 masks
-    imgs = normalize_on_device(torch.stack([img for img, _ in samples]).to(device), mean, std)
-    masks = torch.stack([mask for _, mask in samples]).to(device)
-    return imgs, masks
+def picture_batch(loader: DataLoader, device: torch.device, num_patches: int, args: argparse.Namespace):
+    """A fixed set of images, normalized, and masks drawn from ``--seed``, so the pictures of
+    successive epochs compare."""
+    samples = [loader.dataset[(i, 0)] for i in range(min(NUM_PICTURES, len(loader.dataset)))]  # epoch-0 crops
+    imgs = normalize_on_device(torch.stack([img for img, _ in samples]).to(device), args.mean, args.std)
+    generator = torch.Generator().manual_seed(args.seed)
+    masks = random_masks(len(samples), num_patches, args.mask_ratio, generator=generator)  # (B, N)
+    return imgs, masks.to(device)
 
 
 def write_pictures(model: torch.nn.Module, batch, args: argparse.Namespace, epoch: int, log_writer) -> None:
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     utils.seed_everything(args.seed, args.rank)
     model = build_model(args).to(device)
     utils.use_fastest_attention(model, device, args.amp)
-    loader = build_loader(args, model.patch_size)
+    loader = build_loader(args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     utils.resolve_lr(args)
     optimizer = create_optimizer(args, model, device)
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    pictures = picture_batch(loader, device, args.mean, args.std)
+    pictures = picture_batch(loader, device, model.patch_embed.num_patches, args)
     ddp_model = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
     with utils.training_writer(args.log_dir) as log_writer:
         run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures, checkpoint)

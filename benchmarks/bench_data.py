@@ -1,10 +1,11 @@
-"""Images/s of the pretraining input pipeline (decode, crop, flip, normalize, mask) per loader worker.
+"""Images/s of the pretraining input pipeline (decode, crop, flip) per loader worker.
 
 It writes its own ImageNet-like JPEG files (500x375, quality 90) and runs each decode path on them
 in one thread, as one data-loader worker does: PIL with the MAE transform (what
 ``datasets.build_pretraining_dataset`` uses), and the tensor decoders of torchvision and torchcodec
 with the same augmentation on uint8 tensors. Every path ends with a uint8 crop; batches are
-normalized after the copy to the device (``datasets.normalize_on_device``), outside the workers.
+normalized after the copy to the device (``datasets.normalize_on_device``), and the masks made
+there, outside the workers.
 With ``--num_workers`` it also times a whole ``DataLoader``, and on CUDA it times batched nvJPEG
 decoding on the GPU. ``--stage finetune`` times finetuning's PIL pipeline instead (crop, flip,
 RandAugment; normalization and random erasing run on the device). Prints the fastest path; the
@@ -29,10 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import datasets  # noqa: E402
-from masking_generator import RandomMaskingGenerator  # noqa: E402
 
 Decode = Callable[[str], Any]
-Sample = Tuple[torch.Tensor, torch.Tensor]
+Sample = Tuple[torch.Tensor, int]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -41,8 +41,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stage", default="pretrain", choices=["pretrain", "finetune"],
                         help="whose training pipeline to time")
     parser.add_argument("--input_size", default=224, type=int)
-    parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--mask_ratio", default=0.75, type=float)
     parser.add_argument("--repeats", default=2, type=int, help="timed passes over the files; the best is kept")
     parser.add_argument("--num_workers", default=0, type=int, help="also time a DataLoader with this many workers")
     parser.add_argument("--batch_size", default=256, type=int, help="loader and GPU-decode batch")
@@ -102,21 +100,16 @@ def importable(module: str) -> bool:
 
 
 class PipelineSamples(Dataset):
-    """One file through one path: ``(image, mask)`` exactly as ``datasets.MaskedImages`` yields,
-    or ``(image, label)`` for finetuning (no ``masks``)."""
+    """One file through one path: ``(image, label)`` as the training datasets yield."""
 
-    def __init__(self, files: Sequence[str], decode: Decode, transform: Callable,
-                 masks: Optional[RandomMaskingGenerator]) -> None:
-        self.files, self.decode, self.transform, self.masks = files, decode, transform, masks
+    def __init__(self, files: Sequence[str], decode: Decode, transform: Callable) -> None:
+        self.files, self.decode, self.transform = files, decode, transform
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> Sample:
-        image = self.transform(self.decode(self.files[index]))  # (3, H, W) uint8
-        if self.masks is None:
-            return image, torch.tensor(0)
-        return image, torch.from_numpy(self.masks())  # (3, H, W), (N,)
+        return self.transform(self.decode(self.files[index])), 0  # (3, H, W) uint8, label
 
 
 def per_worker_rate(samples: Dataset, repeats: int) -> float:
@@ -182,15 +175,12 @@ def gpu_batch_rates(files: Sequence[str], input_size: int, batch_size: int, repe
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
-    masks = None
-    if args.stage == "pretrain":
-        masks = RandomMaskingGenerator(args.input_size // args.patch_size, args.mask_ratio)
     report: Dict[str, Any] = {"stage": args.stage, "num_images": args.num_images, "per_worker_images_per_s": {}}
     with tempfile.TemporaryDirectory() as folder:
         files = write_jpegs(Path(folder), args.num_images)
         report["mean_file_kib"] = float(np.mean([Path(path).stat().st_size for path in files]) / 1024)
         for name, (decode, transform) in cpu_paths(args.input_size, args.stage).items():
-            samples = PipelineSamples(files, decode, transform, masks)
+            samples = PipelineSamples(files, decode, transform)
             rate = per_worker_rate(samples, args.repeats)
             report["per_worker_images_per_s"][name] = rate
             print(f"{name:>12}: {rate:7.1f} images/s per worker")

@@ -1,4 +1,4 @@
-"""Datasets: the synthetic set, image folders of every pixel format, masks, per-sample seeding and unreadable files."""
+"""Datasets: the synthetic set, image folders of every pixel format, per-sample seeding and unreadable files."""
 import random
 import warnings
 from pathlib import Path
@@ -172,54 +172,53 @@ def test_empty_or_missing_folders_raise_file_not_found(tmp_path):
 
 # ----------------------------------------------------------------------------- pretraining
 
-def check_pretraining_sample(image: torch.Tensor, mask: torch.Tensor) -> None:
+def check_pretraining_sample(image: torch.Tensor) -> None:
     assert image.shape == (3, 224, 224) and image.dtype == torch.uint8
-    assert mask.shape == (196,) and mask.dtype == torch.bool
-    assert int(mask.sum()) == 147  # official rounding: int(196 * 0.25) = 49 patches stay visible
 
 
-def test_synthetic_pretraining_samples_have_the_official_mask_count():
-    dataset = build_pretraining_dataset("synthetic", None, 224, 16, 0.75, num_samples=2)
+def test_synthetic_pretraining_samples_are_uint8_crops():
+    dataset = build_pretraining_dataset("synthetic", None, 224, num_samples=2)
     assert len(dataset) == 2
-    check_pretraining_sample(*dataset[1])
+    check_pretraining_sample(dataset[1][0])
 
 
 def test_image_folder_pretraining_samples_are_resized_and_limited(tmp_path):
     for index in range(5):
         save_rgb(tmp_path / f"{index}.png", size=(40, 30))
-    dataset = build_pretraining_dataset("image_folder", str(tmp_path), 224, 16, 0.75, num_samples=3)
+    dataset = build_pretraining_dataset("image_folder", str(tmp_path), 224, num_samples=3)
     assert len(dataset) == 3
-    check_pretraining_sample(*dataset[2])
-    everything = build_pretraining_dataset("image_folder", str(tmp_path), 224, 16, 0.75, num_samples=50)
+    check_pretraining_sample(dataset[2][0])
+    everything = build_pretraining_dataset("image_folder", str(tmp_path), 224, num_samples=50)
     assert len(everything) == 5
 
 
 def test_pretraining_dataset_rejects_bad_arguments():
     with pytest.raises(ValueError, match="synthetic"):
-        build_pretraining_dataset("imagenet", None, 32, 8, 0.75)
+        build_pretraining_dataset("imagenet", None, 32)
     with pytest.raises(ValueError, match="data_path"):
-        build_pretraining_dataset("image_folder", None, 32, 8, 0.75)
+        build_pretraining_dataset("image_folder", None, 32)
 
 
-def epoch_masks(loader: DataLoader, sampler: EpochSampler, epoch: int) -> torch.Tensor:
+def epoch_crops(loader: DataLoader, sampler: EpochSampler, epoch: int) -> torch.Tensor:
     sampler.set_epoch(epoch)
-    return torch.cat([masks for _, masks in loader])  # (samples, N)
+    return torch.cat([imgs for imgs, _ in loader])  # (samples, 3, H, W)
 
 
 def test_samples_depend_on_epoch_and_index_only_not_on_workers():
-    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, 32, 8, 0.75, num_samples=8), seed=3)
+    """The random crops and flips: the same for a sample in any worker, new each epoch."""
+    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, 16, num_samples=8), seed=3)
     sampler = EpochSampler(dataset, num_replicas=1, rank=0, seed=3)
     in_process = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=0)
     in_workers = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2)
-    first = epoch_masks(in_process, sampler, 0)
-    assert first.shape == (8, 16) and int(first.sum()) == 8 * 12
-    assert torch.equal(first, epoch_masks(in_workers, sampler, 0))  # same masks in any worker
-    assert not torch.equal(first, epoch_masks(in_process, sampler, 1))  # new masks next epoch
-    assert len({tuple(row.tolist()) for row in first}) > 1  # and different across samples
+    first = epoch_crops(in_process, sampler, 0)
+    assert first.shape == (8, 3, 16, 16)
+    assert torch.equal(first, epoch_crops(in_workers, sampler, 0))  # same crops in any worker
+    assert not torch.equal(first, epoch_crops(in_process, sampler, 1))  # new crops next epoch
+    assert len({crop.numpy().tobytes() for crop in first}) > 1  # and different across samples
 
 
 def test_drawing_a_sample_leaves_the_training_rngs_untouched():
-    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, 32, 8, 0.75, num_samples=2), seed=0)
+    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, 32, num_samples=2), seed=0)
     torch.manual_seed(1)
     np.random.seed(1)
     random.seed(1)
@@ -282,13 +281,12 @@ def test_both_decoders_give_crops_that_normalize_to_the_same_values(tmp_path):
     for index in range(3):
         Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / f"white{index}.jpg", quality=95)
     for decoder in ("pil", "tensor"):
-        dataset = build_pretraining_dataset("image_folder", str(tmp_path), 32, 16, 0.75, decoder=decoder)
-        image, mask = dataset[0]
+        dataset = build_pretraining_dataset("image_folder", str(tmp_path), 32, decoder=decoder)
+        image, _ = dataset[0]
         assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
         image = normalize_on_device(image[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0]
         white = (1 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)  # (3,)
         assert torch.allclose(image.mean(dim=(1, 2)), white, atol=0.05)  # JPEG and resampling wiggle
-        assert mask.shape == (4,) and int(mask.sum()) == 3
 
 
 def test_uint8_batches_are_normalized_as_the_formula_says():
@@ -315,5 +313,5 @@ def test_normalizing_on_the_device_gives_the_values_torchvision_gave_in_the_work
 def test_16_bit_files_reach_the_tensor_crop_as_their_top_8_bits(tmp_path):
     values = np.full((40, 50), 0x8A3F, dtype=np.uint16)  # 8-bit value 0x8A = 138
     Image.fromarray(values).save(tmp_path / "deep.png")
-    image, _ = build_pretraining_dataset("image_folder", str(tmp_path), 32, 16, 0.75, decoder="tensor")[0]
+    image, _ = build_pretraining_dataset("image_folder", str(tmp_path), 32, decoder="tensor")[0]
     assert image.dtype == torch.uint8 and bool((image == 0x8A).all())
