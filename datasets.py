@@ -326,7 +326,7 @@ def seeded_rngs(key: Sequence[int]) -> Iterator[None]:
 
 
 class SeededSamples(Dataset):
-    """Reads ``(index, epoch)`` keys and draws each sample's crop, flip, RandAugment and mask from
+    """Reads ``(index, epoch)`` keys and draws each sample's crop, flip and RandAugment from
     RNGs seeded by ``(seed, epoch, index)``.
 
     A sample then looks the same whichever worker loads it and whether or not the run was
