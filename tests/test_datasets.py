@@ -300,14 +300,16 @@ def test_uint8_batches_are_normalized_as_the_formula_says():
         normalize_on_device(normalized, mean, std)
 
 
-def test_normalizing_on_the_device_gives_the_values_torchvision_gave_in_the_workers():
+def test_normalizing_on_the_device_gives_the_values_torchvision_gave_in_the_workers(device):
     """The PIL path used to end with ``ToTensor`` and ``Normalize`` in each worker: every one of
     the 256 pixel values must come out bit for bit as it did."""
     values = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)  # (3, H, W)
     picture = Image.fromarray(values.permute(1, 2, 0).numpy())
     in_worker = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-    on_device = normalize_on_device(transforms.PILToTensor()(picture)[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    assert torch.equal(on_device[0], in_worker(picture))
+    pixels = transforms.PILToTensor()(picture)[None].to(device)  # (1, 3, H, W) uint8
+    on_device = normalize_on_device(pixels, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert on_device.device.type == device.type
+    assert torch.equal(on_device[0].cpu(), in_worker(picture))
 
 
 def test_16_bit_files_reach_the_tensor_crop_as_their_top_8_bits(tmp_path):

@@ -204,15 +204,17 @@ def test_uint8_workers_and_device_normalization_give_timms_float_pipelines():
             assert torch.equal(normalize(crop[None])[0], expected)
 
 
-def test_device_random_erasing_replaces_one_rectangle_of_each_image_with_noise():
+def test_device_random_erasing_replaces_one_rectangle_of_each_image_with_noise(device):
     """timm's erasing (as DeiT and MAE finetune): at probability 1 each image gets one rectangle
     of 2% to 1/3 of its area, aspect 0.3 to 1/0.3, filled with normal noise; the rest is the
     normalized image. At probability 0 the transform only normalizes."""
-    imgs = torch.full((6, 3, 40, 40), 128, dtype=torch.uint8)  # (B, 3, H, W)
+    imgs = torch.full((6, 3, 40, 40), 128, dtype=torch.uint8, device=device)  # (B, 3, H, W)
     plain = normalize_on_device(imgs, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     assert torch.equal(BatchTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(imgs), plain)
     utils.seed_everything(0)
     erased = BatchTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=1.0)(imgs)
+    assert erased.device.type == device.type
+    erased, plain = erased.cpu(), plain.cpu()
     for image, original in zip(erased, plain):
         changed = (image != original).any(dim=0)  # (H, W)
         rows, cols = changed.any(dim=1).nonzero()[:, 0], changed.any(dim=0).nonzero()[:, 0]

@@ -83,13 +83,13 @@ def test_two_epochs_write_checkpoint_log_pictures_and_resume(tmp_path):
     assert [r["epoch"] for r in records] == [0, 1, 2]  # resumed at epoch 2, not from scratch
 
 
-def test_the_step_masks_every_image_on_the_device_from_the_steps_seed():
+def test_the_step_masks_every_image_on_the_device_from_the_steps_seed(device):
     """The official count per image (4 of 16 patches visible at 0.75), a different subset per
     image, and the same masks whenever the step's seed repeats, which a resumed run relies on."""
-    model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=64, depth=1, decoder_depth=1)
+    model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=64, depth=1, decoder_depth=1).to(device)
     seen = []
-    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].clone()))
-    loss_fn = reconstruction_loss(model, torch.device("cpu"), (0.5,) * 3, (0.25,) * 3, mask_ratio=0.75)
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1].cpu()))
+    loss_fn = reconstruction_loss(model, device, (0.5,) * 3, (0.25,) * 3, mask_ratio=0.75)
     batch = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8), torch.zeros(6)
     for step in (5, 5, 6):
         utils.seed_everything(0, 0, 2, step)  # seed, rank, epoch, step, as utils.train_epoch does
