@@ -5,9 +5,8 @@ in one thread, as one data-loader worker does: PIL with the MAE transform (what
 ``datasets.build_pretraining_dataset`` uses), and the tensor decoders of torchvision and torchcodec
 with the same augmentation on uint8 tensors. Every path ends with a uint8 crop; batches are
 normalized after the copy to the device (``datasets.normalize_on_device``), and the masks made
-there, outside the workers.
-With ``--num_workers`` it also times a whole ``DataLoader``, and on CUDA it times batched nvJPEG
-decoding on the GPU. ``--stage finetune`` times finetuning's PIL pipeline instead (crop, flip,
+there, outside the workers. With ``--num_workers`` it also times a whole ``DataLoader``, and on
+CUDA it times batched nvJPEG decoding on the GPU. ``--stage finetune`` times finetuning's PIL pipeline instead (crop, flip,
 RandAugment; normalization and random erasing run on the device). Prints the fastest path; the
 last line is one JSON object.
 
