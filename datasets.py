@@ -6,16 +6,18 @@ Every augmentation in the workers comes from RNGs that ``SeededSamples`` seeds p
 sample); the patch masks are made on the device in the training step (``engine_for_pretraining``).
 """
 import functools
+import io
 import multiprocessing
 import os
 import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, create_transform
 from timm.data.random_erasing import RandomErasing
@@ -162,8 +164,9 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Any image file as 8-bit RGB: the one loader for every folder dataset here."""
+def load_rgb(path: Union[str, BinaryIO]) -> Image.Image:
+    """Any image file (a path or an open binary file) as 8-bit RGB: the one PIL loader for every
+    folder dataset here."""
     with Image.open(path) as image:
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")  # the route PIL asks for; direct P -> RGB warns
@@ -286,18 +289,22 @@ def build_pretraining_dataset(
 
     Images stay uint8 until ``normalize_on_device``. The synthetic set is its training split, the
     images finetuning also trains on. ``decoder`` "tensor" reads image files with ``decode_rgb``
-    and augments uint8 tensors, about twice PIL's images/s (benchmarks/RESULTS.md); the synthetic
-    set is drawn, so it has no files.
+    and augments uint8 tensors, about twice PIL's images/s (benchmarks/RESULTS.md); "device"
+    samples are ``(file bytes, crop box)`` pairs that ``crop_on_device`` decodes and crops on
+    the training device, batched with ``collate_encoded``. The synthetic set is drawn, so it has
+    no files.
     """
     if decoder == "tensor":
         transform, loader = build_tensor_pretraining_transform(input_size), decode_rgb
+    elif decoder == "device":
+        transform, loader = RandomCropBox(input_size), read_encoded
     elif decoder == "pil":
         transform, loader = build_pil_pretraining_transform(input_size), load_rgb
     else:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
     if data_set == "synthetic":
         if decoder != "pil":
-            raise ValueError("decoder 'tensor' decodes image files and the synthetic dataset has none: "
+            raise ValueError(f"decoder {decoder!r} decodes image files and the synthetic dataset has none: "
                              "use decoder 'pil' (the default) or an image folder")
         dataset: Dataset = synthetic_split("train", input_size, num_samples, transform)
     elif data_set == "image_folder":
@@ -529,9 +536,10 @@ def build_classification_dataset(
 
 # ----------------------------------------------------------------------------- loading
 
-def build_train_loader(dataset: Dataset, args) -> DataLoader:
+def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = None) -> DataLoader:
     """Shuffled, rank-sharded full batches whose samples are seeded per (seed, epoch, index), so a
-    run resumed mid-epoch sees exactly the batches an uninterrupted one would have."""
+    run resumed mid-epoch sees exactly the batches an uninterrupted one would have.
+    ``collate_fn`` replaces the default stacking (``collate_encoded`` for the device decoder)."""
     if len(dataset) < args.batch_size * args.world_size:
         raise UsageError(
             f"{len(dataset)} training images are fewer than one global batch ({args.batch_size} x "
@@ -543,6 +551,7 @@ def build_train_loader(dataset: Dataset, args) -> DataLoader:
         batch_size=args.batch_size,
         sampler=EpochSampler(seeded, args.world_size, args.rank, args.seed),
         num_workers=args.num_workers,
+        collate_fn=collate_fn,
         pin_memory=args.pin_mem and args.device != "cpu",
         drop_last=True,
         persistent_workers=args.num_workers > 0,
@@ -552,7 +561,7 @@ def build_train_loader(dataset: Dataset, args) -> DataLoader:
 # ----------------------------------------------------------------------------- tensor decoding
 
 
-DECODERS = ("pil", "tensor")
+DECODERS = ("pil", "tensor", "device")
 
 
 @functools.lru_cache(maxsize=None)
@@ -610,3 +619,137 @@ def normalize_on_device(imgs: torch.Tensor, mean: Sequence[float], std: Sequence
     scale = torch.tensor(255.0, device=imgs.device)
     return imgs.float().div_(scale).sub_(mean_t).div_(std_t)
 
+
+
+# ----------------------------------------------------------------------------- decoding on the device
+
+JPEG_END = (0xFF, 0xD9)  # the end-of-image marker that a complete JPEG file ends with
+
+
+class EncodedImage(NamedTuple):
+    """A file as a device-decoder worker hands it over, with its size for the crop."""
+
+    data: torch.Tensor  # (n,) uint8 JPEG bytes, or (3, H, W) uint8 pixels where nvJPEG is no use
+    height: int
+    width: int
+
+
+def read_encoded(path: str) -> EncodedImage:
+    """The bytes and size of a complete RGB or greyscale JPEG, read from its header without
+    decoding it. Other files (PNG, CMYK, 16-bit, truncated JPEGs: what nvJPEG cannot take or PIL
+    must judge) are decoded here by ``load_rgb``, so an unreadable one raises in the worker and
+    ``SkipUnreadable`` skips it as for the other decoders."""
+    with Image.open(path) as image:
+        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+            data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))  # (n,) bytes
+            if tuple(data[-2:].tolist()) == JPEG_END:
+                return EncodedImage(data, image.height, image.width)
+    pixels = transforms.functional.pil_to_tensor(load_rgb(path))  # (3, H, W) uint8
+    return EncodedImage(pixels, pixels.shape[1], pixels.shape[2])
+
+
+class RandomCropBox:
+    """``pretraining_augmentation``'s crop and flip, drawn in the worker and applied on the device
+    by ``crop_on_device``. The draws are those of ``RandomResizedCrop`` then
+    ``RandomHorizontalFlip`` from torch's RNG, so a seeded sample gets the box and flip the PIL
+    pipeline would give it."""
+
+    def __init__(self, input_size: int, crop_scale: Tuple[float, float] = PRETRAIN_CROP_SCALE) -> None:
+        self.input_size = input_size
+        self.crop, self.flip = pretraining_augmentation(input_size, crop_scale)
+
+    def __call__(self, image: EncodedImage) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (data, (6,) int64 box: top, left, height, width, flip, output size)."""
+        size_only = torch.empty(1, 1, 1).expand(3, image.height, image.width)  # get_params reads the size alone
+        top, left, height, width = self.crop.get_params(size_only, self.crop.scale, self.crop.ratio)
+        flip = int(torch.rand(1) < self.flip.p)
+        return image.data, torch.tensor([top, left, height, width, flip, self.input_size])
+
+
+class EncodedBatch(NamedTuple):
+    """A batch of ``RandomCropBox`` samples; the files differ in size, so their data stay a list."""
+
+    data: List[torch.Tensor]  # B x ((n,) JPEG bytes or (3, h, w) pixels), uint8, on the host
+    boxes: torch.Tensor  # (B, 6) int64: top, left, height, width, flip, output size
+    labels: torch.Tensor  # (B,)
+
+
+def collate_encoded(samples: Sequence[Tuple[Tuple[torch.Tensor, torch.Tensor], int]]) -> EncodedBatch:
+    """The loader's ``collate_fn`` for the device decoder."""
+    return EncodedBatch(
+        [data for (data, _), _ in samples],
+        torch.stack([box for (_, box), _ in samples]),  # (B, 6)
+        torch.tensor([label for _, label in samples]),
+    )
+
+
+def decode_on_device(data: Sequence[torch.Tensor], device: torch.device) -> List[Optional[torch.Tensor]]:
+    """B x (3, h, w) uint8 images on ``device``: the JPEG bytes decoded there in one call (nvJPEG
+    on CUDA, libjpeg-turbo on the CPU), the pixels the workers decoded copied over; None for a
+    file that no decoder can read."""
+    jpegs = [index for index, item in enumerate(data) if item.dim() == 1]
+    images: List[Optional[torch.Tensor]] = list(data)
+    for index, image in zip(jpegs, decode_jpegs([data[index] for index in jpegs], device)):
+        images[index] = image
+    return [None if image is None else image.to(device, non_blocking=True) for image in images]
+
+
+def decode_jpegs(encoded: List[torch.Tensor], device: torch.device) -> List[Optional[torch.Tensor]]:
+    """``torchvision.io.decode_jpeg`` on a batch. It returns nothing when one file fails, so such
+    a batch is decoded file by file with PIL, which judges each file as the PIL path would."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not encoded:
+        return []
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as error:
+        warnings.warn(f"decoding a batch on {device} failed ({error}); decoding its files with PIL", stacklevel=2)
+    return [pil_decode(item) for item in encoded]
+
+
+def pil_decode(encoded: torch.Tensor) -> Optional[torch.Tensor]:
+    """(n,) JPEG bytes -> (3, h, w) uint8 by PIL, or None, with a warning, for an unreadable file."""
+    try:
+        return transforms.functional.pil_to_tensor(load_rgb(io.BytesIO(encoded.numpy().tobytes())))
+    except UNREADABLE as error:
+        warnings.warn(f"skipping an unreadable JPEG ({error}); another image of its batch takes its place",
+                      stacklevel=2)
+        return None
+
+
+def pil_bicubic(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """(1, 3, h, w) uint8 -> (1, 3, S, S) float holding 8-bit values, as PIL's bicubic resize
+    computes them: antialiased (the filter widened by the reduction), one pass across, rounded and
+    clipped to 8 bits, then one pass down. Without the rounding in between, bicubic overshoot on
+    sharp detail ends up to 13 levels from PIL's pixels; with it, within 1."""
+    across = F.interpolate(crop.float(), size=(crop.shape[2], size), mode="bicubic", antialias=True)  # (1, 3, h, S)
+    across = across.round_().clamp_(0, 255)
+    return F.interpolate(across, size=(size, size), mode="bicubic", antialias=True).round_().clamp_(0, 255)
+
+
+def crop_on_device(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
+    """(B, 3, S, S) uint8: each image decoded on ``device``, cropped to its box, resized as PIL
+    resizes (``pil_bicubic``) and flipped where its box says, as ``build_pil_pretraining_transform`` does in the workers. An
+    unreadable file's place goes to the batch's first readable image, with that image's box."""
+    images = decode_on_device(batch.data, device)
+    readable = [index for index, image in enumerate(images) if image is not None]
+    if not readable:
+        raise OSError("no image of this batch can be decoded; run with --decoder pil to skip unreadable files")
+    sources = [index if images[index] is not None else readable[0] for index in range(len(images))]
+    boxes = batch.boxes[sources]  # (B, 6)
+    crops = [
+        pil_bicubic(images[index][None, :, top:top + height, left:left + width], size)  # (1, 3, S, S)
+        for index, (top, left, height, width, _, size) in zip(sources, boxes.tolist())  # on the host: no sync
+    ]
+    resized = torch.cat(crops).to(torch.uint8)  # (B, 3, S, S)
+    flip = boxes[:, 4].to(device, non_blocking=True).bool().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return torch.where(flip, resized.flip(-1), resized)
+
+
+def batch_images(batch, device: torch.device) -> torch.Tensor:
+    """A training batch's (B, 3, H, W) uint8 images on ``device``: decoded and cropped there for
+    the device decoder, copied for the others."""
+    if isinstance(batch, EncodedBatch):
+        return crop_on_device(batch, device)
+    return batch[0].to(device, non_blocking=True)

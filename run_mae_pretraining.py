@@ -12,7 +12,15 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from datasets import DECODERS, build_pretraining_dataset, build_train_loader, normalize_on_device, skipped_images
+from datasets import (
+    DECODERS,
+    batch_images,
+    build_pretraining_dataset,
+    build_train_loader,
+    collate_encoded,
+    normalize_on_device,
+    skipped_images,
+)
 from engine_for_pretraining import train_one_epoch
 from masking_generator import check_mask_ratio, random_masks
 from optim_factory import add_optimizer_args, create_optimizer
@@ -43,8 +51,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_set", default=None, choices=["image_folder", "synthetic"],
                       help="default: image_folder with --data_path, synthetic without")
     data.add_argument("--decoder", default="pil", choices=DECODERS,
-                      help="tensor: decode with torchcodec/torchvision.io, augment uint8 tensors and normalize "
-                           "on the device, about 2x PIL's images/s (benchmarks/RESULTS.md); image folders only")
+                      help="tensor: decode with torchcodec/torchvision.io and augment uint8 tensors in the workers, "
+                           "about 2x PIL's images/s; device: the workers read JPEG bytes and draw the crops, the "
+                           "training device decodes (nvJPEG on CUDA) and crops whole batches "
+                           "(benchmarks/RESULTS.md); both for image folders only")
     utils.add_run_args(parser)
     return parser
 
@@ -85,14 +95,14 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
         )
     except (FileNotFoundError, ValueError) as error:
         raise utils.UsageError(str(error)) from error
-    return build_train_loader(dataset, args)
+    return build_train_loader(dataset, args, collate_encoded if args.decoder == "device" else None)
 
 
 def picture_batch(loader: DataLoader, device: torch.device, num_patches: int, args: argparse.Namespace):
     """A fixed set of images, normalized, and masks drawn from ``--seed``, so the pictures of
     successive epochs compare."""
     samples = [loader.dataset[(i, 0)] for i in range(min(NUM_PICTURES, len(loader.dataset)))]  # epoch-0 crops
-    imgs = normalize_on_device(torch.stack([img for img, _ in samples]).to(device), args.mean, args.std)
+    imgs = normalize_on_device(batch_images(loader.collate_fn(samples), device), args.mean, args.std)
     generator = torch.Generator().manual_seed(args.seed)
     masks = random_masks(len(samples), num_patches, args.mask_ratio, generator=generator)  # (B, N)
     return imgs, masks.to(device)

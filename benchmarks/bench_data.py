@@ -5,10 +5,13 @@ in one thread, as one data-loader worker does: PIL with the MAE transform (what
 ``datasets.build_pretraining_dataset`` uses), and the tensor decoders of torchvision and torchcodec
 with the same augmentation on uint8 tensors. Every path ends with a uint8 crop; batches are
 normalized after the copy to the device (``datasets.normalize_on_device``), and the masks made
-there, outside the workers. With ``--num_workers`` it also times a whole ``DataLoader``, and on
-CUDA it times batched nvJPEG decoding on the GPU. ``--stage finetune`` times finetuning's PIL pipeline instead (crop, flip,
-RandAugment; normalization and random erasing run on the device). Prints the fastest path; the
-last line is one JSON object.
+there, outside the workers. The device decoder (``--decoder device``) splits the work: its workers
+only read the files and draw the crops, and the training device decodes and crops whole batches,
+which is timed on its own (on CUDA with nvJPEG, also without the crops). With ``--num_workers`` it
+also times a whole ``DataLoader`` through to the uint8 batch on the device. ``--stage finetune``
+times finetuning's PIL pipeline instead (crop, flip, RandAugment; normalization and random erasing
+run on the device). Prints the fastest path that decodes in the workers; the last line is one
+JSON object.
 
     python benchmarks/bench_data.py --num_images 200
 """
@@ -24,14 +27,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import datasets  # noqa: E402
 
 Decode = Callable[[str], Any]
-Sample = Tuple[torch.Tensor, int]
+Sample = Tuple[Any, int]
+DEVICE_PATH = "device"  # run_mae_pretraining.py --decoder device: workers read, the training device decodes
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -87,6 +90,7 @@ def cpu_paths(input_size: int, stage: str) -> Dict[str, Tuple[Decode, Callable]]
     }
     if importable("torchcodec.decoders"):
         paths["torchcodec"] = (torchcodec_decode, tensor_transform)
+    paths[DEVICE_PATH] = (datasets.read_encoded, datasets.RandomCropBox(input_size))
     return paths
 
 
@@ -108,68 +112,75 @@ class PipelineSamples(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> Sample:
-        return self.transform(self.decode(self.files[index])), 0  # (3, H, W) uint8, label
+        return self.transform(self.decode(self.files[index])), 0  # (3, H, W) uint8 or (bytes, box); label
 
 
 def per_worker_rate(samples: Dataset, repeats: int) -> float:
     """Images/s of one thread reading every sample, best of ``repeats`` passes after a warm one."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what DataLoader sets in each worker
-    samples[0]
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for index in range(len(samples)):
-            samples[index]
-        best = min(best, time.perf_counter() - start)
-    return len(samples) / best
+    try:
+        return len(samples) / best_time(lambda: [samples[index] for index in range(len(samples))], repeats,
+                                        torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
 
 
-def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: torch.device, epochs: int = 2) -> float:
-    """Images/s out of a DataLoader as the training scripts build it, with the copy to ``device``.
+def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: torch.device,
+                collate_fn: Optional[Callable] = None, epochs: int = 2) -> float:
+    """Images/s out of a DataLoader as the training scripts build it, through to the uint8 batch
+    on ``device`` (``datasets.batch_images``: the copy, or the device decoder's decode and crop).
     A first untimed epoch starts the (persistent) workers; whole later epochs are timed, since
     timing after a first batch would count batches the workers prefetched while it was waited for."""
     loader = DataLoader(samples, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=True)
+                        pin_memory=device.type == "cuda", persistent_workers=True, collate_fn=collate_fn)
     for _ in loader:
         pass
     start = time.perf_counter()
     for _ in range(epochs):
-        for images, _ in loader:
-            images.to(device, non_blocking=True)
+        for batch in loader:
+            datasets.batch_images(batch, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return epochs * len(loader) * batch_size / (time.perf_counter() - start)
 
 
-def gpu_batch_rates(files: Sequence[str], input_size: int, batch_size: int, repeats: int) -> Dict[str, float]:
-    """Images/s of batched nvJPEG decoding on the GPU, alone and with the same augmentation there
-    (crops per image, then the batch normalized as training does); the files are read on the host first."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+def device_side_rate(files: Sequence[str], input_size: int, batch_size: int, repeats: int,
+                     device: torch.device) -> float:
+    """Images/s of the device decoder's share of the step: whole batches of the workers' output,
+    collated beforehand, decoded and cropped on ``device`` by ``datasets.crop_on_device``."""
+    samples = PipelineSamples(files, datasets.read_encoded, datasets.RandomCropBox(input_size))
+    with datasets.seeded_rngs((0,)):
+        encoded = [samples[index] for index in range(len(samples))]
+    batches = [datasets.collate_encoded(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
+    return len(files) / best_time(lambda: [datasets.crop_on_device(batch, device) for batch in batches], repeats,
+                                  device)
 
-    transform = datasets.build_tensor_pretraining_transform(input_size)
-    encoded = [read_file(path) for path in files]
+
+def nvjpeg_rate(files: Sequence[str], batch_size: int, repeats: int) -> float:
+    """Images/s of batched nvJPEG decoding alone, the files read on the host first."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [datasets.read_encoded(path).data for path in files]
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+    device = torch.device("cuda")
+    return len(files) / best_time(
+        lambda: [decode_jpeg(batch, mode=ImageReadMode.RGB, device=device) for batch in batches], repeats, device)
 
-    def decode(batch: List[torch.Tensor]) -> List[torch.Tensor]:
-        return decode_jpeg(batch, mode=ImageReadMode.RGB, device="cuda")  # B x (3, h, w) uint8
 
-    def augment(batch: List[torch.Tensor]) -> torch.Tensor:
-        crops = torch.stack([transform(image) for image in decode(batch)])  # (B, 3, H, W) uint8
-        return datasets.normalize_on_device(crops, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-
-    rates = {}
-    for name, work in (("decode", decode), ("decode_augment", augment)):
-        work(batches[0])
-        best = float("inf")
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for batch in batches:
-                work(batch)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        rates[name] = len(files) / best
-    return rates
+def best_time(work: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Seconds of the fastest of ``repeats`` runs of ``work`` after a warm one, device work included."""
+    work()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
@@ -184,15 +195,21 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             report["per_worker_images_per_s"][name] = rate
             print(f"{name:>12}: {rate:7.1f} images/s per worker")
             if args.num_workers:
+                collate = datasets.collate_encoded if name == DEVICE_PATH else None
                 report.setdefault(f"loader_{args.num_workers}_workers_images_per_s", {})[name] = loader_rate(
-                    samples, args.num_workers, args.batch_size, device)
-        if device.type == "cuda" and args.stage == "pretrain":
-            report["gpu_nvjpeg_images_per_s"] = gpu_batch_rates(files, args.input_size, args.batch_size, args.repeats)
-    fastest = max(report["per_worker_images_per_s"], key=report["per_worker_images_per_s"].get)
+                    samples, args.num_workers, args.batch_size, device, collate)
+        if args.stage == "pretrain":
+            report[f"device_decoder_{device.type}_side_images_per_s"] = device_side_rate(
+                files, args.input_size, args.batch_size, args.repeats, device)
+            if device.type == "cuda":
+                report["nvjpeg_decode_only_images_per_s"] = nvjpeg_rate(files, args.batch_size, args.repeats)
+    decoding_in_workers = {name: rate for name, rate in report["per_worker_images_per_s"].items() if name != DEVICE_PATH}
+    fastest = max(decoding_in_workers, key=decoding_in_workers.get)
     report["fastest_cpu_path"] = fastest
-    print(f"fastest per worker: {fastest}; files average {report['mean_file_kib']:.0f} KiB")
+    print(f"fastest per worker of the paths that decode there: {fastest}; files average "
+          f"{report['mean_file_kib']:.0f} KiB")
     for key in report:
-        if key.startswith("loader_") or key.startswith("gpu_"):
+        if key.startswith(("loader_", "device_", "nvjpeg_")):
             print(f"{key}: {report[key]}")
     print(json.dumps(report))
     return report

@@ -19,6 +19,8 @@ from datasets import (
     build_pretraining_dataset,
     EpochSampler,
     SeededSamples,
+    batch_images,
+    collate_encoded,
     count_skipped,
     decode_rgb,
     load_rgb,
@@ -310,6 +312,61 @@ def test_normalizing_on_the_device_gives_the_values_torchvision_gave_in_the_work
     on_device = normalize_on_device(pixels, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     assert on_device.device.type == device.type
     assert torch.equal(on_device[0].cpu(), in_worker(picture))
+
+
+def write_varied_images(folder: Path) -> None:
+    """Smooth RGB JPEGs larger and smaller than a 32-pixel crop, a greyscale and a CMYK JPEG, a PNG."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for index, size in enumerate([(120, 90), (90, 130), (40, 30), (24, 20)]):
+        coarse = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))  # (h, w, 3)
+        coarse.resize(size, Image.BICUBIC).save(folder / f"rgb{index}.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8)).save(folder / "grey.jpg")
+    Image.new("CMYK", (60, 50), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(folder / "lossless.png")
+
+
+def test_the_device_decoder_crops_as_the_pil_pipeline_does(tmp_path, device):
+    """For the same seeded samples: the PIL pipeline's boxes and flips, and its pixels up to its
+    8-bit rounding (within 1), where libjpeg-turbo decodes as PIL does (the CPU); nvJPEG decodes
+    a little differently. In the step it runs under autocast, which must leave it alone."""
+    write_varied_images(tmp_path / "images")
+    built = {decoder: SeededSamples(build_pretraining_dataset("image_folder", str(tmp_path / "images"), 32,
+                                                              decoder=decoder), seed=3)
+             for decoder in ("pil", "device")}
+    keys = [(index, epoch) for epoch in range(3) for index in range(len(built["pil"]))]
+    expected = torch.stack([built["pil"][key][0] for key in keys])  # (K, 3, 32, 32) uint8
+    batch = collate_encoded([built["device"][key] for key in keys])
+    assert set(batch.boxes[:, 4].tolist()) == {0, 1}  # both flipped and unflipped crops are compared
+    assert {item.dim() for item in batch.data} == {1, 3}  # JPEG bytes, and the CMYK and PNG pixels
+    crops = batch_images(batch, device)
+    assert crops.dtype == torch.uint8 and crops.shape == expected.shape and crops.device.type == device.type
+    difference = (crops.cpu().int() - expected.int()).abs()
+    if device.type == "cpu":
+        assert difference.max() <= 1
+    else:
+        assert difference.float().mean() < 1
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        assert torch.equal(batch_images(batch, device), crops)
+
+
+def test_a_jpeg_no_decoder_reads_gives_its_place_in_the_batch_to_a_readable_one(tmp_path):
+    """A file whose header and end look whole but whose data nvJPEG/libjpeg and PIL all refuse
+    (a marker inside the scan) reaches the step; it must not stop the run."""
+    write_varied_images(tmp_path / "images")
+    whole = (tmp_path / "images" / "rgb0.jpg").read_bytes()
+    (tmp_path / "images" / "rgb1.jpg").write_bytes(whole[:400] + b"\xff\xc4\x00\x02" + whole[404:])
+    samples = SeededSamples(build_pretraining_dataset("image_folder", str(tmp_path / "images"), 32,
+                                                      decoder="device"), seed=0)
+    names = [Path(path).name for path in samples.dataset.paths]  # the flat folder, sorted
+    batch = collate_encoded([samples[(names.index(name), 0)] for name in ("rgb0.jpg", "rgb1.jpg", "rgb2.jpg")])
+    with pytest.warns(UserWarning) as caught:
+        crops = batch_images(batch, torch.device("cpu"))
+    messages = " ".join(str(warning.message) for warning in caught)
+    assert "decoding its files with PIL" in messages and "skipping an unreadable JPEG" in messages
+    alone = batch_images(collate_encoded([samples[(names.index("rgb0.jpg"), 0)]]), torch.device("cpu"))
+    assert torch.equal(crops[1], alone[0]) and torch.equal(crops[0], alone[0])  # rgb0's crop twice
+    assert not torch.equal(crops[2], alone[0])
 
 
 def test_16_bit_files_reach_the_tensor_crop_as_their_top_8_bits(tmp_path):

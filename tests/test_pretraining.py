@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import modeling_pretrain  # noqa: F401
 import run_mae_pretraining
@@ -81,6 +83,23 @@ def test_two_epochs_write_checkpoint_log_pictures_and_resume(tmp_path):
     run(TINY + ["--epochs", "3", "--output_dir", str(out)])
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]  # resumed at epoch 2, not from scratch
+
+
+def test_the_device_decoder_trains_as_the_pil_pipeline_does(tmp_path):
+    """Same seed, same folder: the same crops (pixels within 1 of 255) and the same masks, so the
+    same loss; the device decoder's batches also cross from a worker process to the step."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for index in range(8):
+        coarse = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8))  # (h, w, 3)
+        coarse.resize((64, 48), Image.BICUBIC).save(tmp_path / "images" / f"{index}.jpg", quality=90)
+    losses = {}
+    for decoder, workers in (("pil", "0"), ("device", "1")):
+        out = tmp_path / decoder
+        run([*TINY, "--data_set", "image_folder", "--data_path", str(tmp_path / "images"), "--epochs", "1",
+             "--batch_size", "4", "--decoder", decoder, "--num_workers", workers, "--output_dir", str(out)])
+        losses[decoder] = json.loads((out / "log.txt").read_text().splitlines()[-1])["train_loss"]
+    assert losses["device"] == pytest.approx(losses["pil"], rel=1e-3)
 
 
 def test_the_step_masks_every_image_on_the_device_from_the_steps_seed(device):

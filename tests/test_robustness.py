@@ -121,7 +121,7 @@ def write_broken_images(folder: Path) -> None:
     (folder / "notes.jpg").write_text("this is text, not a JPEG")
 
 
-@pytest.mark.parametrize("decoder", ["pil", "tensor"])
+@pytest.mark.parametrize("decoder", ["pil", "tensor", "device"])
 def test_a_folder_with_broken_files_trains_to_the_end(tmp_path, decoder):
     data = tmp_path / "images"
     write_broken_images(data)
@@ -154,6 +154,7 @@ PRETRAIN_ERRORS = [
     (["--input_size", "40"], "not divisible by the patch size 16"),
     (["--mask_ratio", "1.0"], "--mask_ratio"),
     (["--decoder", "tensor"], "the synthetic dataset has none"),
+    (["--decoder", "device"], "the synthetic dataset has none"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--clip_grad", "-1"], "--clip_grad must be a positive norm"),
     (["--model", "pretrain_mae_bas_patch16_224"], "did you mean pretrain_mae_base_patch16_224"),
