@@ -276,6 +276,8 @@ def device_name(device: torch.device) -> str:
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
+    if device.type == "cpu":
+        utils.reuse_freed_memory()  # as the training scripts do on CPU (utils.init_distributed)
     probe, probe_flops = matmul_probe(device, args.amp)
     probe_seconds = take_turns({PROBE: probe}, device, rounds=11)[PROBE][2:]  # 2 to warm up
     stages = build_stages(args, device)
