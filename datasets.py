@@ -697,15 +697,40 @@ def decode_on_device(data: Sequence[torch.Tensor], device: torch.device) -> List
 def decode_jpegs(encoded: List[torch.Tensor], device: torch.device) -> List[Optional[torch.Tensor]]:
     """``torchvision.io.decode_jpeg`` on a batch. It returns nothing when one file fails, so such
     a batch is decoded file by file with PIL, which judges each file as the PIL path would."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     if not encoded:
         return []
     try:
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg_batch(encoded, device)
     except RuntimeError as error:
         warnings.warn(f"decoding a batch on {device} failed ({error}); decoding its files with PIL", stacklevel=2)
     return [pil_decode(item) for item in encoded]
+
+
+@functools.lru_cache(maxsize=None)
+def decode_stream(device: torch.device) -> "torch.cuda.Stream":
+    """A CUDA stream that only ever decodes, one per device."""
+    return torch.cuda.Stream(device)
+
+
+def decode_jpeg_batch(encoded: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """B x (3, h, w) uint8 from ``torchvision.io.decode_jpeg``. On CUDA the decoder allocates its
+    outputs on the current stream but writes them from a stream of its own that does not wait
+    for it (pytorch/vision#9606): on the training stream it could be handed memory that kernels
+    of the previous step, still queued, have yet to read. So it runs with ``decode_stream``
+    current, whose memory nothing queued can still be using; the training stream then waits for
+    it, and the images are marked as used there, so their memory is not reused too early."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type != "cuda":
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    stream = decode_stream(device)
+    with torch.cuda.stream(stream):
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    training_stream = torch.cuda.current_stream(device)
+    training_stream.wait_stream(stream)
+    for image in images:
+        image.record_stream(training_stream)
+    return images
 
 
 def pil_decode(encoded: torch.Tensor) -> Optional[torch.Tensor]:

@@ -22,9 +22,11 @@ from datasets import (
     batch_images,
     collate_encoded,
     count_skipped,
+    decode_on_device,
     decode_rgb,
     load_rgb,
     normalize_on_device,
+    read_encoded,
 )
 
 
@@ -367,6 +369,25 @@ def test_a_jpeg_no_decoder_reads_gives_its_place_in_the_batch_to_a_readable_one(
     alone = batch_images(collate_encoded([samples[(names.index("rgb0.jpg"), 0)]]), torch.device("cpu"))
     assert torch.equal(crops[1], alone[0]) and torch.equal(crops[0], alone[0])  # rgb0's crop twice
     assert not torch.equal(crops[2], alone[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decoding_never_writes_memory_that_queued_kernels_still_read(tmp_path):
+    """pytorch/vision#9606: torchvision's CUDA decoder can be handed memory freed on the current
+    stream while kernels queued there still have to read it, and overwrite it first. Here 64
+    blocks of the decoded images' size are freed behind queued sums; none of the sums may change."""
+    write_varied_images(tmp_path / "images")
+    jpeg = read_encoded(str(tmp_path / "images" / "rgb0.jpg")).data  # 120 x 90 pixels
+    device = torch.device("cuda")
+    held = [torch.full((3, 90, 120), 7, dtype=torch.uint8, device=device) for _ in range(64)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # keeps the stream busy for tens of milliseconds
+    sums = [block.sum(dtype=torch.int64) for block in held]  # queued behind the sleep
+    del held  # freed on the stream while the sums have yet to read them
+    images = decode_on_device([jpeg] * 64, device)
+    torch.cuda.synchronize()
+    assert [int(total) for total in sums] == [7 * 3 * 90 * 120] * 64
+    assert all(image.shape == (3, 90, 120) for image in images)
 
 
 def test_16_bit_files_reach_the_tensor_crop_as_their_top_8_bits(tmp_path):
