@@ -138,13 +138,14 @@ def step_peak_bytes(step: Step, device: torch.device) -> int:
 
 def train_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, device: torch.device, amp: str) -> Step:
-    """One step as ``utils.train_epoch`` takes it; the loss stays on the device."""
+    """One step as ``utils.train_epoch`` takes it between progress lines; the loss stays on the device."""
 
     def step() -> torch.Tensor:
         with utils.autocast(device, amp):
             loss = loss_fn(model)
         scaler.scale(loss).backward()
-        utils.optimizer_step(utils.unwrap_model(model), optimizer, scaler, clip_grad=None)
+        utils.optimizer_step(utils.unwrap_model(model), optimizer, scaler, clip_grad=None,
+                             measure_norm=False)  # as the steps between progress lines
         return loss.detach()
 
     return step

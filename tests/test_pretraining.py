@@ -164,6 +164,33 @@ def test_the_gradient_norm_is_measured_and_only_clipped_when_asked(clip_grad, sc
     torch.testing.assert_close(model.bias.grad, scale * torch.tensor([12.0]))
 
 
+@pytest.mark.parametrize("accum_iter, measured_at", [(1, [0, 4, 5]), (2, [3, 5])])
+def test_only_the_updates_whose_norm_a_progress_line_shows_measure_it(accum_iter, measured_at, monkeypatch):
+    """Six micro-steps, a progress line at steps 0, 4 and 5 (every 4th and the last). A line
+    shows the norm of the latest update: with accumulation over 2, updates are at 1, 3 and 5,
+    and the line at 4 shows step 3's, the one at 0 none yet, so step 1's is never measured."""
+    args = parse([*TINY, "--print_freq", "4", "--accum_iter", str(accum_iter), "--lr", "1e-3"])
+    args.rank, args.world_size, args.amp = 0, 1, "none"
+    model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=1, decoder_depth=1)
+    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    scaler = utils.make_grad_scaler(torch.device("cpu"), "none")
+    imgs, masks = torch.randn(2, 3, 32, 32), torch.tensor([[True, True, True, False]] * 2)
+    steps, measured = [], []
+    total_norm = torch.nn.utils.get_total_norm
+
+    def loss_fn(step):
+        steps.append(step)
+        return model.forward_loss(imgs, model(imgs, masks, 3), masks)
+
+    def counting_norm(*norm_args, **norm_kwargs):
+        measured.append(steps[-1])
+        return total_norm(*norm_args, **norm_kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counting_norm)
+    stats = utils.train_epoch(model, list(range(6)), optimizer, scaler, torch.device("cpu"), 0, args, loss_fn)
+    assert measured == measured_at and stats["grad_norm"] > 0
+
+
 def test_resuming_an_unfused_optimizer_state_keeps_the_fused_kernel_and_the_trajectory():
     """States saved before AdamW ran fused on CPU carry ``fused=None``; resumed, the run keeps the
     fused kernel and takes the step the unfused optimizer would have taken."""
