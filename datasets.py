@@ -755,8 +755,8 @@ def pil_bicubic(crop: torch.Tensor, size: int) -> torch.Tensor:
 
 def crop_on_device(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
     """(B, 3, S, S) uint8: each image decoded on ``device``, cropped to its box, resized as PIL
-    resizes (``pil_bicubic``) and flipped where its box says, as ``build_pil_pretraining_transform`` does in the workers. An
-    unreadable file's place goes to the batch's first readable image, with that image's box."""
+    resizes (``pil_bicubic``) and flipped where its box says, as the PIL pipeline does in the
+    workers. An unreadable file's place goes to the batch's first readable image, with its box."""
     images = decode_on_device(batch.data, device)
     readable = [index for index, image in enumerate(images) if image is not None]
     if not readable:
