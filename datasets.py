@@ -712,20 +712,38 @@ def decode_stream(device: torch.device) -> "torch.cuda.Stream":
     return torch.cuda.Stream(device)
 
 
-def decode_jpeg_batch(encoded: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
-    """B x (3, h, w) uint8 from ``torchvision.io.decode_jpeg``. On CUDA the decoder allocates its
-    outputs on the current stream but writes them from a stream of its own that does not wait
-    for it (pytorch/vision#9606): on the training stream it could be handed memory that kernels
-    of the previous step, still queued, have yet to read. So it runs with ``decode_stream``
-    current, whose memory nothing queued can still be using; the training stream then waits for
-    it, and the images are marked as used there, so their memory is not reused too early."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+JpegBatchDecoder = Callable[[List[torch.Tensor], torch.device], List[torch.Tensor]]
 
+
+@functools.lru_cache(maxsize=None)
+def jpeg_batch_decoder() -> JpegBatchDecoder:
+    """torchcodec's ``decode_jpeg`` where it is installed (torchvision 0.29 deprecates its own),
+    else ``torchvision.io``'s: both decode a list of byte tensors to RGB, as one nvJPEG batch on
+    CUDA. Chosen once per process, as ``file_decoder`` is."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError):  # not installed, or its libraries fail to load
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as torchvision_decode_jpeg
+
+        return lambda encoded, device: torchvision_decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    return lambda encoded, device: decode_jpeg(encoded, mode="RGB", device=device)
+
+
+def decode_jpeg_batch(encoded: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """B x (3, h, w) uint8 from ``jpeg_batch_decoder``. On CUDA torchvision's decoder allocates
+    its outputs on the current stream but writes them from a stream of its own that does not
+    wait for it (pytorch/vision#9606): on the training stream it could be handed memory that
+    kernels of the previous step, still queued, have yet to read. So it runs with
+    ``decode_stream`` current, whose memory nothing queued can still be using; the training
+    stream then waits for it, and the images are marked as used there, so their memory is not
+    reused too early."""
+    decode = jpeg_batch_decoder()
     if device.type != "cuda":
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        return decode(encoded, device)
     stream = decode_stream(device)
     with torch.cuda.stream(stream):
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        images = decode(encoded, device)
     training_stream = torch.cuda.current_stream(device)
     training_stream.wait_stream(stream)
     for image in images:
