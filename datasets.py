@@ -790,7 +790,7 @@ def crop_on_device(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
     return torch.where(flip, resized.flip(-1), resized)
 
 
-def batch_images(batch, device: torch.device) -> torch.Tensor:
+def batch_images(batch: Union[EncodedBatch, Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
     """A training batch's (B, 3, H, W) uint8 images on ``device``: decoded and cropped there for
     the device decoder, copied for the others."""
     if isinstance(batch, EncodedBatch):
