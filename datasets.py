@@ -639,12 +639,14 @@ def read_encoded(path: str) -> EncodedImage:
     decoding it. Other files (PNG, CMYK, 16-bit, truncated JPEGs: what nvJPEG cannot take or PIL
     must judge) are decoded here by ``load_rgb``, so an unreadable one raises in the worker and
     ``SkipUnreadable`` skips it as for the other decoders."""
-    with Image.open(path) as image:
-        if image.format == "JPEG" and image.mode in ("RGB", "L"):
-            data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))  # (n,) bytes
-            if tuple(data[-2:].tolist()) == JPEG_END:
+    data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))  # (n,) bytes, the file read once
+    try:
+        with Image.open(io.BytesIO(data.numpy())) as image:
+            if image.format == "JPEG" and image.mode in ("RGB", "L") and tuple(data[-2:].tolist()) == JPEG_END:
                 return EncodedImage(data, image.height, image.width)
-    pixels = transforms.functional.pil_to_tensor(load_rgb(path))  # (3, H, W) uint8
+    except UNREADABLE as error:
+        raise OSError(f"cannot read {path}: {error}") from error
+    pixels = transforms.functional.pil_to_tensor(load_rgb(io.BytesIO(data.numpy())))  # (3, H, W) uint8
     return EncodedImage(pixels, pixels.shape[1], pixels.shape[2])
 
 
