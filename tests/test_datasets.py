@@ -126,7 +126,8 @@ def test_image_files_finds_nested_images_in_sorted_order(tmp_path):
 
 def test_every_pixel_format_loads_as_8_bit_rgb(tmp_path):
     write_every_mode(tmp_path)
-    assert Image.open(tmp_path / "a" / "b" / "deep.png").mode.startswith("I")  # really 16-bit on disk
+    with Image.open(tmp_path / "a" / "b" / "deep.png") as deep:
+        assert deep.mode.startswith("I")  # really 16-bit on disk
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. PIL's "palette images with transparency" warning
         dataset = ImageFiles(str(tmp_path))

@@ -278,4 +278,5 @@ def test_a_smaller_patch_size_carries_from_pretraining_to_finetuning_and_picture
     [picture] = run_mae_vis.main(run_mae_vis.get_args_parser().parse_args(
         ["synthetic", str(tmp_path / "vis"), "--model_path", str(pre / "checkpoint-0.pth"), "--num_images", "2",
          "--device", "cpu"]))
-    assert Image.open(picture).width >= 4 * 32  # four panels of the 32-pixel image
+    with Image.open(picture) as grid:
+        assert grid.width >= 4 * 32  # four panels of the 32-pixel image
