@@ -140,21 +140,31 @@ def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: tor
     for _ in range(epochs):
         for batch in loader:
             datasets.batch_images(batch, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return epochs * len(loader) * batch_size / (time.perf_counter() - start)
 
 
-def device_side_rate(files: Sequence[str], input_size: int, batch_size: int, repeats: int,
-                     device: torch.device) -> float:
+def device_side_rates(files: Sequence[str], input_size: int, batch_size: int, repeats: int,
+                      device: torch.device) -> Dict[str, float]:
     """Images/s of the device decoder's share of the step: whole batches of the workers' output,
-    collated beforehand, decoded and cropped on ``device`` by ``datasets.crop_on_device``."""
+    collated beforehand, decoded and cropped on ``device`` by ``datasets.crop_on_device``. On CUDA
+    also the rate at which the host gets through those calls, before waiting for the GPU: where
+    the two are close, the host's part (launching the per-image kernels, and whatever the decoder
+    itself waits for) bounds the device decoder, not the GPU's work."""
     samples = PipelineSamples(files, datasets.read_encoded, datasets.RandomCropBox(input_size))
     with datasets.seeded_rngs((0,)):
         encoded = [samples[index] for index in range(len(samples))]
     batches = [datasets.collate_encoded(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
-    return len(files) / best_time(lambda: [datasets.crop_on_device(batch, device) for batch in batches], repeats,
-                                  device)
+
+    def work() -> None:
+        for batch in batches:
+            datasets.crop_on_device(batch, device)
+
+    rates = {f"device_decoder_{device.type}_side_images_per_s": len(files) / best_time(work, repeats, device)}
+    if device.type == "cuda":
+        host_seconds = best_time(work, repeats, device, include_device=False)
+        rates["device_decoder_cuda_host_images_per_s"] = len(files) / host_seconds
+    return rates
 
 
 def nvjpeg_rate(files: Sequence[str], batch_size: int, repeats: int) -> float:
@@ -167,18 +177,25 @@ def nvjpeg_rate(files: Sequence[str], batch_size: int, repeats: int) -> float:
     return len(files) / best_time(lambda: [decode(batch, device) for batch in batches], repeats, device)
 
 
-def best_time(work: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Seconds of the fastest of ``repeats`` runs of ``work`` after a warm one, device work included."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(work: Callable[[], Any], repeats: int, device: torch.device, include_device: bool = True) -> float:
+    """Seconds of the fastest of ``repeats`` runs of ``work`` after a warm one: until the device
+    work it queued is done, or with ``include_device=False`` until it returns to the host (the
+    device drained before each run either way)."""
     work()
     best = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         work()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if include_device:
+            synchronize(device)
         best = min(best, time.perf_counter() - start)
+    synchronize(device)
     return best
 
 
@@ -198,8 +215,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                 report.setdefault(f"loader_{args.num_workers}_workers_images_per_s", {})[name] = loader_rate(
                     samples, args.num_workers, args.batch_size, device, collate)
         if args.stage == "pretrain":
-            report[f"device_decoder_{device.type}_side_images_per_s"] = device_side_rate(
-                files, args.input_size, args.batch_size, args.repeats, device)
+            report.update(device_side_rates(files, args.input_size, args.batch_size, args.repeats, device))
             if device.type == "cuda":
                 report["nvjpeg_decode_only_images_per_s"] = nvjpeg_rate(files, args.batch_size, args.repeats)
     decoding_in_workers = {name: rate for name, rate in report["per_worker_images_per_s"].items() if name != DEVICE_PATH}

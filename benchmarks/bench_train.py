@@ -6,7 +6,8 @@ by ``torch.utils.flop_counter.FlopCounterMode``, over the step time and over the
 this script measures on the same device and dtype in the same run. Where ``transformers`` is
 installed, ``ViTMAEForPreTraining`` of the same size is timed in the same run. The stages' timed
 steps take turns, one step of each per round, so that a busy minute on a shared machine slows
-every stage alike and the ratio between them holds. The last line printed is one JSON object.
+every stage alike and the ratio between them holds. ``--profile ROWS`` then prints where each
+stage's step goes, operator by operator. The last line printed is one JSON object.
 
     python benchmarks/bench_train.py --model pretrain_mae_base_patch16_224 --batch_size 8 --amp bf16 --device cpu
 """
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,6 +65,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="also time transformers' ViTMAEForPreTraining when it is installed")
     parser.add_argument("--warmup", default=3, type=int, help="untimed steps first (compilation happens here)")
     parser.add_argument("--steps", default=10, type=int, help="timed steps; the median is reported")
+    parser.add_argument("--profile", default=0, type=int, metavar="ROWS",
+                        help="after timing, profile 3 steps of each stage and print its ROWS costliest operators")
     parser.add_argument("--input_size", default=224, type=int)
     parser.add_argument("--mask_ratio", default=0.75, type=float)
     parser.add_argument("--num_classes", default=1000, type=int, help="finetuning head width")
@@ -114,6 +118,19 @@ def count_flops(step: Step) -> int:
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
+
+
+def profile_table(step: Step, device: torch.device, rows: int, steps: int = 3) -> str:
+    """The ``rows`` operators with the most self time on the device over ``steps`` steps (on a GPU
+    the kernels' time; the table's CPU columns then show what the host spent launching them, so it
+    tells a GPU-bound step from a host-bound one)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
 def allocated_bytes(device: torch.device) -> int:
@@ -300,6 +317,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         ratio = results["pretrain"]["images_per_s"] / results[HF_STAGE]["images_per_s"]
         report["speedup_vs_vitmae"] = ratio
         print(f"pretraining images/s over ViTMAEForPreTraining's: {ratio:.2f}x")
+    if args.profile:
+        for name, stage in stages.items():
+            print(f"{name}: the {args.profile} operators with the most self time over 3 steps")
+            print(profile_table(stage.step, device, args.profile))
     print(json.dumps(report))
     return report
 

@@ -4,12 +4,13 @@
 #   PART=1 bash benchmarks/gpu_checks.sh   # at most 5.5 minutes
 #     env, tests: the versions, and the CUDA cases of the tests;
 #     data: the pretraining input pipeline on the host's cores, every decode path, and the device
-#       decoder's share with nvJPEG;
+#       decoder's share with nvJPEG (and how fast the host alone gets through it);
 #     epochs_pil, epochs_device: three real pretraining epochs on the same JPEGs with PIL workers
 #       and with the device decoder: does the pipeline keep up with the step?
 #   PART=2 bash benchmarks/gpu_checks.sh   # at most 6.5 minutes
 #     train_eager, train_compiled: ViT-B/16 steps at batch 256 in bf16, eager (pretraining and
-#       finetuning) and compiled (pretraining), side by side with ViTMAEForPreTraining;
+#       finetuning) and compiled (pretraining), side by side with ViTMAEForPreTraining, each stage
+#       then profiled (its 25 costliest operators: kernel time on the GPU, launch time on the host);
 #     data_finetune: finetuning's pipeline (RandAugment on PIL) through 16 workers.
 # Without PART both run, one after the other. One log per check goes to $OUT (default
 # gpu_checks/); a check that fails or runs out of time does not stop the others. The variables
@@ -56,7 +57,7 @@ bench_data.write_jpegs(pathlib.Path('$jpegs'), $images)"
 
 part_2() {
     local train=(python3 benchmarks/bench_train.py --model "$model" --batch_size "$batch" --amp bf16
-                 --device "$device" --warmup 5 --steps 20)
+                 --device "$device" --warmup 5 --steps 20 --profile 25)
     check train_eager 80 "${train[@]}"
     check train_compiled 240 "${train[@]}" --compile --stages pretrain
     check data_finetune 70 python3 benchmarks/bench_data.py --stage finetune --num_images "$images" \

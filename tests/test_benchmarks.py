@@ -36,6 +36,15 @@ def test_bench_train_prints_all_figures_as_its_last_line(capsys):
     assert report["results"]["finetune"]["gflop_per_image"] > report["results"]["pretrain"]["gflop_per_image"]
 
 
+def test_bench_train_profile_names_the_step_matmuls_before_its_json_line(capsys):
+    bench_train.main(bench_train.parse_args(TINY + ["--stages", "pretrain", "--profile", "40"]))
+    out = capsys.readouterr().out
+    last_json_line(out)  # still the last line
+    table = out[out.index("pretrain: the 40 operators"):]
+    assert "aten::addmm" in table  # every Linear of the step, forward
+    assert "aten::_fused_adamw_" in table  # the optimizer is part of the profiled step
+
+
 def test_timed_steps_take_turns():
     """One step of each per round, so a slow spell on a shared machine hits every stage."""
     calls = []
