@@ -697,8 +697,8 @@ def decode_on_device(data: Sequence[torch.Tensor], device: torch.device) -> List
 
 
 def decode_jpegs(encoded: List[torch.Tensor], device: torch.device) -> List[Optional[torch.Tensor]]:
-    """``torchvision.io.decode_jpeg`` on a batch. It returns nothing when one file fails, so such
-    a batch is decoded file by file with PIL, which judges each file as the PIL path would."""
+    """``decode_jpeg_batch`` on a batch. It returns nothing when one file fails, so such a batch
+    is decoded file by file with PIL, which judges each file as the PIL path would."""
     if not encoded:
         return []
     try:
@@ -756,7 +756,7 @@ def decode_jpeg_batch(encoded: List[torch.Tensor], device: torch.device) -> List
 def pil_decode(encoded: torch.Tensor) -> Optional[torch.Tensor]:
     """(n,) JPEG bytes -> (3, h, w) uint8 by PIL, or None, with a warning, for an unreadable file."""
     try:
-        return transforms.functional.pil_to_tensor(load_rgb(io.BytesIO(encoded.numpy().tobytes())))
+        return transforms.functional.pil_to_tensor(load_rgb(io.BytesIO(encoded.numpy())))
     except UNREADABLE as error:
         warnings.warn(f"skipping an unreadable JPEG ({error}); another image of its batch takes its place",
                       stacklevel=2)

@@ -181,8 +181,9 @@ def reuse_freed_memory() -> bool:
     copies of the weights, their fp32 gradients, activations). By default glibc maps blocks over
     a threshold with fresh pages, which fault in on first touch, and hands them back when freed:
     on the 2-core EPYC a ViT-B/16 step faulted in 8,000-67,000 pages, its weight casts took twice
-    as long, and the step was 4% longer on the median of five alternated runs (benchmarks/RESULTS.md). The process keeps its peak memory in
-    exchange, which a training run reaches every step anyway. Returns False, changing nothing,
+    as long, and the step was 4% longer on the median of five alternated runs
+    (benchmarks/RESULTS.md). The process keeps its peak memory in exchange, which a training run
+    reaches every step anyway. Returns False, changing nothing,
     where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on

@@ -140,7 +140,7 @@ def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: tor
     for _ in range(epochs):
         for batch in loader:
             datasets.batch_images(batch, device)
-    synchronize(device)
+    torch.get_device_module(device).synchronize(device)
     return epochs * len(loader) * batch_size / (time.perf_counter() - start)
 
 
@@ -177,11 +177,6 @@ def nvjpeg_rate(files: Sequence[str], batch_size: int, repeats: int) -> float:
     return len(files) / best_time(lambda: [decode(batch, device) for batch in batches], repeats, device)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def best_time(work: Callable[[], Any], repeats: int, device: torch.device, include_device: bool = True) -> float:
     """Seconds of the fastest of ``repeats`` runs of ``work`` after a warm one: until the device
     work it queued is done, or with ``include_device=False`` until it returns to the host (the
@@ -189,13 +184,13 @@ def best_time(work: Callable[[], Any], repeats: int, device: torch.device, inclu
     work()
     best = float("inf")
     for _ in range(repeats):
-        synchronize(device)
+        torch.get_device_module(device).synchronize(device)
         start = time.perf_counter()
         work()
         if include_device:
-            synchronize(device)
+            torch.get_device_module(device).synchronize(device)
         best = min(best, time.perf_counter() - start)
-    synchronize(device)
+    torch.get_device_module(device).synchronize(device)
     return best
 
 
@@ -218,7 +213,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             report.update(device_side_rates(files, args.input_size, args.batch_size, args.repeats, device))
             if device.type == "cuda":
                 report["nvjpeg_decode_only_images_per_s"] = nvjpeg_rate(files, args.batch_size, args.repeats)
-    decoding_in_workers = {name: rate for name, rate in report["per_worker_images_per_s"].items() if name != DEVICE_PATH}
+    decoding_in_workers = {name: rate for name, rate in report["per_worker_images_per_s"].items()
+                           if name != DEVICE_PATH}
     fastest = max(decoding_in_workers, key=decoding_in_workers.get)
     report["fastest_cpu_path"] = fastest
     print(f"fastest per worker of the paths that decode there: {fastest}; files average "

@@ -78,17 +78,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- measuring
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(step: Step, device: torch.device) -> float:
     """Wall time of one call; the device is drained around it, never inside it."""
-    synchronize(device)
+    torch.get_device_module(device).synchronize(device)
     start = time.perf_counter()
     step()
-    synchronize(device)
+    torch.get_device_module(device).synchronize(device)
     return time.perf_counter() - start
 
 
@@ -128,7 +123,7 @@ def profile_table(step: Step, device: torch.device, rows: int, steps: int = 3) -
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
-        synchronize(device)
+        torch.get_device_module(device).synchronize(device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
 
@@ -240,7 +235,7 @@ def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     step = train_step(utils.maybe_compile(model, args.compile), loss_fn, optimizer, scaler, device, amp)
     for _ in range(args.warmup):
         step()
-    synchronize(device)
+    torch.get_device_module(device).synchronize(device)
     return Stage(step, flops, allocated_bytes(device) - before)
 
 
