@@ -3,7 +3,7 @@
 timm's ``create_optimizer_v2`` puts biases, norms and the names in ``model.no_weight_decay()``
 (cls/mask tokens, position embeddings) in a group without weight decay, and with
 ``layer_decay`` it scales each block's learning rate by ``decay ** (num_layers + 1 - layer_id)``
-through the group's ``lr_scale``, which ``utils.set_learning_rate`` honours.
+through the group's ``lr_scale``, which ``engine.set_learning_rate`` honours.
 """
 import argparse
 
@@ -26,8 +26,7 @@ def add_optimizer_args(parser: argparse.ArgumentParser, weight_decay: float, bet
 
 def create_optimizer(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer of ``args.opt`` with MAE's groups; Adam(W) runs torch's fused kernel, one pass
-    over the parameters instead of a dozen (ViT-B/16 MAE on 2 CPU cores: 69 ms a step, 323 ms
-    unfused)."""
+    over the parameters instead of a dozen (benchmarks/RESULTS.md)."""
     kwargs = optimizer_kwargs(args)
     if device.type in FUSED_DEVICES and args.opt.lower() in FUSED_CAPABLE:
         kwargs["fused"] = True

@@ -5,27 +5,32 @@ synthetic dataset anywhere; ``torchrun --nproc_per_node 8 run_class_finetuning.p
 /imagenet --finetune mae_pretrain_vit_base.pth --dist_eval`` is the ImageNet recipe.
 """
 import argparse
-import json
-from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
-from datasets import (
-    CLASSIFICATION_SETS,
-    BatchTransform,
-    build_classification_dataset,
-    build_classification_transform,
-    build_train_loader,
-    skipped_images,
+from augmentation import BatchTransform, build_classification_transform
+from checkpoint import TrainingState, resume_training_state
+from cli import add_run_args, add_schedule_args, validate_common_args
+from datasets import build_train_loader
+from engine import resolve_lr
+from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
+from eval_setup import (
+    add_data_args,
+    add_encoder_args,
+    add_evaluation_args,
+    build_datasets,
+    build_encoder,
+    build_eval_loader,
+    load_finetune_weights,
+    normalizing_batch_transform,
+    validate_data_args,
 )
-from engine_for_finetuning import evaluate, train_one_epoch
-from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
 from optim_factory import add_optimizer_args, create_optimizer
+from performance import use_fastest_attention
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_optimizer_args(parser, weight_decay=0.05, betas=(0.9, 0.999))
     parser.add_argument("--layer_decay", default=0.75, type=float,
                         help="lr scale decay ** (num_layers + 1 - layer_id) per block")
-    utils.add_schedule_args(parser, blr=1e-3, min_lr=1e-6, warmup_epochs=5)
+    add_schedule_args(parser, blr=1e-3, min_lr=1e-6, warmup_epochs=5)
 
     aug = parser.add_argument_group("augmentation")
     aug.add_argument("--color_jitter", default=None, type=float, help="only used without --aa")
@@ -58,64 +63,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_data_args(parser)
     add_evaluation_args(parser)
-    utils.add_run_args(parser)
+    add_run_args(parser)
     return parser
-
-
-def add_encoder_args(parser: argparse.ArgumentParser, global_pool: bool) -> argparse._ArgumentGroup:
-    """The encoder flags of every evaluation; finetuning pools the patch tokens by default, the
-    linear probe and k-NN take the cls token, as MAE evaluates. Returns the group."""
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="vit_base_patch16_224", type=str, help="a timm vit_* name")
-    model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
-    model.add_argument("--patch_size", default=None, type=int,
-                       help="patch side in pixels, instead of the model's; must match the pretraining's")
-    model.add_argument("--global_pool", action="store_true", default=global_pool,
-                       help="average the patch tokens, then fc_norm" + (" (default, as MAE)" if global_pool else ""))
-    model.add_argument("--cls_token", action="store_false", dest="global_pool",
-                       help="the cls token after the final norm" + ("" if global_pool else " (default, as MAE)"))
-    model.add_argument("--nb_classes", default=None, type=int, help="default: the dataset's number of classes")
-    model.add_argument("--finetune", default="", help="pretrained checkpoint: ours, official MAE or timm")
-    return model
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Which labelled dataset to read, shared by finetuning, linear probing and k-NN."""
-    data = utils.add_loading_args(parser)
-    data.add_argument("--data_path", default=None, type=str,
-                      help="IMNET: folder with train/ and val/; image_folder: the training folder; CIFAR: its files")
-    data.add_argument("--eval_data_path", default=None, type=str, help="image_folder: the evaluation folder")
-    data.add_argument("--data_set", default=None, choices=CLASSIFICATION_SETS,
-                      help="default: IMNET with --data_path, synthetic without")
-
-
-def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
-    evaluation.add_argument("--dist_eval", action="store_true",
-                            help="split evaluation over the processes (each sample counted once)")
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before anything is built or written."""
-    utils.validate_common_args(args)
+    validate_common_args(args)
     validate_data_args(args)
     if args.aa.lower() == "none":
         args.aa = None
     if mixup_active(args) and args.batch_size % 2:
         raise utils.UsageError(f"mixup/cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
-
-
-def validate_data_args(args: argparse.Namespace) -> None:
-    """The dataset and ``--finetune`` checks every evaluation shares."""
-    if args.data_set is None:
-        args.data_set = "IMNET" if args.data_path else "synthetic"
-    if args.data_set != "synthetic" and not args.data_path:
-        raise utils.UsageError(f"--data_set {args.data_set} needs --data_path; omit both for the synthetic dataset")
-    if args.data_path and not Path(args.data_path).is_dir():
-        raise utils.UsageError(f"--data_path {args.data_path} is not a directory")
-    if args.finetune and not Path(args.finetune).is_file():
-        raise utils.UsageError(f"--finetune {args.finetune} does not exist; check the path")
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -132,76 +91,9 @@ def erasing_batch_transform(args: argparse.Namespace) -> BatchTransform:
     return BatchTransform(tuple(args.mean), tuple(args.std), args.reprob, args.remode, args.recount)
 
 
-def normalizing_batch_transform(args: argparse.Namespace) -> BatchTransform:
-    """Evaluation batches (and the linear probe's training ones) on the device: normalized only."""
-    return BatchTransform(tuple(args.mean), tuple(args.std))
-
-
-def build_datasets(
-    args: argparse.Namespace, make_transform: Callable[[argparse.Namespace, bool], Callable] = finetune_transform
-) -> Tuple[Optional[Dataset], Dataset, int]:
-    """The training set (None with --eval), the evaluation set and the number of classes;
-    ``make_transform(args, is_train)`` gives each split's transform."""
-    def build(is_train: bool) -> Tuple[Dataset, int]:
-        transform = make_transform(args, is_train)
-        try:
-            return build_classification_dataset(
-                args.data_set, is_train, args.data_path, transform, args.input_size,
-                args.eval_data_path, args.num_samples,
-            )
-        except (FileNotFoundError, ValueError) as error:
-            raise utils.UsageError(str(error)) from error
-
-    val_set, nb_classes = build(False)
-    train_set = None
-    if not args.eval:
-        train_set, train_classes = build(True)
-        if train_classes != nb_classes:
-            raise utils.UsageError(
-                f"the training data has {train_classes} classes but the evaluation data {nb_classes}; "
-                "both need the same class folders"
-            )
-    check_nb_classes(args, nb_classes)
-    return train_set, val_set, nb_classes
-
-
-def check_nb_classes(args: argparse.Namespace, nb_classes: int) -> None:
-    """``--nb_classes`` defaults to the dataset's count; a different value is an error."""
-    if args.nb_classes is None:
-        args.nb_classes = nb_classes
-    elif args.nb_classes != nb_classes:
-        raise utils.UsageError(
-            f"--nb_classes {args.nb_classes} does not match the {nb_classes} classes of --data_set "
-            f"{args.data_set}; pass --nb_classes {nb_classes} or leave it out"
-        )
-
-
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """timm's ViT named by ``--model``, with MAE's pooling and a head for the dataset."""
-    return build_encoder(args, args.nb_classes, args.drop_path)
-
-
-def build_encoder(args: argparse.Namespace, num_classes: int, drop_path: float = 0.0) -> torch.nn.Module:
-    """timm's ViT named by ``--model`` with ``--global_pool``'s pooling; ``num_classes=0`` gives
-    the pooled features instead of logits."""
-    utils.check_model_name(args.model, "vit_*")
-    model = create_finetune_model(args.model, num_classes, args.input_size, args.global_pool, drop_path,
-                                  **utils.patch_size_kwargs(args))
-    patch = model.patch_embed.patch_size[0]
-    if args.input_size % patch:
-        raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
-    return model
-
-
-def load_finetune_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
-    """Put the pretrained encoder of ``--finetune`` into ``model``; its head starts fresh."""
-    checkpoint = utils.load_checkpoint(Path(args.finetune))
-    try:
-        missing = load_pretrained_encoder(model, checkpoint)
-    except CheckpointMismatchError as error:
-        raise utils.UsageError(f"--finetune {args.finetune}: {error}") from error
-    if utils.is_main_process():
-        print(f"loaded the encoder of {args.finetune}; new: {', '.join(missing)}")
+    return build_encoder(args, num_classes=args.nb_classes, drop_path=args.drop_path)
 
 
 def build_criterion(args: argparse.Namespace) -> Tuple[Optional[Mixup], Callable]:
@@ -218,17 +110,6 @@ def build_criterion(args: argparse.Namespace) -> Tuple[Optional[Mixup], Callable
     return None, torch.nn.CrossEntropyLoss()
 
 
-def build_eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
-    """With ``--dist_eval`` rank r takes samples r, r + world, ...: no padding, so the summed
-    counts see every sample exactly once. Otherwise every rank evaluates everything."""
-    if args.dist_eval and args.distributed:
-        dataset = Subset(dataset, range(args.rank, len(dataset), args.world_size))
-    return DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device != "cpu", drop_last=False,
-    )
-
-
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Finetune (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
     validate_args(args)
@@ -238,92 +119,33 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed, args.rank)
-    train_set, val_set, _ = build_datasets(args)
+    train_set, val_set, _ = build_datasets(args, finetune_transform, train=not args.eval)
     model = build_model(args)
     if args.finetune and not args.eval:
         load_finetune_weights(model, args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     model.to(device)
-    utils.use_fastest_attention(model, device, args.amp)
+    use_fastest_attention(model, device, args.amp)
     val_loader = build_eval_loader(val_set, args)
     reduce_eval = args.dist_eval and args.distributed
-    utils.resolve_lr(args)
-    optimizer = create_optimizer(args, model, device)
-    scaler = utils.make_grad_scaler(device, args.amp)
-    checkpoint = utils.resume_training_state(args, model, optimizer, scaler)
+    resolve_lr(args)
+    state = TrainingState(model, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
+    checkpoint = resume_training_state(state, args)
     if args.eval:
-        return evaluate_checkpoint(model, val_loader, device, args, checkpoint, reduce_eval)
-    train_loader = build_train_loader(train_set, args)
+        return evaluate_checkpoint(model, val_loader, normalizing_batch_transform(args), device=device,
+                                   amp=args.amp, checkpoint=checkpoint, reduce=reduce_eval)
     mixup_fn, criterion = build_criterion(args)
-    train_batch = erasing_batch_transform(args)
+    task = ClassificationTask(
+        criterion=criterion, train_loader=build_train_loader(train_set, args), val_loader=val_loader,
+        train_batch=erasing_batch_transform(args), eval_batch=normalizing_batch_transform(args), mixup_fn=mixup_fn,
+        reduce_eval=reduce_eval,
+    )
     if utils.is_main_process():
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
               f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "
               f"{args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    loop = (model, criterion, train_loader, val_loader, optimizer, scaler, train_batch, mixup_fn)
-    return train_and_evaluate(*loop, device, args, checkpoint, reduce_eval)
-
-
-def evaluate_checkpoint(model, val_loader, device, args, checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
-    """``--eval``: the accuracy of the ``--resume`` checkpoint, printed and returned."""
-    if not checkpoint:
-        raise utils.UsageError("--eval needs a trained checkpoint: pass --resume PATH")
-    stats = evaluate(model, val_loader, device, args.amp, normalizing_batch_transform(args), reduce=reduce_eval)
-    if utils.is_main_process():
-        print(f"accuracy on {stats['num_samples']} images: top-1 {stats['acc1']:.3f}%  "
-              f"top-5 {stats['acc5']:.3f}%  loss {stats['loss']:.4f}")
-    return stats
-
-
-def train_and_evaluate(model, criterion, train_loader, val_loader, optimizer, scaler, train_batch, mixup_fn,
-                       device, args, checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
-    """``run_epochs`` on the compiled, DDP-wrapped model with TensorBoard; a non-finite loss exits 1."""
-    trained = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
-    loop = (trained, criterion, train_loader, val_loader, optimizer, scaler, train_batch, mixup_fn)
-    with utils.training_writer(args.log_dir) as log_writer:
-        return run_epochs(*loop, device, args, log_writer, checkpoint, reduce_eval)
-
-
-def run_epochs(model, criterion, train_loader, val_loader, optimizer, scaler, train_batch, mixup_fn, device, args,
-               log_writer, checkpoint: Dict, reduce_eval: bool) -> Dict[str, float]:
-    """Train, evaluate and checkpoint each epoch; the best top-1 so far is kept in every checkpoint."""
-    timer = utils.Timer()
-    eval_batch = normalizing_batch_transform(args)
-    test_stats: Dict[str, float] = {}
-    max_accuracy = checkpoint.get("max_accuracy", 0.0)
-    n_parameters = sum(p.numel() for p in model.parameters())
-    for epoch in range(args.start_epoch, args.epochs):
-        start = utils.epoch_start(train_loader, epoch, args, checkpoint)
-        save_step = utils.step_saver(model, optimizer, scaler, epoch, args, max_accuracy=max_accuracy)
-        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, epoch, args,
-                                      train_batch, mixup_fn, log_writer, **start, save_step=save_step)
-        test_stats = evaluate(utils.unwrap_model(model), val_loader, device, args.amp, eval_batch, reduce=reduce_eval)
-        improved = test_stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        utils.save_epoch(model, optimizer, scaler, epoch, args, max_accuracy=max_accuracy)
-        if improved and args.output_dir:
-            utils.save_training_state(Path(args.output_dir), ["checkpoint-best.pth"], model, optimizer, scaler,
-                                      epoch, args, max_accuracy=max_accuracy)
-        record = {f"train_{key}": value for key, value in train_stats.items()}
-        record.update({f"test_{key}": value for key, value in test_stats.items()})
-        record.update(epoch=epoch, max_accuracy=max_accuracy, n_parameters=n_parameters,
-                      skipped_images=skipped_images(train_loader.dataset, device))
-        utils.append_log(args.output_dir, record)
-        if log_writer is not None:
-            for key in ("acc1", "acc5", "loss"):
-                log_writer.add_scalar(f"test/{key}", test_stats[key], epoch)
-        if utils.is_main_process():
-            print(json.dumps(record), flush=True)
-            print(f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
-    if not test_stats:  # resumed a finished run: report where it ended rather than nothing
-        test_stats = evaluate(utils.unwrap_model(model), val_loader, device, args.amp, eval_batch, reduce=reduce_eval)
-        if utils.is_main_process():
-            print(f"nothing left to train (epoch {args.start_epoch} of {args.epochs}); the resumed model: "
-                  f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
-    if utils.is_main_process():
-        print(f"training time {utils.format_eta(timer.elapsed())}")
-    return test_stats
+    return train_and_evaluate(state, task, device=device, args=args, checkpoint=checkpoint)
 
 
 if __name__ == "__main__":

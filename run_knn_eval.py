@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
-from datasets import build_classification_transform
-from run_class_finetuning import (
+from augmentation import build_classification_transform
+from cli import add_device_args
+from eval_setup import (
     add_data_args,
     add_encoder_args,
     build_datasets,
@@ -42,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="./output_dir", type=str, help="log.txt gets the result as a JSON line")
     run.add_argument("--seed", default=0, type=int, help="initializes the encoder when there is no --finetune")
-    utils.add_device_args(run)
+    add_device_args(run)
     return parser
 
 
@@ -55,7 +56,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise utils.UsageError(f"--nb_knn must be positive and --temperature above 0, got {args.nb_knn}, "
                                f"{args.temperature}")
     validate_data_args(args)
-    args.eval = False  # build_datasets: k-NN needs both splits
 
 
 def eval_transform(args: argparse.Namespace, is_train: bool) -> Callable:
@@ -67,6 +67,7 @@ def eval_transform(args: argparse.Namespace, is_train: bool) -> Callable:
 def extract_features(
     model: torch.nn.Module,
     dataset: Dataset,
+    *,
     batch_size: int,
     num_workers: int,
     device: torch.device,
@@ -79,7 +80,7 @@ def extract_features(
     ``all_gather`` puts every feature back at its index.
     """
     model.eval()
-    indices = torch.arange(utils.get_rank(), len(dataset), utils.get_world_size())  # this rank's shard
+    indices = torch.tensor(utils.rank_shard(len(dataset)), dtype=torch.long)  # (n_r,) this rank's shard
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=num_workers)
     features, labels = [], []
     for imgs, targets in loader:
@@ -172,15 +173,16 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
     amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
-    train_set, val_set, nb_classes = build_datasets(args, eval_transform)
+    train_set, val_set, nb_classes = build_datasets(args, eval_transform, train=True)
     model = build_encoder(args, num_classes=0)
     if args.finetune:
         load_finetune_weights(model, args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     model.to(device)
-    loading = (args.batch_size, args.num_workers, device, amp, normalizing_batch_transform(args))
-    train_features, train_labels = extract_features(model, train_set, *loading)
-    val_features, val_labels = extract_features(model, val_set, *loading)
+    loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=amp,
+                   batch_transform=normalizing_batch_transform(args))
+    train_features, train_labels = extract_features(model, train_set, **loading)
+    val_features, val_labels = extract_features(model, val_set, **loading)
     ks = sorted({min(k, len(train_set)) for k in args.nb_knn})  # k beyond the training set is all of it
     accuracy = knn_accuracy(train_features, train_labels, val_features, val_labels, nb_classes, ks, args.temperature)
     record = {"knn_acc1": {str(k): value for k, value in accuracy.items()}, "temperature": args.temperature,

@@ -14,21 +14,24 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 import utils
-from datasets import build_classification_transform, build_pil_pretraining_transform, build_train_loader
-from optim_factory import create_lars
-from run_class_finetuning import (
+from augmentation import build_classification_transform, build_pil_pretraining_transform
+from checkpoint import TrainingState, resume_training_state
+from cli import add_run_args, add_schedule_args, validate_common_args
+from datasets import build_train_loader
+from engine import resolve_lr
+from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
+from eval_setup import (
     add_data_args,
     add_encoder_args,
     add_evaluation_args,
     build_datasets,
     build_encoder,
     build_eval_loader,
-    evaluate_checkpoint,
     load_finetune_weights,
     normalizing_batch_transform,
-    train_and_evaluate,
     validate_data_args,
 )
+from optim_factory import create_lars
 
 PROBE_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's default, which MAE's probe keeps
 
@@ -69,10 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_encoder_args(parser, global_pool=False)
     optimizer = parser.add_argument_group("optimizer")
     optimizer.add_argument("--weight_decay", default=0.0, type=float, help="LARS weight decay of the head's weights")
-    utils.add_schedule_args(parser, blr=0.1, min_lr=0.0, warmup_epochs=10)
+    add_schedule_args(parser, blr=0.1, min_lr=0.0, warmup_epochs=10)
     add_data_args(parser)
     add_evaluation_args(parser)
-    utils.add_run_args(parser)
+    add_run_args(parser)
     return parser
 
 
@@ -94,7 +97,7 @@ def build_probe(args: argparse.Namespace) -> LinearProbe:
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Probe (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
-    utils.validate_common_args(args)
+    validate_common_args(args)
     validate_data_args(args)
     return utils.run_distributed(run, args)
 
@@ -102,28 +105,31 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
-    train_set, val_set, _ = build_datasets(args, probe_transform)
+    train_set, val_set, _ = build_datasets(args, probe_transform, train=not args.eval)
     model = build_probe(args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     model.to(device)
     val_loader = build_eval_loader(val_set, args)
     reduce_eval = args.dist_eval and args.distributed
-    utils.resolve_lr(args)
+    resolve_lr(args)
     optimizer = create_lars(model, args.lr, args.weight_decay)
-    scaler = utils.make_grad_scaler(device, args.amp)
-    checkpoint = utils.resume_training_state(args, model, optimizer, scaler)
+    state = TrainingState(model, optimizer, utils.make_grad_scaler(device, args.amp))
+    checkpoint = resume_training_state(state, args)
     if args.eval:
-        return evaluate_checkpoint(model, val_loader, device, args, checkpoint, reduce_eval)
-    train_loader = build_train_loader(train_set, args)
+        return evaluate_checkpoint(model, val_loader, normalizing_batch_transform(args), device=device,
+                                   amp=args.amp, checkpoint=checkpoint, reduce=reduce_eval)
+    task = ClassificationTask(
+        criterion=nn.CrossEntropyLoss(), train_loader=build_train_loader(train_set, args), val_loader=val_loader,
+        train_batch=normalizing_batch_transform(args), eval_batch=normalizing_batch_transform(args),
+        reduce_eval=reduce_eval,
+    )
     if utils.is_main_process():
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         source = args.finetune or "a random initialization"
         print(f"linear probe on {args.model} from {source}: {n_trainable} trainable parameters; "
               f"{len(train_set)} training and {len(val_set)} evaluation images, {args.nb_classes} classes; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    loop = (model, nn.CrossEntropyLoss(), train_loader, val_loader, optimizer, scaler,
-            normalizing_batch_transform(args), None)
-    return train_and_evaluate(*loop, device, args, checkpoint, reduce_eval)
+    return train_and_evaluate(state, task, device=device, args=args, checkpoint=checkpoint)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,7 @@
 ``torchrun --nnodes N --nproc_per_node 8 run_mae_pretraining.py --data_path /imagenet/train``.
 """
 import argparse
-import json
 from pathlib import Path
-from typing import Dict
 
 import timm
 import torch
@@ -12,21 +10,25 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from datasets import (
-    DECODERS,
-    batch_images,
-    build_pretraining_dataset,
-    build_train_loader,
-    collate_encoded,
-    normalize_on_device,
-    skipped_images,
+from checkpoint import TrainingState, resume_training_state
+from cli import (
+    add_loading_args,
+    add_run_args,
+    add_schedule_args,
+    check_model_name,
+    check_patch_grid,
+    patch_size_kwargs,
+    validate_common_args,
 )
-from engine_for_pretraining import train_one_epoch
-from masking_generator import check_mask_ratio, random_masks
+from datasets import DECODERS, build_pretraining_dataset, build_train_loader
+from device_decoder import collate_encoded
+from engine import resolve_lr
+from engine_for_pretraining import run_epochs
+from masking_generator import check_mask_ratio
 from optim_factory import add_optimizer_args, create_optimizer
-from visualization import reconstruction_grid, save_png
+from performance import maybe_compile, use_fastest_attention
+from visualization import picture_batch
 
-NUM_PICTURES = 8
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,8 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--drop_path", default=0.0, type=float, help="stochastic depth of the encoder")
 
     add_optimizer_args(parser, weight_decay=0.05, betas=(0.9, 0.95))
-    utils.add_schedule_args(parser, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
-    data = utils.add_loading_args(parser)
+    add_schedule_args(parser, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
+    data = add_loading_args(parser)
     data.add_argument("--data_path", default=None, type=str, help="image folder (ImageFolder layout or flat)")
     data.add_argument("--data_set", default=None, choices=["image_folder", "synthetic"],
                       help="default: image_folder with --data_path, synthetic without")
@@ -55,13 +57,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "about 2x PIL's images/s; device: the workers read JPEG bytes and draw the crops, the "
                            "training device decodes (nvJPEG on CUDA) and crops whole batches "
                            "(benchmarks/RESULTS.md); both for image folders only")
-    utils.add_run_args(parser)
+    add_run_args(parser)
     return parser
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before anything is built or written."""
-    utils.validate_common_args(args)
+    validate_common_args(args)
     try:
         check_mask_ratio(args.mask_ratio)
     except ValueError as error:
@@ -76,14 +78,12 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The registered MAE named by ``--model`` at ``--input_size``."""
-    utils.check_model_name(args.model, "pretrain_mae_*")
+    check_model_name(args.model, "pretrain_mae_*")
     model = timm.create_model(
         args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, drop_path_rate=args.drop_path,
-        **utils.patch_size_kwargs(args),
+        **patch_size_kwargs(args),
     )
-    patch = model.patch_size
-    if args.input_size % patch:
-        raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
+    check_patch_grid(model, args.input_size)
     return model
 
 
@@ -98,27 +98,6 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     return build_train_loader(dataset, args, collate_encoded if args.decoder == "device" else None)
 
 
-def picture_batch(loader: DataLoader, device: torch.device, num_patches: int, args: argparse.Namespace):
-    """A fixed set of images, normalized, and masks drawn from ``--seed``, so the pictures of
-    successive epochs compare."""
-    samples = [loader.dataset[(i, 0)] for i in range(min(NUM_PICTURES, len(loader.dataset)))]  # epoch-0 crops
-    imgs = normalize_on_device(batch_images(loader.collate_fn(samples), device), args.mean, args.std)
-    generator = torch.Generator().manual_seed(args.seed)
-    masks = random_masks(len(samples), num_patches, args.mask_ratio, generator=generator)  # (B, N)
-    return imgs, masks.to(device)
-
-
-def write_pictures(model: torch.nn.Module, batch, args: argparse.Namespace, epoch: int, log_writer) -> None:
-    """``reconstruction.png`` in output_dir (latest) and an image series in TensorBoard."""
-    if not utils.is_main_process():
-        return
-    grid = reconstruction_grid(utils.unwrap_model(model), *batch, args.mean, args.std)
-    if args.output_dir:
-        save_png(grid, Path(args.output_dir) / "reconstruction.png")
-    if log_writer is not None:
-        log_writer.add_image("reconstruction", grid, epoch)
-
-
 def main(args: argparse.Namespace) -> torch.nn.Module:
     """Pretrain as ``args`` say; returns the trained model (for scripts that go on with it)."""
     validate_args(args)
@@ -129,41 +108,23 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed, args.rank)
     model = build_model(args).to(device)
-    utils.use_fastest_attention(model, device, args.amp)
+    use_fastest_attention(model, device, args.amp)
     loader = build_loader(args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
-    utils.resolve_lr(args)
-    optimizer = create_optimizer(args, model, device)
-    scaler = utils.make_grad_scaler(device, args.amp)
-    checkpoint = utils.resume_training_state(args, model, optimizer, scaler)
+    resolve_lr(args)
+    state = TrainingState(model, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
+    checkpoint = resume_training_state(state, args)
     if utils.is_main_process():
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    pictures = picture_batch(loader, device, model.patch_embed.num_patches, args)
-    ddp_model = utils.wrap_ddp(utils.maybe_compile(model, args.compile), device, args)
+    pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
+                             std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
+    state.model = utils.wrap_ddp(maybe_compile(model, args.compile), device, args)
     with utils.training_writer(args.log_dir) as log_writer:
-        run_epochs(ddp_model, loader, optimizer, scaler, device, args, log_writer, pictures, checkpoint)
+        run_epochs(state, loader, device=device, args=args, log_writer=log_writer, pictures=pictures,
+                   checkpoint=checkpoint)
     return model
-
-
-def run_epochs(model, loader, optimizer, scaler, device, args, log_writer, pictures, checkpoint) -> None:
-    timer = utils.Timer()
-    for epoch in range(args.start_epoch, args.epochs):
-        start = utils.epoch_start(loader, epoch, args, checkpoint)
-        save_step = utils.step_saver(model, optimizer, scaler, epoch, args)
-        stats = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, log_writer, **start,
-                                save_step=save_step)
-        utils.save_epoch(model, optimizer, scaler, epoch, args)
-        write_pictures(model, pictures, args, epoch, log_writer)
-        record: Dict[str, float] = {f"train_{key}": value for key, value in stats.items()}
-        record.update(epoch=epoch, n_parameters=sum(p.numel() for p in model.parameters()),
-                      skipped_images=skipped_images(loader.dataset, device))
-        utils.append_log(args.output_dir, record)
-        if utils.is_main_process():
-            print(json.dumps(record), flush=True)
-    if utils.is_main_process():
-        print(f"training time {utils.format_eta(timer.elapsed())}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,12 @@ from torchvision import transforms
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from datasets import UNREADABLE, find_images, load_rgb, synthetic_split
+from checkpoint import load_checkpoint, state_mismatch
+from cli import check_model_name, check_patch_grid, patch_size_kwargs
+from image_files import UNREADABLE, find_images, load_rgb
 from masking_generator import check_mask_ratio, random_masks
 from modeling_finetune import unwrap_state_dict
+from synthetic import synthetic_split
 from visualization import PANELS, reconstruction_grid
 
 FIXED_TABLES = ("pos_embed", "decoder_pos_embed")  # sine-cosine: the model's own fit any input size
@@ -66,14 +69,13 @@ def resolve_args(args: argparse.Namespace, checkpoint_args: Mapping[str, Any]) -
 
 def load_model(args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> torch.nn.Module:
     """The MAE of ``--model`` at ``--input_size`` with the checkpoint's weights, decoder included."""
-    utils.check_model_name(args.model, "pretrain_mae_*")
+    check_model_name(args.model, "pretrain_mae_*")
     model = timm.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                              **utils.patch_size_kwargs(args))
-    if args.input_size % model.patch_size:
-        raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {model.patch_size}")
+                              **patch_size_kwargs(args))
+    check_patch_grid(model, args.input_size)
     state = unwrap_state_dict(checkpoint)
     state.update({name: value for name, value in model.state_dict().items() if name in FIXED_TABLES})
-    mismatch = utils.state_mismatch(model, state)
+    mismatch = state_mismatch(model, state)
     if mismatch:
         hint = f"is --model {args.model} the architecture it was pretrained with?"
         if "decoder_pred.weight" not in state:
@@ -131,17 +133,16 @@ def captioned(grid: torch.Tensor, lines: List[str]) -> Image.Image:
 
 
 def save_picture(image: Image.Image, lines: List[str], path: Path) -> None:
-    """PNG with the caption also as a text chunk, written under a temporary name first."""
+    """PNG with the caption also as a text chunk, written atomically."""
     info = PngImagePlugin.PngInfo()
     info.add_text("Description", "\n".join(lines))
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    image.save(tmp, pnginfo=info)
-    tmp.replace(path)
+    with utils.atomic_write(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def main(args: argparse.Namespace) -> List[Path]:
     """Write one picture per image (one for the synthetic batch); returns their paths."""
-    checkpoint = utils.load_checkpoint(Path(args.model_path))
+    checkpoint = load_checkpoint(Path(args.model_path))
     checkpoint_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     resolve_args(args, checkpoint_args)
     model = load_model(args, checkpoint)

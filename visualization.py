@@ -1,13 +1,20 @@
-"""Pictures of MAE reconstructions: original | masked input | reconstruction | pasted."""
+"""Pictures of MAE reconstructions: original | masked input | reconstruction | pasted, and the fixed
+batch pretraining draws after every epoch, so that successive pictures compare."""
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
+from augmentation import normalize_on_device
+from device_decoder import batch_images
+from masking_generator import random_masks
 from modeling_pretrain import PretrainVisionTransformer
+from utils import atomic_write, is_main_process
 
 PANELS = ("original", "masked input", "reconstruction", "reconstruction + visible")
+NUM_PICTURES = 8  # rows of pretraining's reconstruction.png
 
 
 def denormalize(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -46,8 +53,39 @@ def reconstruction_grid(
 
 
 def save_png(grid: torch.Tensor, path: Path) -> None:
-    """Write the picture through a temporary name so readers never see half a PNG."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(grid, tmp)
-    tmp.replace(path)
+    """Write the picture atomically, so readers never see half a PNG."""
+    with atomic_write(path) as tmp:
+        save_image(grid, tmp, format="PNG")
+
+
+class PictureBatch(NamedTuple):
+    """The images and masks pretraining reconstructs after every epoch."""
+
+    imgs: torch.Tensor  # (B, 3, H, W) normalized, on the training device
+    masks: torch.Tensor  # (B, N) bool
+
+
+def picture_batch(
+    loader: DataLoader, device: torch.device, *, num_patches: int, mean: Sequence[float], std: Sequence[float],
+    mask_ratio: float, seed: int,
+) -> PictureBatch:
+    """The loader's first images as epoch 0 crops them, normalized, with masks drawn from ``seed``."""
+    samples = [loader.dataset[(i, 0)] for i in range(min(NUM_PICTURES, len(loader.dataset)))]  # (index, epoch) keys
+    imgs = normalize_on_device(batch_images(loader.collate_fn(samples), device), mean, std)
+    generator = torch.Generator().manual_seed(seed)
+    masks = random_masks(len(samples), num_patches, mask_ratio, generator=generator)  # (B, N)
+    return PictureBatch(imgs, masks.to(device))
+
+
+def write_pictures(
+    model: PretrainVisionTransformer, pictures: PictureBatch, *, mean: Sequence[float], std: Sequence[float],
+    output_dir: Optional[str], log_writer: Optional[Any], epoch: int,
+) -> None:
+    """``reconstruction.png`` in output_dir (latest) and an image series in TensorBoard."""
+    if not is_main_process():
+        return
+    grid = reconstruction_grid(model, pictures.imgs, pictures.masks, mean, std)
+    if output_dir:
+        save_png(grid, Path(output_dir) / "reconstruction.png")
+    if log_writer is not None:
+        log_writer.add_image("reconstruction", grid, epoch)

@@ -4,7 +4,7 @@ It writes its own ImageNet-like JPEG files (500x375, quality 90) and runs each d
 in one thread, as one data-loader worker does: PIL with the MAE transform (what
 ``datasets.build_pretraining_dataset`` uses), and the tensor decoders of torchvision and torchcodec
 with the same augmentation on uint8 tensors. Every path ends with a uint8 crop; batches are
-normalized after the copy to the device (``datasets.normalize_on_device``), and the masks made
+normalized after the copy to the device (``augmentation.normalize_on_device``), and the masks made
 there, outside the workers. The device decoder (``--decoder device``) splits the work: its workers
 only read the files and draw the crops, and the training device decodes and crops whole batches,
 which is timed on its own (on CUDA with nvJPEG, also without the crops). With ``--num_workers`` it
@@ -30,7 +30,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import augmentation  # noqa: E402
 import datasets  # noqa: E402
+import device_decoder  # noqa: E402
+import image_files  # noqa: E402
 
 Decode = Callable[[str], Any]
 Sample = Tuple[Any, int]
@@ -82,15 +85,15 @@ def cpu_paths(input_size: int, stage: str) -> Dict[str, Tuple[Decode, Callable]]
     """name: (decode, transform) of every CPU path of ``stage`` that can run here; finetuning has
     PIL only, since timm's RandAugment works on PIL images."""
     if stage == "finetune":
-        return {"pil": (datasets.load_rgb, datasets.build_classification_transform(True, input_size))}
-    tensor_transform = datasets.build_tensor_pretraining_transform(input_size)
+        return {"pil": (image_files.load_rgb, augmentation.build_classification_transform(True, input_size))}
+    tensor_transform = augmentation.build_tensor_pretraining_transform(input_size)
     paths = {
-        "pil": (datasets.load_rgb, datasets.build_pil_pretraining_transform(input_size)),
+        "pil": (image_files.load_rgb, augmentation.build_pil_pretraining_transform(input_size)),
         "torchvision": (torchvision_decode, tensor_transform),
     }
     if importable("torchcodec.decoders"):
         paths["torchcodec"] = (torchcodec_decode, tensor_transform)
-    paths[DEVICE_PATH] = (datasets.read_encoded, datasets.RandomCropBox(input_size))
+    paths[DEVICE_PATH] = (device_decoder.read_encoded, device_decoder.RandomCropBox(input_size))
     return paths
 
 
@@ -129,7 +132,7 @@ def per_worker_rate(samples: Dataset, repeats: int) -> float:
 def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: torch.device,
                 collate_fn: Optional[Callable] = None, epochs: int = 2) -> float:
     """Images/s out of a DataLoader as the training scripts build it, through to the uint8 batch
-    on ``device`` (``datasets.batch_images``: the copy, or the device decoder's decode and crop).
+    on ``device`` (``device_decoder.batch_images``: the copy, or the device decoder's decode and crop).
     A first untimed epoch starts the (persistent) workers; whole later epochs are timed, since
     timing after a first batch would count batches the workers prefetched while it was waited for."""
     loader = DataLoader(samples, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
@@ -139,7 +142,7 @@ def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: tor
     start = time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
-            datasets.batch_images(batch, device)
+            device_decoder.batch_images(batch, device)
     torch.get_device_module(device).synchronize(device)
     return epochs * len(loader) * batch_size / (time.perf_counter() - start)
 
@@ -147,18 +150,18 @@ def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: tor
 def device_side_rates(files: Sequence[str], input_size: int, batch_size: int, repeats: int,
                       device: torch.device) -> Dict[str, float]:
     """Images/s of the device decoder's share of the step: whole batches of the workers' output,
-    collated beforehand, decoded and cropped on ``device`` by ``datasets.crop_on_device``. On CUDA
+    collated beforehand, decoded and cropped on ``device`` by ``device_decoder.crop_on_device``. On CUDA
     also the rate at which the host gets through those calls, before waiting for the GPU: where
     the two are close, the host's part (launching the per-image kernels, and whatever the decoder
     itself waits for) bounds the device decoder, not the GPU's work."""
-    samples = PipelineSamples(files, datasets.read_encoded, datasets.RandomCropBox(input_size))
+    samples = PipelineSamples(files, device_decoder.read_encoded, device_decoder.RandomCropBox(input_size))
     with datasets.seeded_rngs((0,)):
         encoded = [samples[index] for index in range(len(samples))]
-    batches = [datasets.collate_encoded(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
+    batches = [device_decoder.collate_encoded(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
 
     def work() -> None:
         for batch in batches:
-            datasets.crop_on_device(batch, device)
+            device_decoder.crop_on_device(batch, device)
 
     rates = {f"device_decoder_{device.type}_side_images_per_s": len(files) / best_time(work, repeats, device)}
     if device.type == "cuda":
@@ -170,8 +173,8 @@ def device_side_rates(files: Sequence[str], input_size: int, batch_size: int, re
 def nvjpeg_rate(files: Sequence[str], batch_size: int, repeats: int) -> float:
     """Images/s of batched nvJPEG decoding alone (the device decoder's own decoder), the files
     read on the host first."""
-    decode = datasets.jpeg_batch_decoder()
-    encoded = [datasets.read_encoded(path).data for path in files]
+    decode = device_decoder.jpeg_batch_decoder()
+    encoded = [device_decoder.read_encoded(path).data for path in files]
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
     device = torch.device("cuda")
     return len(files) / best_time(lambda: [decode(batch, device) for batch in batches], repeats, device)
@@ -206,7 +209,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
             report["per_worker_images_per_s"][name] = rate
             print(f"{name:>12}: {rate:7.1f} images/s per worker")
             if args.num_workers:
-                collate = datasets.collate_encoded if name == DEVICE_PATH else None
+                collate = device_decoder.collate_encoded if name == DEVICE_PATH else None
                 report.setdefault(f"loader_{args.num_workers}_workers_images_per_s", {})[name] = loader_rate(
                     samples, args.num_workers, args.batch_size, device, collate)
         if args.stage == "pretrain":

@@ -37,9 +37,17 @@ import timm  # noqa: E402
 
 import modeling_pretrain  # noqa: E402,F401  registers the pretrain_mae_* models
 import utils  # noqa: E402
+from checkpoint import TrainingState  # noqa: E402
+from engine import optimizer_step  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from modeling_finetune import create_finetune_model  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
+from performance import (  # noqa: E402
+    fused_attention_is_faster,
+    maybe_compile,
+    reuse_freed_memory,
+    use_fastest_attention,
+)
 
 AMP_MODES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # our names -> utils.autocast's
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -148,16 +156,14 @@ def step_peak_bytes(step: Step, device: torch.device) -> int:
 # ----------------------------------------------------------------------------- training steps
 
 
-def train_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, device: torch.device, amp: str) -> Step:
-    """One step as ``utils.train_epoch`` takes it between progress lines; the loss stays on the device."""
+def train_step(state: TrainingState, loss_fn: LossFn, device: torch.device, amp: str) -> Step:
+    """One step as ``engine.train_epoch`` takes it between progress lines; the loss stays on the device."""
 
     def step() -> torch.Tensor:
         with utils.autocast(device, amp):
-            loss = loss_fn(model)
-        scaler.scale(loss).backward()
-        utils.optimizer_step(utils.unwrap_model(model), optimizer, scaler, clip_grad=None,
-                             measure_norm=False)  # as the steps between progress lines
+            loss = loss_fn(state.model)
+        state.scaler.scale(loss).backward()
+        optimizer_step(state, clip_grad=None, measure_norm=False)  # as the steps between progress lines
         return loss.detach()
 
     return step
@@ -184,7 +190,7 @@ def vitmae_loss(imgs: torch.Tensor) -> LossFn:
 def vitmae_attention(device: torch.device, amp: str) -> str:
     """The transformers attention matching ours: SDPA where we run it, its eager matmul-softmax
     path where we run timm's, so the ratio compares the models and not the attention kernels."""
-    return "sdpa" if utils.fused_attention_is_faster(device, amp) else "eager"
+    return "sdpa" if fused_attention_is_faster(device, amp) else "eager"
 
 
 def vitmae_like(mae: modeling_pretrain.PretrainVisionTransformer, mask_ratio: float, attention: str) -> nn.Module:
@@ -228,11 +234,11 @@ def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     before = allocated_bytes(device)
     model.to(device).train()
     amp = AMP_MODES[args.amp]
-    utils.use_fastest_attention(model, device, amp)
-    optimizer = create_optimizer(args, model, device)
-    scaler = utils.make_grad_scaler(device, amp)
-    flops = count_flops(train_step(model, loss_fn, optimizer, scaler, device, amp))
-    step = train_step(utils.maybe_compile(model, args.compile), loss_fn, optimizer, scaler, device, amp)
+    use_fastest_attention(model, device, amp)
+    state = TrainingState(model, create_optimizer(args, model, device), utils.make_grad_scaler(device, amp))
+    flops = count_flops(train_step(state, loss_fn, device, amp))
+    compiled = TrainingState(maybe_compile(model, args.compile), state.optimizer, state.scaler)
+    step = train_step(compiled, loss_fn, device, amp)
     for _ in range(args.warmup):
         step()
     torch.get_device_module(device).synchronize(device)
@@ -290,7 +296,7 @@ def device_name(device: torch.device) -> str:
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cpu":
-        utils.reuse_freed_memory()  # as the training scripts do on CPU (utils.init_distributed)
+        reuse_freed_memory()  # as the training scripts do on CPU (utils.init_distributed)
     probe, probe_flops = matmul_probe(device, args.amp)
     probe_seconds = take_turns({PROBE: probe}, device, rounds=11)[PROBE][2:]  # 2 to warm up
     stages = build_stages(args, device)
@@ -300,7 +306,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "model": args.model, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
         "device": device_name(device), "torch": torch.__version__,
-        "fused_attention": utils.fused_attention_is_faster(device, AMP_MODES[args.amp]),
+        "fused_attention": fused_attention_is_faster(device, AMP_MODES[args.amp]),
         "peak_matmul_tflops": peak_flops / 1e12, "results": results,
     }
     print(f"{args.model} batch {args.batch_size} {args.amp} {'compiled' if args.compile else 'eager'} on "

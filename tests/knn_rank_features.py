@@ -40,7 +40,8 @@ class MeanFeature(torch.nn.Module):
 if __name__ == "__main__":
     device = utils.init_distributed(argparse.Namespace(device="cpu", local_rank=None))
     dataset = NumberedImages(7)
-    features, labels = run_knn_eval.extract_features(MeanFeature(), dataset, 2, 0, device, "none", lambda imgs: imgs)
+    features, labels = run_knn_eval.extract_features(MeanFeature(), dataset, batch_size=2, num_workers=0, device=device,
+                                                     amp="none", batch_transform=lambda imgs: imgs)
     report = {"loaded": dataset.loaded, "features": features[:, 0].tolist(), "labels": labels.tolist()}
     with open(f"knn_rank{os.environ['RANK']}.json", "w") as handle:
         json.dump(report, handle)

@@ -12,22 +12,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 from torchvision import transforms
 
-from datasets import (
-    ImageFiles,
-    SyntheticShapes,
-    build_image_folder,
-    build_pretraining_dataset,
-    EpochSampler,
-    SeededSamples,
-    batch_images,
-    collate_encoded,
-    count_skipped,
-    decode_on_device,
-    decode_rgb,
-    load_rgb,
-    normalize_on_device,
-    read_encoded,
-)
+from augmentation import normalize_on_device
+from datasets import EpochSampler, SeededSamples, build_pretraining_dataset
+from device_decoder import batch_images, collate_encoded, decode_on_device, read_encoded
+from image_files import ImageFiles, build_image_folder, count_skipped, decode_rgb, load_rgb
+from synthetic import SyntheticShapes
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -19,7 +19,10 @@ import run_class_finetuning
 import run_mae_pretraining
 import run_mae_vis
 import utils
-from datasets import BatchTransform, build_classification_transform, eval_resize, normalize_on_device
+from augmentation import BatchTransform, build_classification_transform, eval_resize, normalize_on_device
+from engine import set_learning_rate
+from eval_setup import build_datasets
+from modeling_finetune import create_finetune_model
 from optim_factory import create_optimizer
 from test_pretraining import free_port
 
@@ -74,9 +77,9 @@ def test_layer_decay_scales_are_the_papers_formula():
     """12 blocks: layer 0 is patch embedding, cls token and position embedding, layer i is block
     i - 1 and layer 13 the head, and each is scaled by 0.75 ** (13 - i)."""
     args = parse(["--model", "vit_tiny_patch16_224", "--lr", "1.0"])
-    model = run_class_finetuning.create_finetune_model("vit_tiny_patch16_224", 10, img_size=32)
+    model = create_finetune_model("vit_tiny_patch16_224", 10, img_size=32)
     optimizer = create_optimizer(args, model, torch.device("cpu"))
-    utils.set_learning_rate(optimizer, 1.0)
+    set_learning_rate(optimizer, 1.0)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
 
     def layer(name: str) -> int:
@@ -168,7 +171,7 @@ def test_imagenet_layout_and_eval_transform(tmp_path):
     args = parse(FINETUNE + ["--data_path", str(tmp_path)])
     run_class_finetuning.validate_args(args)
     assert args.data_set == "IMNET"
-    train_set, val_set, nb_classes = run_class_finetuning.build_datasets(args)
+    train_set, val_set, nb_classes = build_datasets(args, run_class_finetuning.finetune_transform, train=True)
     assert nb_classes == 3 and args.nb_classes == 3 and len(train_set) == len(val_set) == 3
     assert eval_resize(224) == 256 and eval_resize(32) == int(32 / 0.875)
     assert val_set[0][0].shape == (3, 32, 32) and train_set[0][0].shape == (3, 32, 32)

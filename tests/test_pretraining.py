@@ -18,6 +18,8 @@ from PIL import Image
 import modeling_pretrain  # noqa: F401
 import run_mae_pretraining
 import utils
+from checkpoint import TrainingState, load_optimizer_state
+from engine import clip_or_measure_grad_norm, lr_at, resolve_lr, train_epoch
 from engine_for_pretraining import reconstruction_loss
 from masking_generator import random_masks
 from optim_factory import create_optimizer
@@ -53,16 +55,16 @@ def test_seed_readme_command_parses(tmp_path):
 def test_blr_scales_with_effective_batch():
     args = parse(["--batch_size", "64", "--accum_iter", "2", "--blr", "1.5e-4"])
     args.world_size = 8
-    utils.resolve_lr(args)
+    resolve_lr(args)
     assert args.lr == pytest.approx(1.5e-4 * 64 * 2 * 8 / 256)
 
 
 def test_lr_schedule_warmup_then_half_cosine():
     args = parse(["--lr", "1.0", "--min_lr", "0.1", "--warmup_epochs", "10", "--epochs", "110"])
-    assert utils.lr_at(5, args) == pytest.approx(0.5)
-    assert utils.lr_at(10, args) == pytest.approx(1.0)
-    assert utils.lr_at(60, args) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
-    assert utils.lr_at(110, args) == pytest.approx(0.1)
+    assert lr_at(5, args) == pytest.approx(0.5)
+    assert lr_at(10, args) == pytest.approx(1.0)
+    assert lr_at(60, args) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr_at(110, args) == pytest.approx(0.1)
 
 
 def test_two_epochs_write_checkpoint_log_pictures_and_resume(tmp_path):
@@ -111,7 +113,7 @@ def test_the_step_masks_every_image_on_the_device_from_the_steps_seed(device):
     loss_fn = reconstruction_loss(model, device, (0.5,) * 3, (0.25,) * 3, mask_ratio=0.75)
     batch = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8), torch.zeros(6)
     for step in (5, 5, 6):
-        utils.seed_everything(0, 0, 2, step)  # seed, rank, epoch, step, as utils.train_epoch does
+        utils.seed_everything(0, 0, 2, step)  # seed, rank, epoch, step, as engine.train_epoch does
         assert torch.isfinite(loss_fn(batch))
     first, again, next_step = seen
     assert first.shape == (6, 16) and first.sum(dim=1).tolist() == [12] * 6
@@ -158,7 +160,7 @@ def test_the_gradient_norm_is_measured_and_only_clipped_when_asked(clip_grad, sc
     6.5 halves them, and a limit above 13 or no limit leaves them as they are."""
     model = torch.nn.Linear(2, 1, bias=True)
     model.weight.grad, model.bias.grad = torch.tensor([[3.0, 4.0]]), torch.tensor([12.0])
-    norm = utils.clip_or_measure_grad_norm(model, clip_grad)
+    norm = clip_or_measure_grad_norm(model, clip_grad)
     assert float(norm) == pytest.approx(13.0)
     torch.testing.assert_close(model.weight.grad, scale * torch.tensor([[3.0, 4.0]]))
     torch.testing.assert_close(model.bias.grad, scale * torch.tensor([12.0]))
@@ -187,7 +189,8 @@ def test_only_the_updates_whose_norm_a_progress_line_shows_measure_it(accum_iter
         return total_norm(*norm_args, **norm_kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", counting_norm)
-    stats = utils.train_epoch(model, list(range(6)), optimizer, scaler, torch.device("cpu"), 0, args, loss_fn)
+    state = TrainingState(model, optimizer, scaler)
+    stats = train_epoch(state, list(range(6)), loss_fn, device=torch.device("cpu"), epoch=0, args=args)
     assert measured == measured_at and stats["grad_norm"] > 0
 
 
@@ -209,7 +212,7 @@ def test_resuming_an_unfused_optimizer_state_keeps_the_fused_kernel_and_the_traj
     step(saved, unfused, grads[0])
     resumed.load_state_dict(saved.state_dict())
     fused = create_optimizer(args, resumed, torch.device("cpu"))
-    utils.load_optimizer_state(fused, copy.deepcopy(unfused.state_dict()))  # as if read from disk
+    load_optimizer_state(fused, copy.deepcopy(unfused.state_dict()))  # as if read from disk
     assert all(group["fused"] for group in fused.param_groups)
     step(saved, unfused, grads[1])
     step(resumed, fused, grads[1])

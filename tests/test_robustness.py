@@ -15,6 +15,10 @@ from PIL import Image
 import run_class_finetuning
 import run_mae_pretraining
 import utils
+from checkpoint import TrainingState, load_checkpoint, save_atomic
+from engine import NonFiniteWatch, resolve_lr, train_epoch
+from modeling_finetune import create_finetune_model
+from optim_factory import create_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(r"^epoch \d+ \[\d+/\d+\]")
@@ -81,10 +85,10 @@ def test_killed_at_a_random_step_and_restarted_ends_bitwise_equal(stage, tmp_pat
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     target = tmp_path / "checkpoint-last.pth"
-    utils.save_atomic({"model": {"w": torch.ones(3)}, "epoch": 4}, target)
+    save_atomic({"model": {"w": torch.ones(3)}, "epoch": 4}, target)
     writer = (
-        "import sys, torch, utils\n"
-        "utils.save_atomic({'model': {'w': torch.zeros(64, 1024, 1024)}, 'epoch': 5}, sys.argv[1])\n"
+        "import sys, torch, checkpoint\n"
+        "checkpoint.save_atomic({'model': {'w': torch.zeros(64, 1024, 1024)}, 'epoch': 5}, sys.argv[1])\n"
     )
     process = subprocess.Popen([sys.executable, "-c", writer, str(target)], cwd=REPO)
     temporary = tmp_path / ".checkpoint-last.pth.tmp"
@@ -94,7 +98,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     process.wait(timeout=60)
     if process.returncode != -signal.SIGKILL:
         pytest.skip("the 256 MB write finished before the kill landed")
-    checkpoint = utils.load_checkpoint(target)
+    checkpoint = load_checkpoint(target)
     assert checkpoint["epoch"] == 4 and torch.equal(checkpoint["model"]["w"], torch.ones(3))
 
 
@@ -144,9 +148,9 @@ def usage_error(main, parser, argv, capsys) -> str:
 @pytest.fixture(scope="module")
 def mismatched_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint of a 2-block model: its keys do not fit the 12-block tiny models."""
-    model = run_class_finetuning.create_finetune_model("vit_tiny_patch16_224", 10, img_size=32, depth=2)
+    model = create_finetune_model("vit_tiny_patch16_224", 10, img_size=32, depth=2)
     path = tmp_path_factory.mktemp("ckpt") / "small.pth"
-    utils.save_atomic({"model": model.state_dict()}, path)
+    save_atomic({"model": model.state_dict()}, path)
     return path
 
 
@@ -241,7 +245,7 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_checkpoint(tmp_path, mon
 
 
 def test_fp16_tolerates_isolated_non_finite_losses_but_not_a_run_of_them():
-    watch = utils.NonFiniteWatch(torch.device("cpu"), patience=3)
+    watch = NonFiniteWatch(torch.device("cpu"), patience=3)
     for step, value in enumerate([1.0, float("inf"), float("nan"), 2.0, float("nan"), float("nan")]):
         watch.observe(torch.tensor(value), step)
     assert int(watch.first_bad) == -1
@@ -257,9 +261,9 @@ def test_500_steps_do_not_grow_process_memory(tmp_path):
     """Anything kept per step (a loss tensor with its graph, a log list) would add up here."""
     args = run_mae_pretraining.get_args_parser().parse_args(PRETRAIN + ["--print_freq", "50"])
     args.rank, args.world_size, args.amp = 0, 1, "none"
-    utils.resolve_lr(args)
+    resolve_lr(args)
     model = run_mae_pretraining.build_model(args)
-    optimizer = run_mae_pretraining.create_optimizer(args, model, torch.device("cpu"))
+    optimizer = create_optimizer(args, model, torch.device("cpu"))
     scaler = utils.make_grad_scaler(torch.device("cpu"), "none")
     imgs, mask = torch.randn(4, 3, 32, 32), torch.tensor([[True, True, True, False]] * 4)
     steps, rss = [], []
@@ -270,7 +274,8 @@ def test_500_steps_do_not_grow_process_memory(tmp_path):
         steps.append(batch)
         return model.forward_loss(imgs, model(imgs, mask, 3), mask)
 
-    utils.train_epoch(model, [None] * 500, optimizer, scaler, torch.device("cpu"), 0, args, loss_fn)
+    train_epoch(TrainingState(model, optimizer, scaler), [None] * 500, loss_fn, device=torch.device("cpu"), epoch=0,
+                args=args)
     warm, end = rss
     assert end - warm < 8 * 2**20, f"grew by {(end - warm) / 2**20:.1f} MiB over 400 steps"
 
@@ -278,7 +283,7 @@ def test_500_steps_do_not_grow_process_memory(tmp_path):
 FAULTS_PER_REUSE = """
 import resource, sys, torch
 sys.path.insert(0, {repo!r})
-import utils
+import performance
 
 def minor_faults_of_reuse() -> int:
     torch.empty(4 * 2**20).fill_(1.0)  # 16 MiB, freed at once
@@ -287,13 +292,13 @@ def minor_faults_of_reuse() -> int:
         torch.empty(4 * 2**20).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-print(minor_faults_of_reuse(), utils.reuse_freed_memory(), minor_faults_of_reuse())
+print(minor_faults_of_reuse(), performance.reuse_freed_memory(), minor_faults_of_reuse())
 """
 
 
 def test_on_cpu_freed_tensors_are_reused_without_fresh_page_faults():
     """By default glibc hands some freed 16 MiB blocks back to the kernel, and the next one
-    faults in afresh as it is filled (4,096 pages); after ``utils.reuse_freed_memory`` the freed
+    faults in afresh as it is filled (4,096 pages); after ``performance.reuse_freed_memory`` the freed
     block is served again, already mapped. The kernel's fault counter is the witness."""
     script = FAULTS_PER_REUSE.format(repo=str(REPO))
     before, applied, after = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -1,0 +1,104 @@
+"""The command-line flags the run_* scripts share, and the checks that refuse a bad command line
+before anything is built or written (one ``error:`` line, exit code 2)."""
+import argparse
+import difflib
+from pathlib import Path
+from typing import Dict
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from utils import UsageError
+
+
+def add_schedule_args(parser: argparse.ArgumentParser, *, blr: float, min_lr: float, warmup_epochs: float) -> None:
+    """Learning-rate flags shared by pretraining and finetuning, with each stage's defaults."""
+    group = parser.add_argument_group("schedule")
+    group.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    group.add_argument("--blr", default=blr, type=float, help="base lr per 256 images")
+    group.add_argument("--min_lr", default=min_lr, type=float, help="lr at the end of the cosine")
+    group.add_argument("--warmup_epochs", default=warmup_epochs, type=float, help="linear warmup length")
+    group.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
+
+
+def add_loading_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Data flags shared by both stages; returns the group so a stage can add its own."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--num_samples", default=None, type=int, help="use only the first N samples")
+    group.add_argument("--mean", default=list(IMAGENET_DEFAULT_MEAN), type=float, nargs=3, help="normalization mean")
+    group.add_argument("--std", default=list(IMAGENET_DEFAULT_STD), type=float, nargs=3, help="normalization std")
+    group.add_argument("--num_workers", default=10, type=int, help="data-loader processes per GPU")
+    group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
+                       help="pin host memory for faster copies to the GPU")
+    return group
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Output, device, precision, seeding, resuming and launcher flags shared by both stages."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints, log.txt, pictures")
+    group.add_argument("--log_dir", default=None, type=str, help="TensorBoard logs (default: output_dir/tensorboard)")
+    add_device_args(group)
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model (slow first steps, faster after; see benchmarks/RESULTS.md)")
+    group.add_argument("--seed", default=0, type=int)
+    group.add_argument("--resume", default="", help="checkpoint to continue from")
+    group.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                       help="continue from the newest checkpoint in output_dir")
+    group.add_argument("--start_epoch", default=0, type=int)
+    group.add_argument("--save_ckpt_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
+    group.add_argument("--save_ckpt_steps", default=0, type=int,
+                       help="also write checkpoint-last.pth every N optimizer steps (0: at epoch ends only)")
+    group.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
+
+
+def add_device_args(group: argparse._ArgumentGroup) -> None:
+    """Device, precision and launcher flags: all that a script which only runs a model needs."""
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                       help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
+    group.add_argument("--local_rank", "--local-rank", default=None, type=int,
+                       help="set by torch.distributed.launch; the environment wins")
+
+
+def validate_common_args(args: argparse.Namespace) -> None:
+    """Checks both stages need before anything is built or written."""
+    for flag in ("batch_size", "accum_iter", "epochs", "save_ckpt_freq", "print_freq"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        raise UsageError(f"--clip_grad must be a positive norm, got {args.clip_grad}; leave it out for no clipping")
+    if args.save_ckpt_steps < 0:
+        raise UsageError(f"--save_ckpt_steps must be 0 (off) or positive, got {args.save_ckpt_steps}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.log_dir is None and args.output_dir:
+        args.log_dir = str(Path(args.output_dir) / "tensorboard")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def check_model_name(name: str, pattern: str) -> None:
+    """Refuse a ``--model`` that timm does not register under ``pattern``, naming the closest."""
+    known = timm.list_models(pattern)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5) or known[:3]
+        raise UsageError(f"unknown --model {name}; did you mean {' or '.join(close)}? (all: timm.list_models({pattern!r}))")
+
+
+def patch_size_kwargs(args: argparse.Namespace) -> Dict[str, int]:
+    """``patch_size`` for ``timm.create_model`` when ``--patch_size`` overrides the model's."""
+    if args.patch_size is None:
+        return {}
+    if args.patch_size < 1:
+        raise UsageError(f"--patch_size must be at least 1, got {args.patch_size}")
+    return {"patch_size": args.patch_size}
+
+
+def check_patch_grid(model: torch.nn.Module, input_size: int) -> None:
+    """Refuse an ``--input_size`` that the model's patches do not tile."""
+    patch = model.patch_embed.patch_size[0]
+    if input_size % patch:
+        raise UsageError(f"--input_size {input_size} is not divisible by the patch size {patch}")

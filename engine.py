@@ -1,0 +1,294 @@
+"""The epoch loop both stages train with, and everything only it uses: the learning-rate schedule,
+gradient accumulation and sync, the optimizer step, the non-finite loss watch, progress lines and
+TensorBoard curves, and which steps log and which save.
+
+A stage gives ``train_epoch`` a ``loss_fn(batch) -> loss`` (``engine_for_pretraining``,
+``engine_for_finetuning``); the loop does the rest, the same way for both.
+"""
+import argparse
+import math
+from collections import defaultdict, deque
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from checkpoint import EpochStart, TrainingState
+from utils import (
+    NonFiniteLossError,
+    Timer,
+    all_reduce_mean,
+    autocast,
+    format_eta,
+    get_world_size,
+    is_main_process,
+    seed_everything,
+    unwrap_model,
+)
+
+LossFn = Callable[[Any], torch.Tensor]
+StepSaver = Callable[[int, float], None]  # (micro-steps of the epoch done, the sum of their losses)
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def resolve_lr(args: argparse.Namespace) -> None:
+    """``lr = blr * effective batch / 256`` unless ``--lr`` is given, as in MAE."""
+    args.eff_batch_size = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * args.eff_batch_size / 256
+
+
+def lr_at(epoch: float, args: argparse.Namespace) -> float:
+    """Linear warmup to ``args.lr``, then a half-cosine to ``args.min_lr``; ``epoch`` is fractional."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Apply ``lr`` to every group, scaled by the group's layer-decay ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def max_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest group lr: the schedule's value, which layer decay only scales down."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+# ----------------------------------------------------------------------------- which steps do what
+
+
+def is_logging_step(step: int, steps: int, args: argparse.Namespace) -> bool:
+    """Whether micro-step ``step`` of an epoch of ``steps`` prints a progress line."""
+    return step % args.print_freq == 0 or step == steps - 1
+
+
+def norm_is_read(step: int, steps: int, args: argparse.Namespace) -> bool:
+    """Whether a progress line shows the gradient norm of the update at micro-step ``step``
+    before the next update replaces it; only those updates measure it (unless ``--clip_grad``
+    needs it anyway), since the norm is a pass over every gradient (benchmarks/RESULTS.md)."""
+    return any(is_logging_step(later, steps, args) for later in range(step, min(step + args.accum_iter, steps)))
+
+
+def is_step_checkpoint(step: int, args: argparse.Namespace) -> bool:
+    """Whether the optimizer update at micro-step ``step`` is one ``--save_ckpt_steps`` asks for."""
+    every = getattr(args, "save_ckpt_steps", 0)
+    return bool(every) and ((step + 1) // args.accum_iter) % every == 0
+
+
+# ----------------------------------------------------------------------------- the optimizer step
+
+
+def grad_sync(model: torch.nn.Module, update: bool) -> ContextManager:
+    """DDP's ``no_sync`` on micro-steps that do not update, so gradients are all-reduced once."""
+    if update or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
+def clip_or_measure_grad_norm(
+    model: torch.nn.Module, clip_grad: Optional[float], measure: bool = True
+) -> Optional[torch.Tensor]:
+    """The total gradient norm, clipped to ``clip_grad`` when given. Without clipping it is only
+    computed, and only when ``measure``: ``clip_grad_norm_(..., inf)`` would still multiply every
+    gradient by 1, a second pass over them, and the norm itself is one more pass that only
+    progress lines read (benchmarks/RESULTS.md). None when not measured."""
+    if clip_grad is not None:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if not measure:
+        return None
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
+def optimizer_step(
+    state: TrainingState, clip_grad: Optional[float], measure_norm: bool = True
+) -> Optional[torch.Tensor]:
+    """Unscale, clip (or measure, if ``measure_norm``) the gradient norm, step, clear; returns the
+    norm on the device, or None when it was neither needed nor asked for."""
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = clip_or_measure_grad_norm(unwrap_model(state.model), clip_grad, measure_norm)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+FP16_NONFINITE_PATIENCE = 10  # consecutive skipped fp16 steps before the run is called lost
+
+
+class NonFiniteWatch:
+    """Tracks, on the device, the first step that ends a run of ``patience`` non-finite losses.
+
+    Without a grad scaler one bad loss already poisons the weights, so patience is 1. With fp16
+    the scaler skips such steps and lowers the scale; only a run of them means the run is lost.
+    Reading a loss back every step would stall the host while the GPU drains, so the check stays
+    on the device and is read only at logging steps, before step checkpoints and at epoch end.
+    """
+
+    def __init__(self, device: torch.device, patience: int = 1) -> None:
+        self.patience = patience
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(loss.detach())
+        self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+        bad_now = (self.streak >= self.patience) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad_now, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def raise_if_bad(self, epoch: int, steps_per_epoch: int, args: argparse.Namespace, scaler) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            lr = lr_at(epoch + step / steps_per_epoch, args)
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            raise NonFiniteLossError(
+                f"loss is not finite at epoch {epoch} step {step} (lr {lr:.3g}, loss scale {scale:g}); "
+                "stopping without saving, the last good checkpoint is untouched. Lower --blr, "
+                "raise --warmup_epochs or use --amp bf16"
+            )
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class SmoothedValue:
+    """A running window for progress lines plus the exact average over everything seen."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window: deque = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.window)) if self.window else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+class MetricLogger:
+    """Named smoothed values and a progress line; the epoch averages go to ``log.txt``."""
+
+    def __init__(self) -> None:
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            self.meters[name].update(float(value))
+
+    def line(self) -> str:
+        return "  ".join(f"{name} {meter.median:.4g} ({meter.global_avg:.4g})" for name, meter in self.meters.items())
+
+    def averages(self) -> Dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+
+class Progress:
+    """Progress lines and TensorBoard curves of one epoch: the only places the loss is read back.
+
+    Throughput and ETA count the steps this process ran, from ``start_step`` after a resume.
+    """
+
+    def __init__(self, *, epoch: int, steps: int, start_step: int, batch_size: int, log_writer: Optional[Any]) -> None:
+        self.epoch, self.steps, self.start_step, self.batch_size = epoch, steps, start_step, batch_size
+        self.log_writer = log_writer
+        self.metrics = MetricLogger()
+        self.timer = Timer()
+
+    def timed(self, loader: Iterable) -> Iterator[Tuple[Any, float]]:
+        """The loader's batches, each with the seconds spent waiting for it."""
+        data_start = self.timer.elapsed()
+        for batch in loader:
+            yield batch, self.timer.elapsed() - data_start
+            data_start = self.timer.elapsed()
+
+    def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
+            data_time: float) -> None:
+        """A progress line on the main process and the step's scalars in TensorBoard."""
+        self.metrics.update(grad_norm=float(grad_norm), data_time=data_time)
+        if is_main_process():
+            elapsed = self.timer.elapsed()
+            done = step + 1 - self.start_step
+            images_per_s = self.batch_size * get_world_size() * done / max(elapsed, 1e-9)
+            eta = format_eta(elapsed / done * (self.steps - step - 1))
+            print(
+                f"epoch {self.epoch} [{step + 1}/{self.steps}]  loss {loss.detach().item():.4f}  "
+                f"lr {max_lr(optimizer):.3e}  {self.metrics.line()}  {images_per_s:.1f} img/s  eta {eta}",
+                flush=True,
+            )
+        if self.log_writer is not None:
+            global_step = self.epoch * self.steps + step
+            self.log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
+            self.log_writer.add_scalar("train/lr", max_lr(optimizer), global_step)
+            self.log_writer.add_scalar("train/grad_norm", float(grad_norm), global_step)
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+
+
+def train_epoch(
+    state: TrainingState,
+    loader: Iterable,
+    loss_fn: LossFn,
+    *,
+    device: torch.device,
+    epoch: int,
+    args: argparse.Namespace,
+    log_writer: Optional[Any] = None,
+    start: EpochStart = EpochStart(),
+    save_step: Optional[StepSaver] = None,
+) -> Dict[str, float]:
+    """One epoch of either stage: ``loss_fn(batch)`` gives the loss, this does the rest.
+
+    Per micro-step: RNGs seeded from (seed, rank, epoch, step), lr from the fractional epoch,
+    forward under autocast, backward (no DDP all-reduce until the last micro-step), optimizer
+    step, and every ``--save_ckpt_steps`` updates ``save_step(steps_done, loss_sum)``. A resumed
+    epoch begins at ``start`` with the loss sum it had, so it ends as an uninterrupted one.
+    Returns the epoch's averages, the loss averaged over ranks.
+    """
+    model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    model.train()
+    steps = len(loader)
+    progress = Progress(epoch=epoch, steps=steps, start_step=start.step, batch_size=args.batch_size,
+                        log_writer=log_writer)
+    watch = NonFiniteWatch(device, FP16_NONFINITE_PATIENCE if scaler.is_enabled() else 1)
+    loss_total = torch.tensor(start.loss_sum, dtype=torch.float64, device=device)
+    grad_norm = torch.zeros((), device=device)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (batch, data_time) in enumerate(progress.timed(loader), start=start.step):
+        seed_everything(args.seed, args.rank, epoch, step)
+        update = (step + 1) % args.accum_iter == 0
+        if step % args.accum_iter == 0:
+            set_learning_rate(optimizer, lr_at(epoch + step / steps, args))
+        with grad_sync(model, update):
+            with autocast(device, args.amp):
+                loss = loss_fn(batch)
+            scaler.scale(loss / args.accum_iter).backward()
+        if update:
+            norm = optimizer_step(state, args.clip_grad, measure_norm=norm_is_read(step, steps, args))
+            grad_norm = grad_norm if norm is None else norm
+        watch.observe(loss, step)
+        loss_total += loss.detach()
+        if update and save_step is not None and step + 1 < steps and is_step_checkpoint(step, args):
+            watch.raise_if_bad(epoch, steps, args, scaler)  # a bad loss never reaches a checkpoint
+            save_step(step + 1, float(loss_total))
+        if is_logging_step(step, steps, args):
+            watch.raise_if_bad(epoch, steps, args, scaler)
+            progress.log(step, loss, grad_norm, optimizer, data_time)
+    watch.raise_if_bad(epoch, steps, args, scaler)
+    mean_loss = float(all_reduce_mean(loss_total / steps))
+    return {"loss": mean_loss, "lr": max_lr(optimizer), **progress.metrics.averages()}

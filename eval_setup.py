@@ -1,0 +1,140 @@
+"""What the three evaluations of an encoder share (finetuning, the linear probe, k-NN): their encoder
+and data flags, the labelled datasets, the encoder with the ``--finetune`` weights, and the
+evaluation loader. Each script adds only its own part, as DINOv2's ``eval/setup.py`` does."""
+import argparse
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from augmentation import BatchTransform
+from checkpoint import load_checkpoint
+from cli import add_loading_args, check_model_name, check_patch_grid, patch_size_kwargs
+from datasets import CLASSIFICATION_SETS, build_classification_dataset
+from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
+from utils import UsageError, is_main_process, rank_shard
+
+TransformFactory = Callable[[argparse.Namespace, bool], Callable]  # (args, is_train) -> the workers' transform
+
+
+def add_encoder_args(parser: argparse.ArgumentParser, *, global_pool: bool) -> argparse._ArgumentGroup:
+    """The encoder flags of every evaluation; finetuning pools the patch tokens by default, the
+    linear probe and k-NN take the cls token, as MAE evaluates. Returns the group."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="vit_base_patch16_224", type=str, help="a timm vit_* name")
+    model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    model.add_argument("--patch_size", default=None, type=int,
+                       help="patch side in pixels, instead of the model's; must match the pretraining's")
+    model.add_argument("--global_pool", action="store_true", default=global_pool,
+                       help="average the patch tokens, then fc_norm" + (" (default, as MAE)" if global_pool else ""))
+    model.add_argument("--cls_token", action="store_false", dest="global_pool",
+                       help="the cls token after the final norm" + ("" if global_pool else " (default, as MAE)"))
+    model.add_argument("--nb_classes", default=None, type=int, help="default: the dataset's number of classes")
+    model.add_argument("--finetune", default="", help="pretrained checkpoint: ours, official MAE or timm")
+    return model
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Which labelled dataset to read."""
+    data = add_loading_args(parser)
+    data.add_argument("--data_path", default=None, type=str,
+                      help="IMNET: folder with train/ and val/; image_folder: the training folder; CIFAR: its files")
+    data.add_argument("--eval_data_path", default=None, type=str, help="image_folder: the evaluation folder")
+    data.add_argument("--data_set", default=None, choices=CLASSIFICATION_SETS,
+                      help="default: IMNET with --data_path, synthetic without")
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    """``--eval`` and ``--dist_eval``, for the evaluations that train (finetuning, the probe)."""
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    evaluation.add_argument("--dist_eval", action="store_true",
+                            help="split evaluation over the processes (each sample counted once)")
+
+
+def validate_data_args(args: argparse.Namespace) -> None:
+    """The dataset and ``--finetune`` checks every evaluation shares."""
+    if args.data_set is None:
+        args.data_set = "IMNET" if args.data_path else "synthetic"
+    if args.data_set != "synthetic" and not args.data_path:
+        raise UsageError(f"--data_set {args.data_set} needs --data_path; omit both for the synthetic dataset")
+    if args.data_path and not Path(args.data_path).is_dir():
+        raise UsageError(f"--data_path {args.data_path} is not a directory")
+    if args.finetune and not Path(args.finetune).is_file():
+        raise UsageError(f"--finetune {args.finetune} does not exist; check the path")
+
+
+def build_datasets(
+    args: argparse.Namespace, make_transform: TransformFactory, *, train: bool
+) -> Tuple[Optional[Dataset], Dataset, int]:
+    """The training set (None unless ``train``), the evaluation set and the number of classes;
+    ``make_transform(args, is_train)`` gives each split's transform."""
+    def build(is_train: bool) -> Tuple[Dataset, int]:
+        try:
+            return build_classification_dataset(
+                args.data_set, is_train, data_path=args.data_path, transform=make_transform(args, is_train),
+                input_size=args.input_size, eval_data_path=args.eval_data_path, num_samples=args.num_samples,
+            )
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from error
+
+    val_set, nb_classes = build(False)
+    train_set = None
+    if train:
+        train_set, train_classes = build(True)
+        if train_classes != nb_classes:
+            raise UsageError(
+                f"the training data has {train_classes} classes but the evaluation data {nb_classes}; "
+                "both need the same class folders"
+            )
+    check_nb_classes(args, nb_classes)
+    return train_set, val_set, nb_classes
+
+
+def check_nb_classes(args: argparse.Namespace, nb_classes: int) -> None:
+    """``--nb_classes`` defaults to the dataset's count; a different value is an error."""
+    if args.nb_classes is None:
+        args.nb_classes = nb_classes
+    elif args.nb_classes != nb_classes:
+        raise UsageError(
+            f"--nb_classes {args.nb_classes} does not match the {nb_classes} classes of --data_set "
+            f"{args.data_set}; pass --nb_classes {nb_classes} or leave it out"
+        )
+
+
+def build_encoder(args: argparse.Namespace, *, num_classes: int, drop_path: float = 0.0) -> torch.nn.Module:
+    """timm's ViT named by ``--model`` with ``--global_pool``'s pooling; ``num_classes=0`` gives
+    the pooled features instead of logits."""
+    check_model_name(args.model, "vit_*")
+    model = create_finetune_model(args.model, num_classes, args.input_size, args.global_pool, drop_path,
+                                  **patch_size_kwargs(args))
+    check_patch_grid(model, args.input_size)
+    return model
+
+
+def load_finetune_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Put the pretrained encoder of ``--finetune`` into ``model``; its head starts fresh."""
+    checkpoint = load_checkpoint(Path(args.finetune))
+    try:
+        missing = load_pretrained_encoder(model, checkpoint)
+    except CheckpointMismatchError as error:
+        raise UsageError(f"--finetune {args.finetune}: {error}") from error
+    if is_main_process():
+        print(f"loaded the encoder of {args.finetune}; new: {', '.join(missing)}")
+
+
+def normalizing_batch_transform(args: argparse.Namespace) -> BatchTransform:
+    """Evaluation batches (and the linear probe's training ones) on the device: normalized only."""
+    return BatchTransform(tuple(args.mean), tuple(args.std))
+
+
+def build_eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+    """With ``--dist_eval`` each rank takes its ``utils.rank_shard``, so the summed counts see every
+    sample exactly once. Otherwise every rank evaluates everything."""
+    if args.dist_eval and args.distributed:
+        dataset = Subset(dataset, rank_shard(len(dataset)))
+    return DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and args.device != "cpu", drop_last=False,
+    )

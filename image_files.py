@@ -1,0 +1,180 @@
+"""Reading image files: PIL's loader and the tensor decoders, finding the images of a folder
+(ImageFolder layout or flat), and skipping and counting the files that cannot be read, so one bad
+file never stops a run."""
+import functools
+import multiprocessing
+import os
+import warnings
+from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from utils import all_reduce_sum
+
+
+# ----------------------------------------------------------------------------- reading one file
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit ('I;16*') and 32-bit integer ('I') greyscale, read as 16-bit range, to 8-bit 'L';
+    PIL's own conversion clips at 255 instead of scaling, which turns most pixels white."""
+    values = np.asarray(image).astype(np.int64)  # (H, W)
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
+
+
+def load_rgb(path: Union[str, BinaryIO]) -> Image.Image:
+    """Any image file (a path or an open binary file) as 8-bit RGB: the one PIL loader for every
+    folder dataset here."""
+    with Image.open(path) as image:
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # the route PIL asks for; direct P -> RGB warns
+        elif image.mode == "I" or image.mode.startswith("I;16"):
+            image = to_8bit(image)
+        return image.convert("RGB")
+
+
+@functools.lru_cache(maxsize=None)
+def file_decoder() -> Callable[[str], torch.Tensor]:
+    """torchcodec's image decoder where it is installed (torchvision 0.29 deprecates its own),
+    else ``torchvision.io``'s; both give (3, H, W) RGB. Chosen once per process, since a failed
+    import is retried, and searched for on disk, every time it runs."""
+    try:
+        from torchcodec.decoders import decode_image
+    except ImportError:
+        from torchvision.io import ImageReadMode, read_file
+        from torchvision.io import decode_image as decode_bytes
+
+        return lambda path: decode_bytes(read_file(path), mode=ImageReadMode.RGB)
+    return lambda path: decode_image(path, mode="RGB")
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """Any image file as a (3, H, W) RGB tensor (uint8; uint16 for 16-bit PNGs), decoded without
+    PIL. A file that cannot be decoded raises ``OSError``, as with PIL, so ``SkipUnreadable``
+    skips it."""
+    try:
+        return file_decoder()(path)
+    except (RuntimeError, ValueError) as error:
+        raise OSError(f"cannot decode {path}: {error}") from error
+
+
+# ----------------------------------------------------------------------------- unreadable files
+
+
+UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for truncated or foreign files
+
+
+class SkipUnreadable(Dataset):
+    """Replaces a sample whose file cannot be decoded by the next readable one, with a warning
+    naming the file, and marks the file in a byte map shared with the data-loader workers, so
+    the logs can count distinct unreadable files however often they are read."""
+
+    def __init__(self, dataset: Dataset, paths: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.paths = paths
+        self.unreadable = multiprocessing.Array("b", len(paths), lock=False)  # (N,) 0/1 flags
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.dataset)):
+            candidate = (index + offset) % len(self.dataset)
+            try:
+                return self.dataset[candidate]
+            except UNREADABLE as error:
+                self.unreadable[candidate] = 1
+                warnings.warn(f"skipping unreadable image {self.paths[candidate]}: {error}", stacklevel=2)
+        raise FileNotFoundError("no image in the dataset can be read")
+
+    def count(self) -> int:
+        return int(np.frombuffer(self.unreadable, dtype=np.int8).sum())
+
+
+def count_skipped(dataset: Dataset) -> int:
+    """Unreadable files met so far by this rank's ``SkipUnreadable`` (anywhere in the wrapper
+    chain), else 0."""
+    while dataset is not None:
+        if isinstance(dataset, SkipUnreadable):
+            return dataset.count()
+        dataset = getattr(dataset, "dataset", None)
+    return 0
+
+
+def skipped_images(dataset: Dataset, device: torch.device) -> int:
+    """Distinct unreadable files met so far, summed over ranks (a collective; ranks read disjoint
+    shards each epoch, so a file is counted by every rank that met it)."""
+    return int(all_reduce_sum(torch.tensor(count_skipped(dataset), device=device)))
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def find_images(root: str) -> List[str]:
+    """Image paths under ``root`` at any depth, sorted so the order is the same on every machine."""
+    paths = []
+    for folder, _, names in os.walk(root, followlinks=True):
+        paths.extend(os.path.join(folder, name) for name in names if is_image_file(name))
+    return sorted(paths)
+
+
+def has_class_folders(root: str) -> bool:
+    """True when some direct subfolder of ``root`` holds images: the ImageFolder layout."""
+    with os.scandir(root) as entries:
+        folders = [entry.path for entry in entries if entry.is_dir()]
+    return any(find_images(folder) for folder in folders)
+
+
+class ImageFiles(Dataset):
+    """Every image under ``root`` (flat or nested, no class folders), each labelled 0."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Callable = load_rgb) -> None:
+        self.root = str(root)
+        self.transform = transform
+        self.loader = loader
+        self.samples: List[str] = find_images(self.root)
+        if not self.samples:
+            raise FileNotFoundError(
+                f"no images ({', '.join(IMG_EXTENSIONS)}) found under {self.root}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[object, int]:
+        image = self.loader(self.samples[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, 0
+
+
+def build_image_folder(root: str, transform: Optional[Callable] = None, loader: Callable = load_rgb) -> Dataset:
+    """torchvision's ``ImageFolder`` for ``root/<class>/...`` layouts, ``ImageFiles`` otherwise;
+    ``loader`` reads one file (PIL's ``load_rgb`` or the tensor path's ``decode_rgb``)."""
+    root = str(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    if has_class_folders(root):
+        # allow_empty: an empty class folder is harmless for pretraining, which ignores labels
+        folder = ImageFolder(root, transform=transform, loader=loader, allow_empty=True)
+        return SkipUnreadable(folder, [path for path, _ in folder.samples])
+    files = ImageFiles(root, transform=transform, loader=loader)
+    return SkipUnreadable(files, files.samples)
+
+
+def labelled_folder(root: str, transform: Callable) -> ImageFolder:
+    """An ``ImageFolder`` with one subfolder per class; a clear error for anything else."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root} does not exist or is not a directory")
+    if not has_class_folders(root):
+        raise FileNotFoundError(f"{root} has no class subfolders with images (expected {root}/<class>/<image>)")
+    return ImageFolder(root, transform=transform, loader=load_rgb)
