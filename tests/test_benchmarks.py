@@ -11,6 +11,7 @@ import torch
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* names with timm)
 import utils
 from masking_generator import random_masks
+from performance import maybe_compile, use_fastest_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_data  # noqa: E402
@@ -37,7 +38,8 @@ def test_bench_train_prints_all_figures_as_its_last_line(capsys):
 
 
 def test_bench_train_profile_names_the_step_matmuls_before_its_json_line(capsys):
-    bench_train.main(bench_train.parse_args(TINY + ["--stages", "pretrain", "--profile", "40"]))
+    # fp32: on CPUs without bf16 matmul units (Zen 3) the bf16 peak probe alone takes minutes
+    bench_train.main(bench_train.parse_args(TINY + ["--amp", "fp32", "--stages", "pretrain", "--profile", "40"]))
     out = capsys.readouterr().out
     last_json_line(out)  # still the last line
     table = out[out.index("pretrain: the 40 operators"):]
@@ -96,7 +98,7 @@ def test_compiled_model_gives_the_eager_loss(batch):
     """Forward only, so inductor compiles one small graph (about half a minute on 2 cores)."""
     model, imgs, masks = batch
     reference = mae_loss(model, imgs, masks, "none")
-    compiled = utils.maybe_compile(model, True)
+    compiled = maybe_compile(model, True)
     assert utils.unwrap_model(compiled) is model
     assert mae_loss(compiled, imgs, masks, "none") == pytest.approx(reference, rel=1e-2)
     assert mae_loss(compiled, imgs, masks, "bf16") == pytest.approx(reference, rel=1e-2)
@@ -108,10 +110,10 @@ def test_bf16_on_cpu_switches_to_timm_matmul_softmax_attention_with_the_same_los
     model, imgs, masks = batch
     attentions = [m for m in model.modules() if isinstance(m, timm.layers.Attention)]
     reference = mae_loss(model, imgs, masks, "none")
-    utils.use_fastest_attention(model, torch.device("cpu"), "bf16")
+    use_fastest_attention(model, torch.device("cpu"), "bf16")
     try:
         assert attentions and not any(attention.fused_attn for attention in attentions)
         assert mae_loss(model, imgs, masks, "bf16") == pytest.approx(reference, rel=1e-2)
     finally:
-        utils.use_fastest_attention(model, torch.device("cpu"), "none")
+        use_fastest_attention(model, torch.device("cpu"), "none")
     assert all(attention.fused_attn for attention in attentions)
