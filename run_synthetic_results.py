@@ -6,8 +6,8 @@ script would take, prints a markdown table with those commands and the time each
 writes the table to output_dir/results.md and a reconstruction picture to output_dir/vis. Run
 again into the same output_dir, every step resumes its own folder: finished ones only evaluate,
 and the table marks their times "(resumed)".
-About 40 minutes on 2 CPU cores with the defaults, 31 of them pretraining: 240 epochs, because
-40 left an encoder that finetuned worse than a random one (README).
+Pretraining takes most of the time (the README gives it): 240 epochs, because 40 left an encoder
+that finetuned worse than a random one (README).
 """
 import argparse
 import shlex
