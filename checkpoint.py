@@ -2,7 +2,8 @@
 resumed at the epoch and step they were written.
 
 Every checkpoint is a dict of tensors and plain values: ``model`` (official key names), ``optimizer``,
-``scaler``, ``epoch``, ``args``; a step checkpoint adds ``step`` and ``loss_sum``, finetuning adds
+``scaler``, ``epoch``, ``args``; a step checkpoint adds where it stopped in the epoch (``step``,
+``samples_done``, ``samples_per_epoch``, ``loss_sums``, ``losses_counted``), finetuning adds
 ``max_accuracy``.
 """
 import argparse
@@ -32,11 +33,30 @@ class TrainingState:
 
 @dataclass(frozen=True)
 class EpochStart:
-    """Where an epoch begins: at step 0, or part-way after a step checkpoint, with the sum of the
-    losses its steps so far had, so the epoch's mean comes out as an uninterrupted one's."""
+    """Where an epoch begins: at its start, or part-way after a step checkpoint, possibly written
+    by a run on another number of processes.
 
-    step: int = 0
-    loss_sum: float = 0.0
+    Positions count samples of the epoch's global order (``datasets.EpochSampler``), which does
+    not depend on the number of processes; the loss sums let the epoch's mean loss come out as an
+    uninterrupted run's.
+    """
+
+    samples_done: int = 0  # positions of the epoch's global order trained on, over all ranks
+    samples_per_epoch: Optional[int] = None  # of the run that wrote it; None: this run's
+    loss_sums: Tuple[float, ...] = ()  # each rank's sum of its micro-batch losses so far
+    losses_counted: int = 0  # micro-batch losses in those sums, over all ranks
+
+    def loss_sum_of(self, rank: int, world_size: int) -> float:
+        """This rank's starting sum: its own at the same world size (so the sums add up in the same
+        order as an uninterrupted run's), else all of them on rank 0."""
+        if len(self.loss_sums) == world_size:
+            return self.loss_sums[rank]
+        return sum(self.loss_sums) if rank == 0 else 0.0
+
+    def to_checkpoint(self, step: int) -> Dict[str, Any]:
+        """The keys a step checkpoint stores; ``step`` is the micro-steps done, for messages."""
+        return {"step": step, "samples_done": self.samples_done, "samples_per_epoch": self.samples_per_epoch,
+                "loss_sums": list(self.loss_sums), "losses_counted": self.losses_counted}
 
 
 def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -123,14 +143,19 @@ def save_epoch(state: TrainingState, *, epoch: int, args: argparse.Namespace, **
     save_training_state(state, Path(args.output_dir), names, epoch=epoch, args=args, **extra)
 
 
-def step_saver(
-    state: TrainingState, *, epoch: int, args: argparse.Namespace, **extra: Any
-) -> Callable[[int, float], None]:
-    """``save_step`` for ``engine.train_epoch``: ``checkpoint-last.pth`` with the position in the epoch."""
-    def save(step: int, loss_sum: float) -> None:
-        if args.output_dir:
-            save_training_state(state, Path(args.output_dir), [LAST], epoch=epoch, args=args,
-                                step=step, loss_sum=loss_sum, **extra)
+StepSaver = Callable[[EpochStart, int], Optional[Path]]  # (position, micro-steps done) -> the file
+
+
+def step_saver(state: TrainingState, *, epoch: int, args: argparse.Namespace, **extra: Any) -> StepSaver:
+    """``save_step`` for ``engine.train_epoch``: ``checkpoint-last.pth`` with the position in the
+    epoch; returns its path (None without ``--output_dir``). Called on every rank, written by rank 0."""
+    def save(position: EpochStart, step: int) -> Optional[Path]:
+        if not args.output_dir:
+            return None
+        path = Path(args.output_dir) / LAST
+        save_training_state(state, path.parent, [path.name], epoch=epoch, args=args,
+                            **position.to_checkpoint(step), **extra)
+        return path
 
     return save
 
@@ -205,11 +230,36 @@ def resume_training_state(state: TrainingState, args: argparse.Namespace) -> Dic
     if is_main_process():
         where = f"epoch {args.start_epoch}" + (f" step {checkpoint['step']}" if "step" in checkpoint else "")
         print(f"resumed from {path} at {where}")
+        change = batch_change(checkpoint.get("args", {}), args)
+        if change:
+            print(change)
     return checkpoint
+
+
+def batch_change(written_by: Mapping[str, Any], args: argparse.Namespace) -> str:
+    """One line when the effective batch differs from the checkpoint's run, saying how the lr follows."""
+    before, now = written_by.get("eff_batch_size"), args.eff_batch_size
+    if before is None or before == now:
+        return ""
+    processes = f"{args.world_size} process" + ("es" if args.world_size > 1 else "")
+    shape = f"{processes} x {args.batch_size} x {args.accum_iter} accumulation steps"
+    if written_by.get("lr") == args.lr:
+        follows = f"lr {args.lr:.3e} stays as --lr gives it"
+    else:
+        follows = f"lr = blr {args.blr:g} x {now} / 256 = {args.lr:.3e} (was {written_by.get('lr', float('nan')):.3e})"
+    return f"effective batch {before} in the checkpoint, {now} now ({shape}): {follows}"
 
 
 def epoch_start(checkpoint: Mapping[str, Any], epoch: int) -> EpochStart:
     """Where ``epoch`` begins: part-way through when ``checkpoint`` was written mid-way through it."""
-    if "step" in checkpoint and checkpoint["epoch"] == epoch:
-        return EpochStart(step=checkpoint["step"], loss_sum=checkpoint["loss_sum"])
-    return EpochStart()
+    if "step" not in checkpoint or checkpoint["epoch"] != epoch:
+        return EpochStart()
+    if "samples_done" in checkpoint:
+        return EpochStart(samples_done=checkpoint["samples_done"], samples_per_epoch=checkpoint["samples_per_epoch"],
+                          loss_sums=tuple(checkpoint["loss_sums"]), losses_counted=checkpoint["losses_counted"])
+    # written before positions were counted: ``step`` batches on each rank, and rank 0's loss sum,
+    # which every rank then resumed from
+    written_by = checkpoint["args"]
+    world_size, step = written_by.get("world_size", 1), checkpoint["step"]
+    return EpochStart(samples_done=step * written_by["batch_size"] * world_size,
+                      loss_sums=(checkpoint["loss_sum"],) * world_size, losses_counted=step * world_size)

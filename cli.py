@@ -2,6 +2,8 @@
 before anything is built or written (one ``error:`` line, exit code 2)."""
 import argparse
 import difflib
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
@@ -9,6 +11,8 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from image_files import DEFAULT_MAX_IMAGE_PIXELS
+from preemption import check_requeue, parse_signals
 from utils import UsageError
 
 
@@ -29,6 +33,9 @@ def add_loading_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     group.add_argument("--mean", default=list(IMAGENET_DEFAULT_MEAN), type=float, nargs=3, help="normalization mean")
     group.add_argument("--std", default=list(IMAGENET_DEFAULT_STD), type=float, nargs=3, help="normalization std")
     group.add_argument("--num_workers", default=10, type=int, help="data-loader processes per GPU")
+    group.add_argument("--max_image_pixels", default=DEFAULT_MAX_IMAGE_PIXELS, type=int,
+                       help="images with more pixels are skipped as unreadable (PIL's decompression-bomb limit; "
+                            "raise it for datasets of large images)")
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True,
                        help="pin host memory for faster copies to the GPU")
     return group
@@ -51,6 +58,11 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save_ckpt_steps", default=0, type=int,
                        help="also write checkpoint-last.pth every N optimizer steps (0: at epoch ends only)")
     group.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
+    group.add_argument("--preempt_signals", default=["TERM", "USR1"], nargs="+", metavar="SIGNAL",
+                       help="on these signals finish the step, write checkpoint-last.pth and exit with 128 + the "
+                            "signal's number ('none': die at once, as without handling)")
+    group.add_argument("--requeue", action="store_true",
+                       help="after a preemption signal, rank 0 requeues the SLURM job (scontrol requeue)")
 
 
 def add_device_args(group: argparse._ArgumentGroup) -> None:
@@ -63,18 +75,66 @@ def add_device_args(group: argparse._ArgumentGroup) -> None:
 
 
 def validate_common_args(args: argparse.Namespace) -> None:
-    """Checks both stages need before anything is built or written."""
-    for flag in ("batch_size", "accum_iter", "epochs", "save_ckpt_freq", "print_freq"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.clip_grad is not None and args.clip_grad <= 0:
+    """Checks every training script needs before anything is built or written."""
+    if args.clip_grad is not None and not POSITIVE.holds(args.clip_grad):
         raise UsageError(f"--clip_grad must be a positive norm, got {args.clip_grad}; leave it out for no clipping")
+    validate_numbers(args)
     if args.save_ckpt_steps < 0:
         raise UsageError(f"--save_ckpt_steps must be 0 (off) or positive, got {args.save_ckpt_steps}")
-    if args.num_samples is not None and args.num_samples < 1:
-        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
+    parse_signals(args.preempt_signals)
+    check_requeue(args)
     if args.log_dir is None and args.output_dir:
         args.log_dir = str(Path(args.output_dir) / "tensorboard")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag may take: finite, from ``low`` to ``high``."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def words(self) -> str:
+        if self.high < math.inf:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low == -math.inf:
+            return "a finite number"
+        if self.low == 0 and self.low_open:
+            return "positive"
+        return f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)  # [0, 1)
+PROBABILITY = Range(0, 1, high_open=False)  # [0, 1]
+NUMBER_RANGES = {  # every numeric flag of the scripts that has it; None (unset) always passes
+    "lr": POSITIVE, "blr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE, "opt_eps": POSITIVE, "opt_betas": FRACTION, "momentum": FRACTION,
+    "layer_decay": Range(0, 1, low_open=True, high_open=False), "drop_path": FRACTION, "mask_ratio": FRACTION,
+    "smoothing": FRACTION, "reprob": PROBABILITY, "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE,
+    "cutmix_minmax": PROBABILITY, "mixup_prob": PROBABILITY, "mixup_switch_prob": PROBABILITY,
+    "color_jitter": NON_NEGATIVE, "temperature": POSITIVE, "mean": Range(-math.inf), "std": POSITIVE,
+    "batch_size": Range(1), "accum_iter": Range(1), "epochs": Range(1), "save_ckpt_freq": Range(1),
+    "print_freq": Range(1), "num_samples": Range(1), "num_workers": Range(0), "max_image_pixels": Range(1),
+    "input_size": Range(1), "start_epoch": Range(0), "recount": Range(1), "nb_classes": Range(1), "nb_knn": Range(1),
+}
+
+
+def validate_numbers(args: argparse.Namespace) -> None:
+    """Refuse a negative, zero, infinite or NaN value where the flag's ``NUMBER_RANGES`` forbid it."""
+    for flag, allowed in NUMBER_RANGES.items():
+        value = getattr(args, flag, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and not allowed.holds(item):
+                raise UsageError(f"--{flag} must be {allowed.words()}, got {item}")
 
 
 # ----------------------------------------------------------------------------- models
@@ -85,7 +145,8 @@ def check_model_name(name: str, pattern: str) -> None:
     known = timm.list_models(pattern)
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5) or known[:3]
-        raise UsageError(f"unknown --model {name}; did you mean {' or '.join(close)}? (all: timm.list_models({pattern!r}))")
+        raise UsageError(f"unknown --model {name}; did you mean {' or '.join(close)}? "
+                         f"(all: timm.list_models({pattern!r}))")
 
 
 def patch_size_kwargs(args: argparse.Namespace) -> Dict[str, int]:

@@ -5,19 +5,30 @@ rank-sharded sampler that can resume part-way through an epoch, and the training
 Reading files is ``image_files``, the transforms ``augmentation``, the synthetic images
 ``synthetic``, and the device decoder ``device_decoder``.
 """
+import functools
 import os
 import random
+import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from augmentation import build_pil_pretraining_transform, build_tensor_pretraining_transform
 from device_decoder import RandomCropBox, read_encoded
-from image_files import SkipUnreadable, build_image_folder, decode_rgb, labelled_folder, load_rgb
+from image_files import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    NoReadableImageError,
+    SkipUnreadable,
+    build_image_folder,
+    decode_rgb,
+    labelled_folder,
+    load_rgb,
+)
+from preemption import worker_init_fn
 from synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
 from utils import UsageError, seed_everything
 
@@ -37,17 +48,18 @@ def first_samples(dataset: Dataset, num_samples: Optional[int]) -> Dataset:
     return dataset
 
 
-def pretraining_reader(decoder: str, input_size: int) -> Tuple[Callable, Callable[[str], object]]:
+def pretraining_reader(decoder: str, input_size: int, max_pixels: int) -> Tuple[Callable, Callable[[str], object]]:
     """``(transform, file loader)`` of a pretraining ``decoder``: "pil" decodes with PIL and crops
     PIL images; "tensor" decodes with ``decode_rgb`` and crops uint8 tensors, about twice PIL's
     images/s (benchmarks/RESULTS.md); "device" reads the file's bytes and draws the crop box, which
-    ``device_decoder.crop_on_device`` applies on the training device."""
+    ``device_decoder.crop_on_device`` applies on the training device. Each loader skips images over
+    ``max_pixels`` pixels."""
     if decoder == "tensor":
-        return build_tensor_pretraining_transform(input_size), decode_rgb
+        return build_tensor_pretraining_transform(input_size), functools.partial(decode_rgb, max_pixels=max_pixels)
     if decoder == "device":
-        return RandomCropBox(input_size), read_encoded
+        return RandomCropBox(input_size), functools.partial(read_encoded, max_pixels=max_pixels)
     if decoder == "pil":
-        return build_pil_pretraining_transform(input_size), load_rgb
+        return build_pil_pretraining_transform(input_size), functools.partial(load_rgb, max_pixels=max_pixels)
     raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
 
 
@@ -57,6 +69,7 @@ def build_pretraining_dataset(
     input_size: int,
     num_samples: Optional[int] = None,
     decoder: str = "pil",
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Dataset:
     """``(image, label)`` samples, augmented (3, H, W) uint8 images; ``num_samples`` keeps only
     the first N; the labels go unused.
@@ -64,7 +77,7 @@ def build_pretraining_dataset(
     Images stay uint8 until ``augmentation.normalize_on_device``; the synthetic set is its training
     split, the images finetuning also trains on, and is drawn, so it has no files to decode.
     """
-    transform, loader = pretraining_reader(decoder, input_size)
+    transform, loader = pretraining_reader(decoder, input_size, max_pixels)
     if data_set == "synthetic":
         if decoder != "pil":
             raise ValueError(f"decoder {decoder!r} decodes image files and the synthetic dataset has none: "
@@ -77,6 +90,21 @@ def build_pretraining_dataset(
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
     return first_samples(dataset, num_samples)
+
+
+def check_readable(dataset: Dataset) -> None:
+    """Read the first sample (``SkipUnreadable`` moves on to the next readable file), so a dataset
+    none of whose files can be read is one usage error before anything is written. The RNGs are
+    left as they were, and the warnings for the files skipped on the way come when training
+    meets them."""
+    if len(dataset) == 0:
+        return
+    with seeded_rngs((0,)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dataset[0]
+        except NoReadableImageError as error:
+            raise UsageError(str(error)) from error
 
 
 def cifar(data_set: str, root: str, is_train: bool, transform: Callable) -> Dataset:
@@ -100,6 +128,7 @@ def build_classification_dataset(
     input_size: int,
     eval_data_path: Optional[str] = None,
     num_samples: Optional[int] = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Tuple[Dataset, int]:
     """The train or evaluation split of a labelled dataset and its number of classes.
 
@@ -122,7 +151,7 @@ def build_classification_dataset(
             raise ValueError("data_set 'image_folder' needs an eval_data_path for evaluation")
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
-    folder = labelled_folder(root, transform)
+    folder = labelled_folder(root, transform, functools.partial(load_rgb, max_pixels=max_pixels))
     dataset = SkipUnreadable(folder, [path for path, _ in folder.samples])
     return first_samples(dataset, num_samples), len(folder.classes)
 
@@ -166,21 +195,40 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` yielding ``(index, epoch)`` keys for ``SeededSamples``, able to
-    start the next epoch part-way through after a mid-epoch resume."""
+class EpochSampler(Sampler):
+    """``(index, epoch)`` keys for ``SeededSamples``: rank r of W takes positions r, r + W, ... of
+    the epoch's global order, a permutation seeded by ``seed + epoch`` (``DistributedSampler``'s
+    draw and partition, with ``drop_last``).
+
+    So the first S steps of B images per rank cover exactly positions [0, S * B * W) of the global
+    order, whatever W is: an epoch resumed at ``samples_done`` continues with the positions after
+    it, on any number of processes, none seen twice and none dropped but the tail that fills no
+    global batch, which every epoch drops.
+    """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
+        self.num_samples = len(dataset)
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch, self.samples_done = 0, 0
 
-    def skip_first(self, num_samples: int) -> None:
-        """Leave out this rank's first ``num_samples`` samples of the next pass only."""
-        self.skip = num_samples
+    def set_epoch(self, epoch: int, samples_done: int = 0) -> None:
+        """The next pass is ``epoch``'s, from position ``samples_done`` of its global order."""
+        self.epoch, self.samples_done = epoch, samples_done
+
+    def global_order(self) -> List[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        """A whole epoch's samples per rank."""
+        return self.num_samples // self.num_replicas
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        indices = list(super().__iter__())[self.skip:]
-        self.skip = 0
+        remaining = self.global_order()[self.samples_done:]
+        per_rank = len(remaining) // self.num_replicas
+        indices = remaining[self.rank : per_rank * self.num_replicas : self.num_replicas]
+        self.samples_done = 0  # a resumed epoch's start applies to one pass only
         return iter([(index, self.epoch) for index in indices])
 
 
@@ -203,11 +251,11 @@ def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = 
         pin_memory=args.pin_mem and args.device != "cpu",
         drop_last=True,
         persistent_workers=args.num_workers > 0,
+        worker_init_fn=worker_init_fn(args),
     )
 
 
-def position_loader(loader: DataLoader, epoch: int, start_step: int) -> None:
-    """Point the loader's ``EpochSampler`` at ``epoch``, leaving out the batches a resumed epoch
-    has already trained on."""
-    loader.sampler.set_epoch(epoch)
-    loader.sampler.skip_first(start_step * loader.batch_size)
+def position_loader(loader: DataLoader, epoch: int, samples_done: int) -> None:
+    """Point the loader's ``EpochSampler`` at ``epoch``, leaving out the ``samples_done`` positions
+    of its global order that a resumed epoch has already trained on."""
+    loader.sampler.set_epoch(epoch, samples_done)

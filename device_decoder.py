@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision import transforms
 
 from augmentation import PRETRAIN_CROP_SCALE, pretraining_augmentation
-from image_files import UNREADABLE, load_rgb
+from image_files import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE, check_image_size, load_rgb
 
 JPEG_END = (0xFF, 0xD9)  # the end-of-image marker that a complete JPEG file ends with
 
@@ -28,19 +28,21 @@ class EncodedImage(NamedTuple):
     width: int
 
 
-def read_encoded(path: str) -> EncodedImage:
-    """The bytes and size of a complete RGB or greyscale JPEG, read from its header without
-    decoding it. Other files (PNG, CMYK, 16-bit, truncated JPEGs: what nvJPEG cannot take or PIL
-    must judge) are decoded here by ``load_rgb``, so an unreadable one raises in the worker and
-    ``SkipUnreadable`` skips it as for the other decoders."""
+def read_encoded(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> EncodedImage:
+    """The bytes and size of a complete RGB or greyscale JPEG of at most ``max_pixels`` pixels,
+    read from its header without decoding it. Other files (PNG, CMYK, 16-bit, truncated JPEGs:
+    what nvJPEG cannot take or PIL must judge) are decoded here by ``load_rgb``, so an unreadable
+    one raises in the worker and ``SkipUnreadable`` skips it as for the other decoders."""
     data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))  # (n,) bytes, the file read once
     try:
-        with Image.open(io.BytesIO(data.numpy())) as image:
-            if image.format == "JPEG" and image.mode in ("RGB", "L") and tuple(data[-2:].tolist()) == JPEG_END:
-                return EncodedImage(data, image.height, image.width)
+        image = Image.open(io.BytesIO(data.numpy()))
     except UNREADABLE as error:
         raise OSError(f"cannot read {path}: {error}") from error
-    pixels = transforms.functional.pil_to_tensor(load_rgb(io.BytesIO(data.numpy())))  # (3, H, W) uint8
+    with image:
+        check_image_size(image, max_pixels)
+        if image.format == "JPEG" and image.mode in ("RGB", "L") and tuple(data[-2:].tolist()) == JPEG_END:
+            return EncodedImage(data, image.height, image.width)
+    pixels = transforms.functional.pil_to_tensor(load_rgb(io.BytesIO(data.numpy()), max_pixels))  # (3, H, W) uint8
     return EncodedImage(pixels, pixels.shape[1], pixels.shape[2])
 
 

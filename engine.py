@@ -14,12 +14,15 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Opti
 import numpy as np
 import torch
 
-from checkpoint import EpochStart, TrainingState
+from checkpoint import EpochStart, StepSaver, TrainingState
+from preemption import Preempted, PreemptionWatch
 from utils import (
     NonFiniteLossError,
     Timer,
-    all_reduce_mean,
+    all_gather_floats,
+    all_reduce_sum,
     autocast,
+    barrier,
     format_eta,
     get_world_size,
     is_main_process,
@@ -28,7 +31,6 @@ from utils import (
 )
 
 LossFn = Callable[[Any], torch.Tensor]
-StepSaver = Callable[[int, float], None]  # (micro-steps of the epoch done, the sum of their losses)
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -251,44 +253,62 @@ def train_epoch(
     log_writer: Optional[Any] = None,
     start: EpochStart = EpochStart(),
     save_step: Optional[StepSaver] = None,
+    preemption: Optional[PreemptionWatch] = None,
 ) -> Dict[str, float]:
     """One epoch of either stage: ``loss_fn(batch)`` gives the loss, this does the rest.
 
     Per micro-step: RNGs seeded from (seed, rank, epoch, step), lr from the fractional epoch,
     forward under autocast, backward (no DDP all-reduce until the last micro-step), optimizer
-    step, and every ``--save_ckpt_steps`` updates ``save_step(steps_done, loss_sum)``. A resumed
-    epoch begins at ``start`` with the loss sum it had, so it ends as an uninterrupted one.
-    Returns the epoch's averages, the loss averaged over ranks.
+    step; every ``--save_ckpt_steps`` updates a step checkpoint (``save_step``), and after an update
+    that the ranks agree a preemption signal arrived before, one more and ``Preempted``. A resumed
+    epoch begins at ``start``, so it ends as an uninterrupted one. Returns the epoch's averages,
+    the loss averaged over all ranks' micro-steps.
     """
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     model.train()
-    steps = len(loader)
-    progress = Progress(epoch=epoch, steps=steps, start_step=start.step, batch_size=args.batch_size,
+    steps = len(loader)  # a whole epoch's micro-steps at this world size
+    world_size = get_world_size()
+    global_batch = args.batch_size * world_size
+    samples_per_epoch = start.samples_per_epoch or steps * global_batch
+    first_step = start.samples_done // global_batch
+    progress = Progress(epoch=epoch, steps=steps, start_step=first_step, batch_size=args.batch_size,
                         log_writer=log_writer)
     watch = NonFiniteWatch(device, FP16_NONFINITE_PATIENCE if scaler.is_enabled() else 1)
-    loss_total = torch.tensor(start.loss_sum, dtype=torch.float64, device=device)
+    loss_total = torch.tensor(start.loss_sum_of(args.rank, world_size), dtype=torch.float64, device=device)
     grad_norm = torch.zeros((), device=device)
+    ran = 0
     optimizer.zero_grad(set_to_none=True)
-    for step, (batch, data_time) in enumerate(progress.timed(loader), start=start.step):
+    for ran, (batch, data_time) in enumerate(progress.timed(loader), start=1):
+        step = first_step + ran - 1
         seed_everything(args.seed, args.rank, epoch, step)
-        update = (step + 1) % args.accum_iter == 0
-        if step % args.accum_iter == 0:
-            set_learning_rate(optimizer, lr_at(epoch + step / steps, args))
+        update = ran % args.accum_iter == 0
+        if (ran - 1) % args.accum_iter == 0:
+            position = start.samples_done + (ran - 1) * global_batch
+            set_learning_rate(optimizer, lr_at(epoch + position / samples_per_epoch, args))
         with grad_sync(model, update):
             with autocast(device, args.amp):
                 loss = loss_fn(batch)
             scaler.scale(loss / args.accum_iter).backward()
+        stop = 0
         if update:
             norm = optimizer_step(state, args.clip_grad, measure_norm=norm_is_read(step, steps, args))
             grad_norm = grad_norm if norm is None else norm
+            stop = preemption.agreed() if preemption is not None else 0
         watch.observe(loss, step)
         loss_total += loss.detach()
-        if update and save_step is not None and step + 1 < steps and is_step_checkpoint(step, args):
+        if save_step is not None and (stop or update and step + 1 < steps and is_step_checkpoint(step, args)):
             watch.raise_if_bad(epoch, steps, args, scaler)  # a bad loss never reaches a checkpoint
-            save_step(step + 1, float(loss_total))
+            done = EpochStart(samples_done=start.samples_done + ran * global_batch,
+                              samples_per_epoch=samples_per_epoch, loss_sums=tuple(all_gather_floats(loss_total)),
+                              losses_counted=start.losses_counted + ran * world_size)
+            saved = save_step(done, step + 1)
+        if stop:
+            barrier()  # rank 0 has written the checkpoint before any rank exits
+            raise Preempted(stop, epoch, step + 1, steps, saved if save_step is not None else None)
         if is_logging_step(step, steps, args):
             watch.raise_if_bad(epoch, steps, args, scaler)
             progress.log(step, loss, grad_norm, optimizer, data_time)
     watch.raise_if_bad(epoch, steps, args, scaler)
-    mean_loss = float(all_reduce_mean(loss_total / steps))
+    counted = start.losses_counted + ran * world_size
+    mean_loss = float(all_reduce_sum(loss_total)) / counted if counted else float("nan")
     return {"loss": mean_loss, "lr": max_lr(optimizer), **progress.metrics.averages()}

@@ -16,6 +16,7 @@ from datasets import position_loader
 from engine import train_epoch
 from image_files import skipped_images
 from performance import maybe_compile
+from preemption import PreemptionWatch, preemptible
 from utils import (
     Timer,
     UsageError,
@@ -121,15 +122,17 @@ def train_and_evaluate(
     state: TrainingState, task: ClassificationTask, *, device: torch.device, args: argparse.Namespace,
     checkpoint: Mapping[str, Any],
 ) -> Dict[str, float]:
-    """``run_epochs`` on the compiled, DDP-wrapped model with TensorBoard; a non-finite loss exits 1."""
+    """``run_epochs`` on the compiled, DDP-wrapped model with TensorBoard; a non-finite loss exits 1,
+    a preemption signal with 128 + its number once the step is saved."""
     state.model = wrap_ddp(maybe_compile(state.model, args.compile), device, args)
-    with training_writer(args.log_dir) as log_writer:
-        return run_epochs(state, task, device=device, args=args, log_writer=log_writer, checkpoint=checkpoint)
+    with preemptible(args) as preemption, training_writer(args.log_dir) as log_writer:
+        return run_epochs(state, task, device=device, args=args, log_writer=log_writer, checkpoint=checkpoint,
+                          preemption=preemption)
 
 
 def run_epochs(
     state: TrainingState, task: ClassificationTask, *, device: torch.device, args: argparse.Namespace,
-    log_writer: Optional[Any], checkpoint: Mapping[str, Any],
+    log_writer: Optional[Any], checkpoint: Mapping[str, Any], preemption: Optional[PreemptionWatch] = None,
 ) -> Dict[str, float]:
     """Train, evaluate and checkpoint each epoch; the best top-1 so far is kept in every checkpoint."""
     timer = Timer()
@@ -140,10 +143,10 @@ def run_epochs(
     n_parameters = sum(p.numel() for p in state.model.parameters())
     for epoch in range(args.start_epoch, args.epochs):
         start = epoch_start(checkpoint, epoch)
-        position_loader(task.train_loader, epoch, start.step)
+        position_loader(task.train_loader, epoch, start.samples_done)
         save_step = step_saver(state, epoch=epoch, args=args, max_accuracy=max_accuracy)
         train_stats = train_epoch(state, task.train_loader, loss_fn, device=device, epoch=epoch, args=args,
-                                  log_writer=log_writer, start=start, save_step=save_step)
+                                  log_writer=log_writer, start=start, save_step=save_step, preemption=preemption)
         test_stats = evaluate(model, task.val_loader, device, args.amp, task.eval_batch, reduce=task.reduce_eval)
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])

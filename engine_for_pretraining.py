@@ -14,6 +14,7 @@ from device_decoder import batch_images
 from engine import train_epoch
 from image_files import skipped_images
 from masking_generator import num_masked_patches, random_masks
+from preemption import PreemptionWatch
 from utils import Timer, append_log, format_eta, is_main_process, unwrap_model
 from visualization import PictureBatch, write_pictures
 
@@ -48,6 +49,7 @@ def run_epochs(
     log_writer: Optional[Any],
     pictures: PictureBatch,
     checkpoint: Mapping[str, Any],
+    preemption: Optional[PreemptionWatch] = None,
 ) -> None:
     """Every epoch from ``args.start_epoch``: train (part-way in after a step checkpoint), save,
     draw ``pictures``, and append the epoch's record to ``log.txt``."""
@@ -56,9 +58,9 @@ def run_epochs(
     n_parameters = sum(p.numel() for p in state.model.parameters())
     for epoch in range(args.start_epoch, args.epochs):
         start = epoch_start(checkpoint, epoch)
-        position_loader(loader, epoch, start.step)
+        position_loader(loader, epoch, start.samples_done)
         stats = train_epoch(state, loader, loss_fn, device=device, epoch=epoch, args=args, log_writer=log_writer,
-                            start=start, save_step=step_saver(state, epoch=epoch, args=args))
+                            start=start, save_step=step_saver(state, epoch=epoch, args=args), preemption=preemption)
         save_epoch(state, epoch=epoch, args=args)
         write_pictures(unwrap_model(state.model), pictures, mean=args.mean, std=args.std,
                        output_dir=args.output_dir, log_writer=log_writer, epoch=epoch)

@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from augmentation import BatchTransform
 from checkpoint import load_checkpoint
 from cli import add_loading_args, check_model_name, check_patch_grid, patch_size_kwargs
-from datasets import CLASSIFICATION_SETS, build_classification_dataset
+from datasets import CLASSIFICATION_SETS, build_classification_dataset, check_readable
 from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
+from preemption import worker_init_fn
 from utils import UsageError, is_main_process, rank_shard
 
 TransformFactory = Callable[[argparse.Namespace, bool], Callable]  # (args, is_train) -> the workers' transform
@@ -59,6 +60,9 @@ def validate_data_args(args: argparse.Namespace) -> None:
         args.data_set = "IMNET" if args.data_path else "synthetic"
     if args.data_set != "synthetic" and not args.data_path:
         raise UsageError(f"--data_set {args.data_set} needs --data_path; omit both for the synthetic dataset")
+    if args.data_set == "image_folder" and not args.eval_data_path:
+        raise UsageError("--data_set image_folder trains on --data_path and evaluates on --eval_data_path, which is "
+                         "missing; for a folder that holds train/ and val/, use --data_set IMNET")
     if args.data_path and not Path(args.data_path).is_dir():
         raise UsageError(f"--data_path {args.data_path} is not a directory")
     if args.finetune and not Path(args.finetune).is_file():
@@ -72,12 +76,15 @@ def build_datasets(
     ``make_transform(args, is_train)`` gives each split's transform."""
     def build(is_train: bool) -> Tuple[Dataset, int]:
         try:
-            return build_classification_dataset(
+            dataset, nb_classes = build_classification_dataset(
                 args.data_set, is_train, data_path=args.data_path, transform=make_transform(args, is_train),
                 input_size=args.input_size, eval_data_path=args.eval_data_path, num_samples=args.num_samples,
+                max_pixels=args.max_image_pixels,
             )
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from error
+        check_readable(dataset)
+        return dataset, nb_classes
 
     val_set, nb_classes = build(False)
     train_set = None
@@ -136,5 +143,5 @@ def build_eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
         dataset = Subset(dataset, rank_shard(len(dataset)))
     return DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device != "cpu", drop_last=False,
+        pin_memory=args.pin_mem and args.device != "cpu", drop_last=False, worker_init_fn=worker_init_fn(args),
     )

@@ -1,6 +1,11 @@
 """Reading image files: PIL's loader and the tensor decoders, finding the images of a folder
-(ImageFolder layout or flat), and skipping and counting the files that cannot be read, so one bad
-file never stops a run."""
+(ImageFolder layout or flat), and skipping and counting the files that cannot be read or are too
+large, so one bad file never stops a run.
+
+PIL's own decompression-bomb check (a warning above ``Image.MAX_IMAGE_PIXELS``, an error above
+twice that, which would stop a run) is replaced on import by ``check_image_size``: the same default
+limit, every decoder, a skip, and a message that names the file and ``--max_image_pixels``.
+"""
 import functools
 import multiprocessing
 import os
@@ -16,6 +21,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils import all_reduce_sum
 
+DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # what PIL refuses by default (178,956,970 pixels)
+Image.MAX_IMAGE_PIXELS = None  # check_image_size does it, for every decoder
+
 
 # ----------------------------------------------------------------------------- reading one file
 
@@ -27,10 +35,22 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
 
 
-def load_rgb(path: Union[str, BinaryIO]) -> Image.Image:
-    """Any image file (a path or an open binary file) as 8-bit RGB: the one PIL loader for every
-    folder dataset here."""
+class ImageTooLargeError(ValueError):
+    """More pixels than ``--max_image_pixels``: skipped like an unreadable file."""
+
+
+def check_image_size(image: Image.Image, max_pixels: int) -> None:
+    """Refuse an opened (not yet decoded) image over ``max_pixels`` pixels."""
+    if image.width * image.height > max_pixels:
+        raise ImageTooLargeError(f"{image.width} x {image.height} pixels is over --max_image_pixels {max_pixels}; "
+                                 "raise it for datasets of large images")
+
+
+def load_rgb(path: Union[str, BinaryIO], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Any image file (a path or an open binary file) of at most ``max_pixels`` pixels as 8-bit RGB:
+    the one PIL loader for every folder dataset here."""
     with Image.open(path) as image:
+        check_image_size(image, max_pixels)
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")  # the route PIL asks for; direct P -> RGB warns
         elif image.mode == "I" or image.mode.startswith("I;16"):
@@ -53,10 +73,15 @@ def file_decoder() -> Callable[[str], torch.Tensor]:
     return lambda path: decode_image(path, mode="RGB")
 
 
-def decode_rgb(path: str) -> torch.Tensor:
-    """Any image file as a (3, H, W) RGB tensor (uint8; uint16 for 16-bit PNGs), decoded without
-    PIL. A file that cannot be decoded raises ``OSError``, as with PIL, so ``SkipUnreadable``
-    skips it."""
+def decode_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Any image file of at most ``max_pixels`` pixels as a (3, H, W) RGB tensor (uint8; uint16 for
+    16-bit PNGs), decoded without PIL, which only reads the size from the header first. A file
+    that cannot be decoded raises ``OSError``, as with PIL, so ``SkipUnreadable`` skips it."""
+    try:
+        with Image.open(path) as image:
+            check_image_size(image, max_pixels)
+    except (OSError, SyntaxError):  # PIL cannot read it: the decoder below judges the file
+        pass
     try:
         return file_decoder()(path)
     except (RuntimeError, ValueError) as error:
@@ -66,7 +91,13 @@ def decode_rgb(path: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- unreadable files
 
 
-UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises for truncated or foreign files
+# what PIL raises for truncated or foreign files (ImageTooLargeError is a ValueError), and its own
+# decompression-bomb error, should anything set PIL's limit again
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class NoReadableImageError(FileNotFoundError):
+    """Every file of a dataset failed to read."""
 
 
 class SkipUnreadable(Dataset):
@@ -89,8 +120,10 @@ class SkipUnreadable(Dataset):
                 return self.dataset[candidate]
             except UNREADABLE as error:
                 self.unreadable[candidate] = 1
-                warnings.warn(f"skipping unreadable image {self.paths[candidate]}: {error}", stacklevel=2)
-        raise FileNotFoundError("no image in the dataset can be read")
+                kind = "oversized" if isinstance(error, ImageTooLargeError) else "unreadable"
+                warnings.warn(f"skipping {kind} image {self.paths[candidate]}: {error}", stacklevel=2)
+                last = f"{self.paths[candidate]}: {error}"
+        raise NoReadableImageError(f"none of the {len(self.dataset)} images can be read; the last: {last}")
 
     def count(self) -> int:
         return int(np.frombuffer(self.unreadable, dtype=np.int8).sum())
@@ -171,10 +204,10 @@ def build_image_folder(root: str, transform: Optional[Callable] = None, loader: 
     return SkipUnreadable(files, files.samples)
 
 
-def labelled_folder(root: str, transform: Callable) -> ImageFolder:
+def labelled_folder(root: str, transform: Callable, loader: Callable = load_rgb) -> ImageFolder:
     """An ``ImageFolder`` with one subfolder per class; a clear error for anything else."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} does not exist or is not a directory")
     if not has_class_folders(root):
         raise FileNotFoundError(f"{root} has no class subfolders with images (expected {root}/<class>/<image>)")
-    return ImageFolder(root, transform=transform, loader=load_rgb)
+    return ImageFolder(root, transform=transform, loader=loader)

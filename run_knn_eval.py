@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
 from augmentation import build_classification_transform
-from cli import add_device_args
+from cli import add_device_args, validate_numbers
 from eval_setup import (
     add_data_args,
     add_encoder_args,
@@ -49,12 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before anything is built or written."""
-    for flag in ("batch_size", "num_samples"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise utils.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if min(args.nb_knn) < 1 or args.temperature <= 0:
-        raise utils.UsageError(f"--nb_knn must be positive and --temperature above 0, got {args.nb_knn}, "
-                               f"{args.temperature}")
+    validate_numbers(args)
     validate_data_args(args)
 
 

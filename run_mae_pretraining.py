@@ -20,13 +20,14 @@ from cli import (
     patch_size_kwargs,
     validate_common_args,
 )
-from datasets import DECODERS, build_pretraining_dataset, build_train_loader
+from datasets import DECODERS, build_pretraining_dataset, build_train_loader, check_readable
 from device_decoder import collate_encoded
 from engine import resolve_lr
 from engine_for_pretraining import run_epochs
 from masking_generator import check_mask_ratio
 from optim_factory import add_optimizer_args, create_optimizer
 from performance import maybe_compile, use_fastest_attention
+from preemption import preemptible
 from visualization import picture_batch
 
 
@@ -92,9 +93,11 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     try:
         dataset = build_pretraining_dataset(
             args.data_set, args.data_path, args.input_size, num_samples=args.num_samples, decoder=args.decoder,
+            max_pixels=args.max_image_pixels,
         )
     except (FileNotFoundError, ValueError) as error:
         raise utils.UsageError(str(error)) from error
+    check_readable(dataset)
     return build_train_loader(dataset, args, collate_encoded if args.decoder == "device" else None)
 
 
@@ -121,9 +124,9 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
                              std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
     state.model = utils.wrap_ddp(maybe_compile(model, args.compile), device, args)
-    with utils.training_writer(args.log_dir) as log_writer:
+    with preemptible(args) as preemption, utils.training_writer(args.log_dir) as log_writer:
         run_epochs(state, loader, device=device, args=args, log_writer=log_writer, pictures=pictures,
-                   checkpoint=checkpoint)
+                   checkpoint=checkpoint, preemption=preemption)
     return model
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, List, Mapping, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -123,9 +123,23 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
         reuse_freed_memory()
     if args.distributed:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=args.rank, world_size=args.world_size)
+        dist.init_process_group(backend=backend, rank=args.rank, world_size=args.world_size, store=restart_store(args))
         dist.barrier()
     return device
+
+
+def restart_store(args: argparse.Namespace) -> Optional[dist.Store]:
+    """Under torchrun, the process group's store with a prefix for each restart of the workers.
+
+    torchrun keeps its store across ``--max-restarts`` restarts, so a restarted group would read
+    the addresses the dead one left there and fail to connect (pytorch/pytorch#135712). Elsewhere
+    None: ``init_process_group`` reads the environment itself.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=args.rank, world_size=args.world_size))
+    return dist.PrefixStore(f"mae_attempt_{attempt}", store)
 
 
 def cleanup_distributed() -> None:
@@ -172,9 +186,19 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (identity on one process)."""
-    return all_reduce_sum(values) / get_world_size()
+def all_gather_floats(value: torch.Tensor) -> List[float]:
+    """Every rank's value of a one-element tensor, in rank order (``[value]`` on one process)."""
+    if get_world_size() == 1:
+        return [float(value)]
+    gathered = [torch.zeros_like(value) for _ in range(get_world_size())]
+    dist.all_gather(gathered, value)
+    return [float(item) for item in gathered]
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing on one process)."""
+    if get_world_size() > 1:
+        dist.barrier()
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> torch.nn.Module:

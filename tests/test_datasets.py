@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 from torchvision import transforms
@@ -231,9 +231,38 @@ def test_sampler_skips_what_a_resumed_epoch_has_already_seen():
     sampler.set_epoch(4)
     full = list(sampler)
     assert len(full) == 5 and all(epoch == 4 for _, epoch in full)
-    sampler.skip_first(3)
+    sampler.set_epoch(4, samples_done=3 * 2)  # 3 samples on each of the 2 ranks
     assert list(sampler) == full[3:]
     assert list(sampler) == full  # the skip applies to one pass only
+
+
+def test_sampler_partitions_as_torchs_distributed_sampler_does():
+    """A fresh epoch is ``DistributedSampler(shuffle=True, drop_last=True)``'s, rank by rank."""
+    for world in (1, 2, 3):
+        for rank in range(world):
+            ours, torchs = EpochSampler(range(11), world, rank, seed=5), DistributedSampler(
+                range(11), num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
+            ours.set_epoch(2)
+            torchs.set_epoch(2)
+            assert [index for index, _ in ours] == list(torchs) and len(ours) == len(torchs)
+
+
+def test_an_epoch_resumed_on_another_world_size_sees_every_position_once():
+    """2 processes take 2 steps of 3 images (positions 0-11 of 30), then 3 processes continue with
+    steps of 2: together every position of the epoch's order is trained exactly once."""
+    def steps(world: int, batch: int, samples_done: int):
+        ranks = []
+        for rank in range(world):
+            sampler = EpochSampler(range(30), world, rank, seed=1)
+            sampler.set_epoch(0, samples_done)
+            keys = [index for index, _ in sampler]
+            ranks.append([keys[i:i + batch] for i in range(0, len(keys) - batch + 1, batch)])  # drop_last
+        return [sum((rank_batches[step] for rank_batches in ranks), []) for step in range(len(ranks[0]))]
+
+    before = steps(world=2, batch=3, samples_done=0)[:2]  # then the run stops
+    after = steps(world=3, batch=2, samples_done=12)
+    seen = sum(before + after, [])
+    assert sorted(seen) == list(range(30))
 
 
 def test_unreadable_files_are_skipped_counted_and_named(tmp_path):

@@ -1,0 +1,38 @@
+"""Pretrain under any launcher, appending the (epoch, index) of every sample each training step
+trains on to samples_rank{RANK}.jsonl in $RECORD_DIR, one JSON line per step."""
+import json
+import os
+from pathlib import Path
+
+import datasets
+import engine_for_pretraining
+import run_mae_pretraining
+
+KEY = 10**6  # label = epoch * KEY + index: pretraining ignores labels, so they can carry the key
+
+
+def keyed_item(self, key):
+    index, epoch = key
+    image, _ = original_item(self, key)
+    return image, epoch * KEY + index
+
+
+def recording_loss(*args, **kwargs):
+    loss_fn = original_loss(*args, **kwargs)
+    record = Path(os.environ["RECORD_DIR"]) / f"samples_rank{os.environ.get('RANK', '0')}.jsonl"
+
+    def loss(batch):
+        keys = [divmod(int(label), KEY) for label in batch[1]]  # (epoch, index) pairs
+        with open(record, "a") as handle:
+            handle.write(json.dumps(keys) + "\n")
+        return loss_fn(batch)
+
+    return loss
+
+
+original_item, datasets.SeededSamples.__getitem__ = datasets.SeededSamples.__getitem__, keyed_item
+original_loss, engine_for_pretraining.reconstruction_loss = engine_for_pretraining.reconstruction_loss, recording_loss
+
+if __name__ == "__main__":
+    run_mae_pretraining.utils.exit_on_usage_error(run_mae_pretraining.main,
+                                                  run_mae_pretraining.get_args_parser().parse_args())
