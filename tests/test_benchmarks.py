@@ -15,6 +15,7 @@ from performance import maybe_compile, use_fastest_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_data  # noqa: E402
+import bench_signal_check  # noqa: E402
 import bench_train  # noqa: E402
 
 TINY = ["--model", "pretrain_mae_tiny_patch16_224", "--batch_size", "2", "--input_size", "32",
@@ -71,6 +72,15 @@ def test_bench_data_times_the_finetuning_pipeline_through_a_loader(capsys):
     report = last_json_line(capsys.readouterr().out)
     assert report["stage"] == "finetune" and set(report["per_worker_images_per_s"]) == {"pil"}
     assert report["loader_1_workers_images_per_s"]["pil"] > 0
+
+
+def test_bench_signal_check_times_steps_with_and_without_the_agreement(capsys):
+    args = bench_signal_check.parse_args(["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32",
+                                          "--steps", "1", "--calls", "10"])
+    report = bench_signal_check.main(args)
+    assert last_json_line(capsys.readouterr().out) == report
+    assert report["world_size"] == 1 and report["step_s"] > 0 and report["step_with_check_s"] > 0
+    assert 0 < report["agreement_us"] < 1e6 * report["step_s"]  # one process: a flag read, no collective
 
 
 @pytest.fixture(scope="module")
