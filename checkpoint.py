@@ -4,17 +4,20 @@ resumed at the epoch and step they were written.
 Every checkpoint is a dict of tensors and plain values: ``model`` (official key names), ``optimizer``,
 ``scaler``, ``epoch``, ``args``; a step checkpoint adds where it stopped in the epoch (``step``,
 ``samples_done``, ``samples_per_epoch``, ``loss_sums``, ``losses_counted``), finetuning adds
-``max_accuracy``.
+``max_accuracy``. With ``--fsdp`` the same is a folder of shards (``sharded_checkpoint``), and the
+run ends with a consolidated file of the model, ``checkpoint-{epoch}-consolidated.pth``.
 """
 import argparse
 import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+import sharded_checkpoint
+from sharding import is_sharded
 from utils import UsageError, atomic_write, is_main_process, unwrap_model
 
 LAST = "checkpoint-last.pth"
@@ -114,12 +117,18 @@ def state_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
 
 
 def save_training_state(
-    state: TrainingState, output_dir: Path, names: Iterable[str], *, epoch: int, args: argparse.Namespace,
+    state: TrainingState, output_dir: Path, names: List[str], *, epoch: int, args: argparse.Namespace,
     **extra: Any,
-) -> None:
-    """Write one checkpoint under each of ``names`` (main process only)."""
+) -> Path:
+    """Write one checkpoint under each of ``names`` (a file, written by rank 0; for a sharded model
+    a folder, by every rank) and return the first one's path. Call it on every rank."""
+    if is_sharded(state.model):
+        meta = {"epoch": epoch, "args": plain_args(args), "scaler": state.scaler.state_dict(), **extra}
+        folders = [sharded_name(name) for name in names]
+        sharded_checkpoint.save(state.model, state.optimizer, Path(output_dir), folders, meta)
+        return Path(output_dir) / folders[0]
     if not is_main_process():
-        return
+        return Path(output_dir) / names[0]
     payload = {
         "model": unwrap_model(state.model).state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -130,6 +139,28 @@ def save_training_state(
     }
     for name in names:
         save_atomic(payload, Path(output_dir) / name)
+    return Path(output_dir) / names[0]
+
+
+def sharded_name(name: str) -> str:
+    """A sharded checkpoint's folder: the file's name without ``.pth``."""
+    return name.removesuffix(".pth")
+
+
+def save_consolidated(state: TrainingState, *, epoch: int, args: argparse.Namespace) -> Optional[Path]:
+    """The sharded model whole in one file of the usual format (``model``, ``epoch``, ``args``),
+    for finetuning, k-NN, the probe, pictures and other tools (collective; rank 0 writes)."""
+    model = sharded_checkpoint.full_model_state(state.model)
+    path = Path(args.output_dir) / consolidated_name(epoch)
+    if is_main_process():
+        save_atomic({"model": model, "epoch": epoch, "args": plain_args(args)}, path)
+        print(f"wrote the whole model to {path}", flush=True)
+    return path
+
+
+def consolidated_name(epoch: int, step: Optional[int] = None) -> str:
+    """Not a ``checkpoint-{epoch}.pth``: it holds no optimizer, so a resume must not pick it."""
+    return f"checkpoint-{epoch}" + (f"-step{step}" if step is not None else "") + "-consolidated.pth"
 
 
 def save_epoch(state: TrainingState, *, epoch: int, args: argparse.Namespace, **extra: Any) -> None:
@@ -141,6 +172,8 @@ def save_epoch(state: TrainingState, *, epoch: int, args: argparse.Namespace, **
     if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
         names.insert(0, f"checkpoint-{epoch}.pth")
     save_training_state(state, Path(args.output_dir), names, epoch=epoch, args=args, **extra)
+    if epoch + 1 == args.epochs and is_sharded(state.model):
+        save_consolidated(state, epoch=epoch, args=args)
 
 
 StepSaver = Callable[[EpochStart, int], Optional[Path]]  # (position, micro-steps done) -> the file
@@ -152,10 +185,8 @@ def step_saver(state: TrainingState, *, epoch: int, args: argparse.Namespace, **
     def save(position: EpochStart, step: int) -> Optional[Path]:
         if not args.output_dir:
             return None
-        path = Path(args.output_dir) / LAST
-        save_training_state(state, path.parent, [path.name], epoch=epoch, args=args,
-                            **position.to_checkpoint(step), **extra)
-        return path
+        return save_training_state(state, Path(args.output_dir), [LAST], epoch=epoch, args=args,
+                                   **position.to_checkpoint(step), **extra)
 
     return save
 
@@ -164,29 +195,47 @@ def step_saver(state: TrainingState, *, epoch: int, args: argparse.Namespace, **
 
 
 def checkpoint_epoch(path: Path) -> int:
-    """The epoch number in ``checkpoint-{epoch}.pth``; -1 for other names."""
-    stem = path.stem.rsplit("-", 1)[-1]
+    """The epoch number in ``checkpoint-{epoch}.pth`` or a ``checkpoint-{epoch}`` folder; -1 for
+    other names."""
+    stem = sharded_name(Path(path).name).rsplit("-", 1)[-1]
     return int(stem) if stem.isdigit() else -1
 
 
-def resume_candidates(output_dir: Path) -> List[Path]:
-    """``checkpoint-last.pth``, then the numbered checkpoints, newest first."""
+def resume_candidates(output_dir: Path, sharded: bool) -> List[Path]:
+    """``checkpoint-last``, then the numbered checkpoints, newest first: files, or with ``sharded``
+    the folders ``--fsdp`` writes."""
     output_dir = Path(output_dir)
-    numbered = [path for path in output_dir.glob("checkpoint-*.pth") if checkpoint_epoch(path) >= 0]
-    last = [output_dir / LAST] if (output_dir / LAST).is_file() else []
-    return last + sorted(numbered, key=checkpoint_epoch, reverse=True)
+    kind = Path.is_dir if sharded else Path.is_file
+    last = output_dir / (sharded_name(LAST) if sharded else LAST)
+    numbered = [path for path in output_dir.glob("checkpoint-*") if checkpoint_epoch(path) >= 0 and kind(path)]
+    return [last] * kind(last) + sorted(numbered, key=checkpoint_epoch, reverse=True)
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """A file's whole checkpoint, or a sharded folder's plain values (its tensors are loaded into
+    the model later, by every rank): checked complete either way."""
+    if not sharded_checkpoint.is_sharded_checkpoint(path):
+        return load_checkpoint(path)
+    try:
+        sharded_checkpoint.check_complete(path)
+        return sharded_checkpoint.read_meta(path)
+    except sharded_checkpoint.UnsafeMetadataError as error:
+        raise UsageError(f"checkpoint {path} holds Python objects that would run code when unpickled ({error}); "
+                         "refused: only tensors and plain values are accepted") from error
+    except Exception as error:  # a missing or cut-short file of the folder
+        raise CorruptCheckpointError(f"checkpoint {path} is incomplete or corrupt ({error})") from error
 
 
 def find_resume_checkpoint(args: argparse.Namespace) -> Tuple[Optional[Path], Dict[str, Any]]:
     """``--resume``'s checkpoint, or with ``--auto_resume`` the newest readable one in output_dir
     (a damaged one is reported and the next older one used)."""
     if args.resume:
-        return Path(args.resume), load_checkpoint(Path(args.resume))
+        return Path(args.resume), read_checkpoint(Path(args.resume))
     if not (args.auto_resume and args.output_dir):
         return None, {}
-    for path in resume_candidates(Path(args.output_dir)):
+    for path in resume_candidates(Path(args.output_dir), sharded=getattr(args, "fsdp", False)):
         try:
-            return path, load_checkpoint(path)
+            return path, read_checkpoint(path)
         except CorruptCheckpointError as error:
             print(f"warning: {error}; trying the next older checkpoint", file=sys.stderr, flush=True)
     return None, {}
@@ -195,14 +244,43 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Tuple[Optional[Path], Di
 OPTIMIZER_KERNEL_KEYS = ("fused", "foreach")
 
 
+def load_weights_and_optimizer(state: TrainingState, path: Path, checkpoint: Mapping[str, Any],
+                               args: argparse.Namespace) -> None:
+    """The checkpoint's model and optimizer state into ``state``, after checking that it fits."""
+    model = unwrap_model(state.model)
+    if sharded_checkpoint.is_sharded_checkpoint(path):
+        shapes = {key: torch.empty(shape, device="meta") for key, shape in sharded_checkpoint.model_shapes(path).items()}
+        mismatch = state_mismatch(model, shapes)
+    else:
+        mismatch = state_mismatch(model, checkpoint.get("model", {}))
+    if mismatch:
+        raise UsageError(
+            f"checkpoint {path} does not fit --model {getattr(args, 'model', '?')}: {mismatch}; pass a "
+            "checkpoint of this model (for pretrained weights use --finetune)"
+        )
+    if sharded_checkpoint.is_sharded_checkpoint(path):
+        kernels = optimizer_kernels(state.optimizer)
+        sharded_checkpoint.load(state.model, state.optimizer, path)
+        for group, kernel in zip(state.optimizer.param_groups, kernels):
+            group.update(kernel)
+        return
+    model.load_state_dict(checkpoint["model"])
+    if "optimizer" in checkpoint:
+        load_optimizer_state(state.optimizer, checkpoint["optimizer"])
+
+
+def optimizer_kernels(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    """Each group's kernel choice (fused, foreach), which a loaded state must not override."""
+    return [{key: group[key] for key in OPTIMIZER_KERNEL_KEYS if key in group} for group in optimizer.param_groups]
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
     """The checkpoint's moments and hyperparameters with this run's kernel choice.
 
     ``Optimizer.load_state_dict`` takes every group setting from the checkpoint, ``fused`` too, so a
     state saved unfused (or on another device) would silently switch the fused kernel off here.
     """
-    kernels = [{key: group[key] for key in OPTIMIZER_KERNEL_KEYS if key in group} for group in optimizer.param_groups]
-    groups = [{**saved, **kernel} for saved, kernel in zip(state["param_groups"], kernels)]
+    groups = [{**saved, **kernel} for saved, kernel in zip(state["param_groups"], optimizer_kernels(optimizer))]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
@@ -215,16 +293,15 @@ def resume_training_state(state: TrainingState, args: argparse.Namespace) -> Dic
     path, checkpoint = find_resume_checkpoint(args)
     if not checkpoint:
         return {}
-    model = unwrap_model(state.model)
-    mismatch = state_mismatch(model, checkpoint.get("model", {}))
-    if mismatch:
-        raise UsageError(
-            f"checkpoint {path} does not fit --model {getattr(args, 'model', '?')}: {mismatch}; pass a "
-            "checkpoint of this model (for pretrained weights use --finetune)"
-        )
-    model.load_state_dict(checkpoint["model"])
-    if "optimizer" in checkpoint:
-        load_optimizer_state(state.optimizer, checkpoint["optimizer"])
+    folder = sharded_checkpoint.is_sharded_checkpoint(path)
+    if folder and not is_sharded(state.model):
+        raise UsageError(f"checkpoint {path} is a sharded folder: resume it with --fsdp, or make one file of its "
+                         "weights with consolidate_checkpoint.py")
+    if is_sharded(state.model) and not folder:
+        raise UsageError(f"checkpoint {path} is one file, and --fsdp resumes the folders it writes: resume it "
+                         "without --fsdp")
+    load_weights_and_optimizer(state, path, checkpoint, args)
+    if "optimizer" in checkpoint or folder:
         state.scaler.load_state_dict(checkpoint["scaler"])
         args.start_epoch = checkpoint["epoch"] + (0 if "step" in checkpoint else 1)
     if is_main_process():

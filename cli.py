@@ -13,6 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from image_files import DEFAULT_MAX_IMAGE_PIXELS
 from preemption import check_requeue, parse_signals
+from sharding import check_sharding_args
 from utils import UsageError
 
 
@@ -65,6 +66,16 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                        help="after a preemption signal, rank 0 requeues the SLURM job (scontrol requeue)")
 
 
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """FSDP2 and activation checkpointing, for models and batches past one GPU's memory."""
+    group = parser.add_argument_group("memory")
+    group.add_argument("--fsdp", action="store_true",
+                       help="shard weights, gradients and optimizer state over the processes (FSDP2); "
+                            "checkpoints become folders of shards")
+    group.add_argument("--grad_checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass instead of keeping them")
+
+
 def add_device_args(group: argparse._ArgumentGroup) -> None:
     """Device, precision and launcher flags: all that a script which only runs a model needs."""
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +94,8 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--save_ckpt_steps must be 0 (off) or positive, got {args.save_ckpt_steps}")
     parse_signals(args.preempt_signals)
     check_requeue(args)
+    if getattr(args, "fsdp", False):
+        check_sharding_args(args)
     if args.log_dir is None and args.output_dir:
         args.log_dir = str(Path(args.output_dir) / "tensorboard")
 

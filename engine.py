@@ -16,6 +16,7 @@ import torch
 
 from checkpoint import EpochStart, StepSaver, TrainingState
 from preemption import Preempted, PreemptionWatch
+from sharding import full_value
 from utils import (
     NonFiniteLossError,
     Timer,
@@ -86,7 +87,9 @@ def is_step_checkpoint(step: int, args: argparse.Namespace) -> bool:
 
 
 def grad_sync(model: torch.nn.Module, update: bool) -> ContextManager:
-    """DDP's ``no_sync`` on micro-steps that do not update, so gradients are all-reduced once."""
+    """DDP's ``no_sync`` on micro-steps that do not update, so gradients are all-reduced once. A
+    sharded model reduce-scatters every micro-step instead: its gradients then accumulate sharded,
+    where skipping the sync would hold them whole between micro-steps (README)."""
     if update or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return nullcontext()
     return model.no_sync()
@@ -98,12 +101,14 @@ def clip_or_measure_grad_norm(
     """The total gradient norm, clipped to ``clip_grad`` when given. Without clipping it is only
     computed, and only when ``measure``: ``clip_grad_norm_(..., inf)`` would still multiply every
     gradient by 1, a second pass over them, and the norm itself is one more pass that only
-    progress lines read (benchmarks/RESULTS.md). None when not measured."""
-    if clip_grad is not None:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    if not measure:
+    progress lines read (benchmarks/RESULTS.md). None when not measured. Over sharded gradients
+    (``--fsdp``) the norm is the global one, over every rank's shards."""
+    if clip_grad is None and not measure:
         return None
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    norm = full_value(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+    if clip_grad is not None:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip_grad, norm)
+    return norm
 
 
 def optimizer_step(

@@ -15,8 +15,8 @@ from checkpoint import BEST, TrainingState, epoch_start, save_epoch, save_traini
 from datasets import position_loader
 from engine import train_epoch
 from image_files import skipped_images
-from performance import maybe_compile
 from preemption import PreemptionWatch, preemptible
+from sharding import distribute
 from utils import (
     Timer,
     UsageError,
@@ -27,7 +27,6 @@ from utils import (
     is_main_process,
     training_writer,
     unwrap_model,
-    wrap_ddp,
 )
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -124,7 +123,7 @@ def train_and_evaluate(
 ) -> Dict[str, float]:
     """``run_epochs`` on the compiled, DDP-wrapped model with TensorBoard; a non-finite loss exits 1,
     a preemption signal with 128 + its number once the step is saved."""
-    state.model = wrap_ddp(maybe_compile(state.model, args.compile), device, args)
+    state.model = distribute(state.model, device, args)
     with preemptible(args) as preemption, training_writer(args.log_dir) as log_writer:
         return run_epochs(state, task, device=device, args=args, log_writer=log_writer, checkpoint=checkpoint,
                           preemption=preemption)

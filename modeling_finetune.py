@@ -1,7 +1,8 @@
 """Finetuning models and the one loader that puts pretrained MAE encoder weights into them.
 
 The finetuning model is timm's own ``VisionTransformer`` (``vit_base_patch16_224`` and so on):
-the pretraining model subclasses the same class, so the encoder exists once.
+the pretraining model subclasses the same class, so the encoder exists once. ViT-2B/14, which timm
+does not have, is registered here as ``vit_2b_patch14_224``.
 """
 import math
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -10,13 +11,35 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models import VisionTransformer
+from timm.models import VisionTransformer, register_model
 
 WRAPPER_KEYS = ("model", "state_dict", "model_ema")
 KEY_PREFIXES = ("module.", "encoder.", "backbone.")
 HEAD_KEYS = ("head.weight", "head.bias")
 FC_NORM_KEYS = ("fc_norm.weight", "fc_norm.bias")
 FINAL_NORM_KEYS = ("norm.weight", "norm.bias")
+
+
+# timm's factory passes these to every entrypoint; they concern hub weights we never fetch.
+FACTORY_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def model_kwargs(name: str, pretrained: bool, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """An entrypoint's keywords for the model itself; ``pretrained`` is refused, since nothing is
+    ever downloaded."""
+    if pretrained:
+        raise ValueError(
+            f"{name}: weights are never downloaded; build it with pretrained=False and load a "
+            "checkpoint file with load_state_dict (official MAE checkpoints load strictly)"
+        )
+    return {key: value for key, value in kwargs.items() if key not in FACTORY_ONLY_KWARGS}
+
+
+@register_model
+def vit_2b_patch14_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-2B/14 of MAWS (Singh et al., 2023): width 2560, 24 blocks, 32 heads, MLP 10240."""
+    config = dict(patch_size=14, embed_dim=2560, depth=24, num_heads=32, mlp_ratio=4.0)
+    return VisionTransformer(**{**config, **model_kwargs("vit_2b_patch14_224", pretrained, kwargs)})
 
 
 class CheckpointMismatchError(ValueError):

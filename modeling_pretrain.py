@@ -7,16 +7,17 @@ unchanged into ``timm.create_model('vit_base_patch16_224')`` for finetuning, and
 MAE checkpoint loads into it with ``strict=True``.
 """
 from functools import partial
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from timm.models import checkpoint_seq, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
-from timm.models import register_model
 
 from masking_generator import to_grid
+from modeling_finetune import model_kwargs
 
 
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,8 @@ class PretrainVisionTransformer(VisionTransformer):
         in_chans: Image channels.
         embed_dim, depth, num_heads: Encoder width, blocks and attention heads.
         decoder_embed_dim, decoder_depth, decoder_num_heads: The same for the decoder.
-        mlp_ratio: MLP hidden width over token width, encoder and decoder.
+        mlp_ratio: MLP hidden width over token width in the encoder.
+        decoder_mlp_ratio: The same in the decoder (the paper's 4 for every encoder).
         norm_layer: Normalization of every block and of both final norms.
         norm_pix_loss: Regress each patch normalized by its own mean and variance.
         **vit_kwargs: Further keywords for timm's ``VisionTransformer`` (e.g. ``drop_path_rate``).
@@ -97,6 +99,7 @@ class PretrainVisionTransformer(VisionTransformer):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
+        decoder_mlp_ratio: float = 4.0,
         norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
         norm_pix_loss: bool = False,
         **vit_kwargs: Any,
@@ -124,7 +127,7 @@ class PretrainVisionTransformer(VisionTransformer):
         self.decoder_pos_embed = fixed_pos_embed(decoder_embed_dim, grid)
         self.decoder_blocks = nn.Sequential(
             *[
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
                 for _ in range(decoder_depth)
             ]
         )
@@ -190,8 +193,15 @@ class PretrainVisionTransformer(VisionTransformer):
         x = self.embed_visible(imgs, visible_idx) + gather_tokens(patch_pos, visible_idx)  # (B, N_vis, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + N_vis, D)
-        x = self.blocks(x)
+        x = self.run_blocks(self.blocks, x)
         return self.norm(x)
+
+    def run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """``blocks(x)``; with ``set_grad_checkpointing()`` each block's activations are recomputed in
+        the backward pass instead of kept (timm's ``checkpoint_seq``, as its own ViT does)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_seq(blocks, x)
+        return blocks(x)
 
     def forward_decoder(
         self, latent: torch.Tensor, visible_idx: torch.Tensor, masked_idx: torch.Tensor, predict_visible: bool = False
@@ -211,7 +221,7 @@ class PretrainVisionTransformer(VisionTransformer):
         visible = x[:, 1:] + gather_tokens(patch_pos, visible_idx)  # (B, N_vis, Dd)
         masked = self.mask_token + gather_tokens(patch_pos, masked_idx)  # (B, N_mask, Dd)
         x = torch.cat([cls, visible, masked], dim=1)  # (B, 1 + N, Dd)
-        x = self.decoder_blocks(x)
+        x = self.run_blocks(self.decoder_blocks, x)
         num_out = x.shape[1] - 1 if predict_visible else masked_idx.shape[1]
         x = self.decoder_norm(x[:, -num_out:])  # (B, N_out, Dd)
         return self.decoder_pred(x)
@@ -266,39 +276,36 @@ class PretrainVisionTransformer(VisionTransformer):
         return self.unpatchify(pred), self.unpatchify(pasted)
 
 
-# name: (embed_dim, depth, num_heads, patch_size, decoder_embed_dim, decoder_depth, decoder_num_heads)
+class MaeConfig(NamedTuple):
+    """An encoder's sizes, with the paper's decoder (512 wide, 8 blocks, 16 heads) unless given."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+
+
 MAE_CONFIGS = {
-    "pretrain_mae_tiny_patch16_224": (192, 12, 3, 16, 128, 2, 4),
-    "pretrain_mae_small_patch16_224": (384, 12, 6, 16, 512, 8, 16),
-    "pretrain_mae_base_patch16_224": (768, 12, 12, 16, 512, 8, 16),
-    "pretrain_mae_large_patch16_224": (1024, 24, 16, 16, 512, 8, 16),
-    "pretrain_mae_huge_patch14_224": (1280, 32, 16, 14, 512, 8, 16),
+    "pretrain_mae_tiny_patch16_224": MaeConfig(192, 12, 3, 16, decoder_embed_dim=128, decoder_depth=2,
+                                               decoder_num_heads=4),
+    "pretrain_mae_small_patch16_224": MaeConfig(384, 12, 6, 16),
+    "pretrain_mae_base_patch16_224": MaeConfig(768, 12, 12, 16),
+    "pretrain_mae_large_patch16_224": MaeConfig(1024, 24, 16, 16),
+    "pretrain_mae_huge_patch14_224": MaeConfig(1280, 32, 16, 14),
+    # ViT-g/14 of "Scaling Vision Transformers" (Zhai et al., 2022): MLP 6144 = 1408 x 48/11, as timm's
+    # vit_giant_patch14_224
+    "pretrain_mae_giant_patch14_224": MaeConfig(1408, 40, 16, 14, mlp_ratio=48 / 11),
+    # ViT-2B/14 of MAWS ("The effectiveness of MAE pre-pretraining for billion-scale pretraining",
+    # Singh et al., 2023): MLP 10240
+    "pretrain_mae_2b_patch14_224": MaeConfig(2560, 24, 32, 14),
 }
 
-# timm's factory passes these to every entrypoint; they concern hub weights we never fetch.
-_FACTORY_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
 def _create_mae(name: str, pretrained: bool, **kwargs: Any) -> PretrainVisionTransformer:
-    if pretrained:
-        raise ValueError(
-            f"{name}: weights are never downloaded; build it with pretrained=False and load a "
-            "checkpoint file with load_state_dict (official MAE checkpoints load strictly)"
-        )
-    for key in _FACTORY_ONLY_KWARGS:
-        kwargs.pop(key, None)
-    embed_dim, depth, heads, patch, dec_dim, dec_depth, dec_heads = MAE_CONFIGS[name]
-    config = dict(
-        patch_size=patch,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=heads,
-        decoder_embed_dim=dec_dim,
-        decoder_depth=dec_depth,
-        decoder_num_heads=dec_heads,
-        mlp_ratio=4.0,
-    )
-    config.update(kwargs)
+    config = {**MAE_CONFIGS[name]._asdict(), **model_kwargs(name, pretrained, kwargs)}
     return PretrainVisionTransformer(**config)
 
 
@@ -325,3 +332,13 @@ def pretrain_mae_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> P
 @register_model
 def pretrain_mae_huge_patch14_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
     return _create_mae("pretrain_mae_huge_patch14_224", pretrained, **kwargs)
+
+
+@register_model
+def pretrain_mae_giant_patch14_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
+    return _create_mae("pretrain_mae_giant_patch14_224", pretrained, **kwargs)
+
+
+@register_model
+def pretrain_mae_2b_patch14_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
+    return _create_mae("pretrain_mae_2b_patch14_224", pretrained, **kwargs)

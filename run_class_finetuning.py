@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import utils
 from augmentation import BatchTransform, build_classification_transform
 from checkpoint import TrainingState, resume_training_state
-from cli import add_run_args, add_schedule_args, validate_common_args
+from cli import add_memory_args, add_run_args, add_schedule_args, validate_common_args
 from datasets import build_train_loader
 from engine import resolve_lr
 from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
@@ -31,6 +31,7 @@ from eval_setup import (
 )
 from optim_factory import add_optimizer_args, create_optimizer
 from performance import use_fastest_attention
+from sharding import shard_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_data_args(parser)
     add_evaluation_args(parser)
+    add_memory_args(parser)
     add_run_args(parser)
     return parser
 
@@ -126,6 +128,9 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     model.to(device)
     use_fastest_attention(model, device, args.amp)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if args.fsdp:
+        shard_model(model, device, args.amp)  # before the optimizer, which must see the shards
     val_loader = build_eval_loader(val_set, args)
     reduce_eval = args.dist_eval and args.distributed
     resolve_lr(args)

@@ -13,6 +13,7 @@ import utils
 from checkpoint import TrainingState, resume_training_state
 from cli import (
     add_loading_args,
+    add_memory_args,
     add_run_args,
     add_schedule_args,
     check_model_name,
@@ -26,8 +27,9 @@ from engine import resolve_lr
 from engine_for_pretraining import run_epochs
 from masking_generator import check_mask_ratio
 from optim_factory import add_optimizer_args, create_optimizer
-from performance import maybe_compile, use_fastest_attention
+from performance import use_fastest_attention
 from preemption import preemptible
+from sharding import distribute, shard_model
 from visualization import picture_batch
 
 
@@ -58,6 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "about 2x PIL's images/s; device: the workers read JPEG bytes and draw the crops, the "
                            "training device decodes (nvJPEG on CUDA) and crops whole batches "
                            "(benchmarks/RESULTS.md); both for image folders only")
+    add_memory_args(parser)
     add_run_args(parser)
     return parser
 
@@ -112,6 +115,9 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     utils.seed_everything(args.seed, args.rank)
     model = build_model(args).to(device)
     use_fastest_attention(model, device, args.amp)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if args.fsdp:
+        shard_model(model, device, args.amp)  # before the optimizer, which must see the shards
     loader = build_loader(args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     resolve_lr(args)
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
     pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
                              std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
-    state.model = utils.wrap_ddp(maybe_compile(model, args.compile), device, args)
+    state.model = distribute(model, device, args)
     with preemptible(args) as preemption, utils.training_writer(args.log_dir) as log_writer:
         run_epochs(state, loader, device=device, args=args, log_writer=log_writer, pictures=pictures,
                    checkpoint=checkpoint, preemption=preemption)

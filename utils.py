@@ -121,10 +121,12 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
         torch.cuda.set_device(device)
     if device.type == "cpu":
         reuse_freed_memory()
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if args.distributed:
-        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=args.rank, world_size=args.world_size, store=restart_store(args))
         dist.barrier()
+    elif getattr(args, "fsdp", False):  # FSDP shards over a process group, of one process here
+        dist.init_process_group(backend=backend, rank=0, world_size=1, store=dist.HashStore())
     return device
 
 

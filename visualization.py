@@ -11,6 +11,7 @@ from augmentation import normalize_on_device
 from device_decoder import batch_images
 from masking_generator import random_masks
 from modeling_pretrain import PretrainVisionTransformer
+from sharding import is_sharded
 from utils import atomic_write, is_main_process
 
 PANELS = ("original", "masked input", "reconstruction", "reconstruction + visible")
@@ -81,10 +82,13 @@ def write_pictures(
     model: PretrainVisionTransformer, pictures: PictureBatch, *, mean: Sequence[float], std: Sequence[float],
     output_dir: Optional[str], log_writer: Optional[Any], epoch: int,
 ) -> None:
-    """``reconstruction.png`` in output_dir (latest) and an image series in TensorBoard."""
-    if not is_main_process():
+    """``reconstruction.png`` in output_dir (latest) and an image series in TensorBoard. Every rank
+    draws a sharded model's (it gathers each block's weights from all of them); rank 0 writes."""
+    if not (is_main_process() or is_sharded(model)):
         return
     grid = reconstruction_grid(model, pictures.imgs, pictures.masks, mean, std)
+    if not is_main_process():
+        return
     if output_dir:
         save_png(grid, Path(output_dir) / "reconstruction.png")
     if log_writer is not None:

@@ -18,3 +18,14 @@ def device(request) -> torch.device:
     """For code that runs on the training device: tested on the CPU everywhere and on CUDA too
     where there is a GPU (CI has none)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The 2-process (DDP) pretraining run that interrupted and sharded 2-process runs are
+    compared with, and its recorded steps (``launching.records``)."""
+    from launching import run, torchrun
+
+    out = tmp_path_factory.mktemp("straight")
+    run(torchrun(out / "out"), out / "records")
+    return out

@@ -1,5 +1,5 @@
 """Pretrain under any launcher, appending the (epoch, index) of every sample each training step
-trains on to samples_rank{RANK}.jsonl in $RECORD_DIR, one JSON line per step."""
+trains on, and the step's loss, to samples_rank{RANK}.jsonl in $RECORD_DIR, one JSON line per step."""
 import json
 import os
 from pathlib import Path
@@ -23,9 +23,10 @@ def recording_loss(*args, **kwargs):
 
     def loss(batch):
         keys = [divmod(int(label), KEY) for label in batch[1]]  # (epoch, index) pairs
+        value = loss_fn(batch)
         with open(record, "a") as handle:
-            handle.write(json.dumps(keys) + "\n")
-        return loss_fn(batch)
+            handle.write(json.dumps({"keys": keys, "loss": float(value)}) + "\n")
+        return value
 
     return loss
 

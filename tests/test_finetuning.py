@@ -24,7 +24,7 @@ from engine import set_learning_rate
 from eval_setup import build_datasets
 from modeling_finetune import create_finetune_model
 from optim_factory import create_optimizer
-from test_pretraining import free_port
+from launching import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_COMMAND = (

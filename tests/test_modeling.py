@@ -443,3 +443,63 @@ def test_loader_names_a_missing_block_key(pretrained_state):
     damaged = {name: value for name, value in pretrained_state.items() if name != "blocks.1.mlp.fc2.weight"}
     with pytest.raises(CheckpointMismatchError, match=r"blocks\.1\.mlp\.fc2\.weight"):
         load_pretrained_encoder(finetune_model(), {"model": damaged})
+
+
+def vit_parameters(dim: int, depth: int, hidden: int, num_patches: int, patch_pixels: int) -> int:
+    """A ViT encoder's parameters by hand: per block qkv 3d^2 + 3d, proj d^2 + d, MLP 2dh + h + d,
+    two LayerNorms 4d; the patch embedding, cls token, position table (with the cls row) and final norm."""
+    block = 4 * dim**2 + 2 * dim * hidden + hidden + 9 * dim
+    return depth * block + patch_pixels * dim + dim + dim + (num_patches + 1) * dim + 2 * dim
+
+
+@pytest.mark.parametrize("name, dim, depth, heads, hidden", [
+    ("pretrain_mae_giant_patch14_224", 1408, 40, 16, 6144),  # ViT-g/14, Zhai et al. 2022
+    ("pretrain_mae_2b_patch14_224", 2560, 24, 32, 10240),  # ViT-2B/14, MAWS (Singh et al. 2023)
+])
+def test_the_billion_scale_models_have_their_papers_sizes(name, dim, depth, heads, hidden):
+    """Counted on the meta device: no memory for a billion weights."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    patches, pixels = 16 * 16, 14 * 14 * 3  # 224 / 14 = 16 patches a side
+    decoder = vit_parameters(512, 8, 2048, patches, 0) - 512 - 512 + dim * 512 + 512 + 512 + 512 * pixels + pixels
+    assert model.blocks[0].attn.num_heads == heads and model.decoder_blocks[0].attn.num_heads == 16
+    assert sum(p.numel() for p in model.parameters()) == vit_parameters(dim, depth, hidden, patches, pixels) + decoder
+    with torch.device("meta"):
+        vit = create_finetune_model(name.replace("pretrain_mae_", "vit_"), 1000)
+    head = 2 * dim + dim * 1000 + 1000  # fc_norm, then the linear head
+    assert sum(p.numel() for p in vit.parameters()) == vit_parameters(dim, depth, hidden, patches, pixels) - 2 * dim + head
+
+
+def gradients(model: torch.nn.Module, loss_of) -> dict:
+    model.zero_grad()
+    torch.manual_seed(3)  # the same drop-path draws in both runs
+    loss = loss_of(model)
+    loss.backward()
+    return {"loss": loss.detach(), **{name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}}
+
+
+@pytest.mark.parametrize("stage", ["pretraining", "finetuning"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(stage):
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 32)  # (B, 3, H, W)
+    if stage == "pretraining":
+        model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=3, drop_path_rate=0.2)
+        mask = random_masks(2, 4, 0.75)
+
+        def loss_of(m):
+            return m.forward_loss(imgs, m(imgs, mask), mask)
+    else:
+        model = create_finetune_model("vit_tiny_patch16_224", 5, img_size=32, drop_path_rate=0.2, depth=3)
+
+        def loss_of(m):
+            return m(imgs).logsumexp(dim=1).mean()
+    model.train()
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))  # (the recompute stops early)
+    plain = gradients(model, loss_of)
+    model.set_grad_checkpointing(True)
+    recomputed = gradients(model, loss_of)
+    assert len(calls) == 3  # once, then once more and again in the backward pass: recomputed
+    assert plain.keys() == recomputed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=0, msg=name)

@@ -4,8 +4,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -20,68 +18,19 @@ import run_knn_eval
 import run_mae_pretraining
 import utils
 from checkpoint import EpochStart, epoch_start
-from test_pretraining import free_port
-from test_robustness import assert_bitwise_equal, final_state
-
-REPO = Path(__file__).resolve().parents[1]
-RECORDER = REPO / "tests" / "pretrain_record_samples.py"
-# 32 images, 4 per process: 4 steps an epoch on 2 processes, 8 on one
-PRETRAIN = ["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--num_samples", "32",
-            "--batch_size", "4", "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-3", "--num_workers", "1",
-            "--device", "cpu", "--print_freq", "1", "--save_ckpt_steps", "3"]
-PROGRESS = re.compile(r"^epoch (\d+) \[(\d+)/\d+\]")
-
-
-def environment(record_dir: Path) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
-                RECORD_DIR=str(record_dir))
-
-
-def torchrun(out: Path, extra: List[str] = (), nproc: int = 2) -> List[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-            str(free_port()), *extra, str(RECORDER), *PRETRAIN, "--output_dir", str(out)]
-
-
-def single(out: Path, extra: List[str] = ()) -> List[str]:
-    return [sys.executable, str(RECORDER), *PRETRAIN, *extra, "--output_dir", str(out)]
-
-
-def run(command: List[str], record_dir: Path) -> str:
-    record_dir.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(command, env=environment(record_dir), cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return result.stdout
-
-
-def start(command: List[str], record_dir: Path) -> subprocess.Popen:
-    record_dir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(command, env=environment(record_dir), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_step(process: subprocess.Popen, epoch: int, step: int, seen: List[str]) -> None:
-    """Read the run's output until the progress line of ``epoch`` ``step`` (1-based)."""
-    for line in process.stdout:
-        seen.append(line)
-        match = PROGRESS.match(line)
-        if match and (int(match[1]), int(match[2])) >= (epoch, step):
-            return
-    raise AssertionError("the run ended before the step:\n" + "".join(seen)[-3000:])
-
-
-def finish(process: subprocess.Popen, seen: List[str]) -> str:
-    seen.append(process.communicate(timeout=120)[0])
-    return "".join(seen)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """The 2-process run every interrupted 2-process run is compared with."""
-    out = tmp_path_factory.mktemp("straight")
-    run(torchrun(out / "out"), out / "records")
-    return out / "out"
-
+from launching import (
+    PRETRAIN,
+    assert_bitwise_equal,
+    environment,
+    final_state,
+    finish,
+    run,
+    single,
+    start,
+    torchrun,
+    trained_keys,
+    wait_for_step,
+)
 
 def test_sigterm_to_torchrun_mid_epoch_then_the_same_command_again_ends_bitwise_equal(uninterrupted, tmp_path):
     process = start(torchrun(tmp_path / "out"), tmp_path / "records")
@@ -97,7 +46,7 @@ def test_sigterm_to_torchrun_mid_epoch_then_the_same_command_again_ends_bitwise_
     assert checkpoint["samples_done"] == checkpoint["step"] * 4 * 2
     output = run(torchrun(tmp_path / "out"), tmp_path / "records")
     assert f"resumed from {stop[3].rstrip(';')} at epoch {stop[1]} step {stop[2]}" in output
-    for straight, resumed in zip(final_state(uninterrupted), final_state(tmp_path / "out")):
+    for straight, resumed in zip(final_state(uninterrupted / "out"), final_state(tmp_path / "out")):
         assert_bitwise_equal(straight, resumed)
 
 
@@ -111,22 +60,15 @@ def worker_pids(launcher_pid: int) -> List[int]:
 
 def test_a_worker_killed_under_torchrun_max_restarts_resumes_from_the_step_checkpoint_bitwise(
         uninterrupted, tmp_path):
-    process = start(torchrun(tmp_path / "out", ["--max-restarts", "1"]), tmp_path / "records")
+    process = start(torchrun(tmp_path / "out", launcher=["--max-restarts", "1"]), tmp_path / "records")
     seen: List[str] = []
     wait_for_step(process, epoch=1, step=3, seen=seen)  # the step checkpoint of update 3 is written
     os.kill(worker_pids(process.pid)[-1], signal.SIGKILL)
     output = finish(process, seen)
     assert process.returncode == 0, output[-3000:]
     assert "resumed from" in output and "at epoch 1 step" in output, output[-3000:]
-    for straight, resumed in zip(final_state(uninterrupted), final_state(tmp_path / "out")):
+    for straight, resumed in zip(final_state(uninterrupted / "out"), final_state(tmp_path / "out")):
         assert_bitwise_equal(straight, resumed)
-
-
-def trained_keys(record_dir: Path) -> List[tuple]:
-    keys = []
-    for path in sorted(record_dir.glob("samples_rank*.jsonl")):
-        keys += [tuple(key) for line in path.read_text().splitlines() for key in json.loads(line)]
-    return keys
 
 
 def test_stopped_on_two_processes_and_resumed_on_one_every_sample_of_the_epoch_is_trained_once(tmp_path):
@@ -173,9 +115,7 @@ def test_requeue_asks_slurm_to_requeue_the_job_after_the_checkpoint(tmp_path):
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.txt'}\n")
     (bin_dir / "scontrol").chmod(0o755)
     env = dict(environment(tmp_path / "r"), PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
-    (tmp_path / "r").mkdir()
-    process = subprocess.Popen(single(tmp_path / "out", ["--requeue"]), env=env, cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = start(single(tmp_path / "out", ["--requeue"]), tmp_path / "r", env=env)
     seen: List[str] = []
     wait_for_step(process, epoch=0, step=2, seen=seen)
     process.send_signal(signal.SIGTERM)

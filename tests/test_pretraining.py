@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import utils
 from checkpoint import TrainingState, load_optimizer_state
 from engine import clip_or_measure_grad_norm, lr_at, resolve_lr, train_epoch
 from engine_for_pretraining import reconstruction_loss
+from launching import free_port
 from masking_generator import random_masks
 from optim_factory import create_optimizer
 
@@ -217,12 +217,6 @@ def test_resuming_an_unfused_optimizer_state_keeps_the_fused_kernel_and_the_traj
     step(saved, unfused, grads[1])
     step(resumed, fused, grads[1])
     torch.testing.assert_close(resumed.state_dict(), saved.state_dict())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(launcher, tmp_path, extra=()):

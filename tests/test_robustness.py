@@ -17,6 +17,7 @@ import run_mae_pretraining
 import utils
 from checkpoint import TrainingState, load_checkpoint, save_atomic
 from engine import NonFiniteWatch, resolve_lr, train_epoch
+from launching import assert_bitwise_equal, final_state
 from modeling_finetune import create_finetune_model
 from optim_factory import create_optimizer
 
@@ -54,20 +55,6 @@ def run_and_kill(script: str, argv, out: Path, after_steps: int) -> None:
             break
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL, f"the run ended before step {after_steps}"
-
-
-def final_state(out: Path):
-    checkpoint = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
-    return checkpoint["model"], checkpoint["optimizer"]["state"]
-
-
-def assert_bitwise_equal(a, b) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            assert_bitwise_equal(a[key], b[key])
-        else:
-            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
 
 
 @pytest.mark.parametrize("stage", ["pretraining", "finetuning"])

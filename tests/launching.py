@@ -1,0 +1,96 @@
+"""Launching tiny pretraining runs for the tests, one process or two under torchrun, and reading
+what they did: every step's (epoch, index) keys and loss, recorded by ``pretrain_record_samples.py``."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDER = REPO / "tests" / "pretrain_record_samples.py"
+# 32 images, 4 per process: 4 steps an epoch on 2 processes, 8 on one
+PRETRAIN = ["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--num_samples", "32",
+            "--batch_size", "4", "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-3", "--num_workers", "1",
+            "--device", "cpu", "--print_freq", "1", "--save_ckpt_steps", "3"]
+PROGRESS = re.compile(r"^epoch (\d+) \[(\d+)/\d+\]")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(record_dir: Path) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
+                RECORD_DIR=str(record_dir))
+
+
+def torchrun(out: Path, extra: List[str] = (), nproc: int = 2, launcher: List[str] = ()) -> List[str]:
+    """Two recorded pretraining processes; ``launcher`` options go to torchrun, ``extra`` to the run."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+            str(free_port()), *launcher, str(RECORDER), *PRETRAIN, *extra, "--output_dir", str(out)]
+
+
+def single(out: Path, extra: List[str] = ()) -> List[str]:
+    return [sys.executable, str(RECORDER), *PRETRAIN, *extra, "--output_dir", str(out)]
+
+
+def run(command: List[str], record_dir: Path) -> str:
+    record_dir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(command, env=environment(record_dir), cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout
+
+
+def start(command: List[str], record_dir: Path, env: dict = None) -> subprocess.Popen:
+    record_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(command, env=env or environment(record_dir), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(process: subprocess.Popen, epoch: int, step: int, seen: List[str]) -> None:
+    """Read the run's output until the progress line of ``epoch`` ``step`` (1-based)."""
+    for line in process.stdout:
+        seen.append(line)
+        match = PROGRESS.match(line)
+        if match and (int(match[1]), int(match[2])) >= (epoch, step):
+            return
+    raise AssertionError("the run ended before the step:\n" + "".join(seen)[-3000:])
+
+
+def finish(process: subprocess.Popen, seen: List[str]) -> str:
+    seen.append(process.communicate(timeout=120)[0])
+    return "".join(seen)
+
+
+def records(record_dir: Path, rank: int) -> List[dict]:
+    """One rank's steps in order: {"keys": [(epoch, index), ...], "loss": float}."""
+    path = record_dir / f"samples_rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def trained_keys(record_dir: Path) -> List[Tuple[int, int]]:
+    """The (epoch, index) of every sample every rank trained on."""
+    return [tuple(key) for path in sorted(record_dir.glob("samples_rank*.jsonl"))
+            for line in path.read_text().splitlines() for key in json.loads(line)["keys"]]
+
+
+def final_state(out: Path):
+    checkpoint = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    return checkpoint["model"], checkpoint["optimizer"]["state"]
+
+
+def assert_bitwise_equal(a, b) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_bitwise_equal(a[key], b[key])
+        else:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
