@@ -7,9 +7,13 @@ this script measures on the same device and dtype in the same run. Where ``trans
 installed, ``ViTMAEForPreTraining`` of the same size is timed in the same run. The stages' timed
 steps take turns, one step of each per round, so that a busy minute on a shared machine slows
 every stage alike and the ratio between them holds. ``--profile ROWS`` then prints where each
-stage's step goes, operator by operator. The last line printed is one JSON object.
+stage's step goes, operator by operator. Under torchrun every process trains its own batch in DDP,
+or with ``--fsdp`` sharded, and the peak memory of every rank is reported. The last line printed
+(rank 0) is one JSON object.
 
     python benchmarks/bench_train.py --model pretrain_mae_base_patch16_224 --batch_size 8 --amp bf16 --device cpu
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/bench_train.py --model pretrain_mae_large_patch16_224 \
+        --batch_size 2 --amp fp32 --device cpu --stages pretrain --fsdp --grad_checkpointing
 """
 import argparse
 import importlib.util
@@ -42,12 +46,8 @@ from engine import optimizer_step  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from modeling_finetune import create_finetune_model  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
-from performance import (  # noqa: E402
-    fused_attention_is_faster,
-    maybe_compile,
-    reuse_freed_memory,
-    use_fastest_attention,
-)
+from performance import fused_attention_is_faster, use_fastest_attention  # noqa: E402
+from sharding import distribute, shard_model  # noqa: E402
 
 AMP_MODES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # our names -> utils.autocast's
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,6 +67,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--amp", default="bf16", choices=list(AMP_MODES), help="precision of the step")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the model (the same switch the run_* scripts have)")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model over the processes (FSDP2)")
+    parser.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in the backward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stages", default=list(STAGES), nargs="+", choices=STAGES, help="what to time")
     parser.add_argument("--vitmae", action=argparse.BooleanOptionalAction, default=True,
@@ -235,10 +237,13 @@ def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     model.to(device).train()
     amp = AMP_MODES[args.amp]
     use_fastest_attention(model, device, amp)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if args.fsdp:
+        shard_model(model, device, amp)
     state = TrainingState(model, create_optimizer(args, model, device), utils.make_grad_scaler(device, amp))
     flops = count_flops(train_step(state, loss_fn, device, amp))
-    compiled = TrainingState(maybe_compile(model, args.compile), state.optimizer, state.scaler)
-    step = train_step(compiled, loss_fn, device, amp)
+    trained = TrainingState(distribute(model, device, args), state.optimizer, state.scaler)
+    step = train_step(trained, loss_fn, device, amp)
     for _ in range(args.warmup):
         step()
     torch.get_device_module(device).synchronize(device)
@@ -252,12 +257,15 @@ def stage_figures(stages: Dict[str, Stage], seconds: Dict[str, List[float]], arg
     results = {}
     for name, stage in stages.items():
         median = statistics.median(seconds[name])
+        peak = torch.tensor(float(stage.held_bytes + step_peak_bytes(stage.step, device)), device=device)
+        per_rank = [value / 2**30 for value in utils.all_gather_floats(peak)]
         results[name] = {
-            "images_per_s": args.batch_size / median,
+            "images_per_s": args.batch_size * utils.get_world_size() / median,
             "ms_per_step": median * 1e3,
             "gflop_per_image": stage.flops / args.batch_size / 1e9,
             "mfu": stage.flops / median / peak_flops,
-            "peak_mem_gib": (stage.held_bytes + step_peak_bytes(stage.step, device)) / 2**30,
+            "peak_mem_gib": max(per_rank),
+            "peak_mem_gib_per_rank": per_rank,
         }
     return results
 
@@ -271,7 +279,8 @@ def build_stages(args: argparse.Namespace, device: torch.device) -> Dict[str, St
     if "pretrain" in args.stages:
         masks = random_masks(args.batch_size, mae.patch_embed.num_patches, args.mask_ratio, device=device)  # (B, N)
         stages["pretrain"] = prepare_stage(mae, pretrain_loss(imgs, masks), args, device)
-    if "pretrain" in args.stages and args.vitmae and importlib.util.find_spec("transformers"):
+    if "pretrain" in args.stages and args.vitmae and utils.get_world_size() == 1 and not args.fsdp \
+            and importlib.util.find_spec("transformers"):
         hf_model = vitmae_like(mae, args.mask_ratio, vitmae_attention(device, AMP_MODES[args.amp]))
         stages[HF_STAGE] = prepare_stage(hf_model, vitmae_loss(imgs), args, device)
     if "finetune" in args.stages:
@@ -294,9 +303,16 @@ def device_name(device: torch.device) -> str:
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        reuse_freed_memory()  # as the training scripts do on CPU (utils.init_distributed)
+    args.local_rank = None
+    device = utils.init_distributed(args)  # as the training scripts do: on CPU, reuse_freed_memory too
+    try:
+        return measure(args, device)
+    finally:
+        utils.cleanup_distributed()
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """Every figure of the report, printed (rank 0) and returned."""
     probe, probe_flops = matmul_probe(device, args.amp)
     probe_seconds = take_turns({PROBE: probe}, device, rounds=11)[PROBE][2:]  # 2 to warm up
     stages = build_stages(args, device)
@@ -305,25 +321,35 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     results = stage_figures(stages, seconds, args, device, peak_flops)
     report: Dict[str, Any] = {
         "model": args.model, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
+        "world_size": utils.get_world_size(), "fsdp": args.fsdp, "grad_checkpointing": args.grad_checkpointing,
         "device": device_name(device), "torch": torch.__version__,
         "fused_attention": fused_attention_is_faster(device, AMP_MODES[args.amp]),
         "peak_matmul_tflops": peak_flops / 1e12, "results": results,
     }
-    print(f"{args.model} batch {args.batch_size} {args.amp} {'compiled' if args.compile else 'eager'} on "
-          f"{report['device']}; {'fused' if report['fused_attention'] else 'matmul-softmax'} attention; "
-          f"measured {args.amp} matmul peak {peak_flops / 1e12:.3f} TFLOP/s")
-    for stage, figures in results.items():
-        print(summary_line(stage, figures))
     if HF_STAGE in results:
-        ratio = results["pretrain"]["images_per_s"] / results[HF_STAGE]["images_per_s"]
-        report["speedup_vs_vitmae"] = ratio
-        print(f"pretraining images/s over ViTMAEForPreTraining's: {ratio:.2f}x")
-    if args.profile:
-        for name, stage in stages.items():
-            print(f"{name}: the {args.profile} operators with the most self time over 3 steps")
-            print(profile_table(stage.step, device, args.profile))
-    print(json.dumps(report))
+        report["speedup_vs_vitmae"] = results["pretrain"]["images_per_s"] / results[HF_STAGE]["images_per_s"]
+    tables = {name: profile_table(stage.step, device, args.profile) for name, stage in stages.items()} \
+        if args.profile else {}
+    if utils.is_main_process():
+        print_report(report, args, tables)
     return report
+
+
+def print_report(report: Dict[str, Any], args: argparse.Namespace, tables: Dict[str, str]) -> None:
+    sharing = "FSDP" if args.fsdp else "DDP"
+    layout = f"{report['world_size']} x {sharing} on " if args.fsdp or report["world_size"] > 1 else ""
+    print(f"{args.model} batch {args.batch_size} {args.amp} {'compiled' if args.compile else 'eager'} on "
+          f"{layout}{report['device']}{', activation checkpointing' if args.grad_checkpointing else ''}; "
+          f"{'fused' if report['fused_attention'] else 'matmul-softmax'} attention; "
+          f"measured {args.amp} matmul peak {report['peak_matmul_tflops']:.3f} TFLOP/s")
+    for stage, figures in report["results"].items():
+        print(summary_line(stage, figures))
+    if "speedup_vs_vitmae" in report:
+        print(f"pretraining images/s over ViTMAEForPreTraining's: {report['speedup_vs_vitmae']:.2f}x")
+    for name, table in tables.items():
+        print(f"{name}: the {args.profile} operators with the most self time over 3 steps")
+        print(table)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

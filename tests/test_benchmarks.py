@@ -38,6 +38,16 @@ def test_bench_train_prints_all_figures_as_its_last_line(capsys):
     assert report["results"]["finetune"]["gflop_per_image"] > report["results"]["pretrain"]["gflop_per_image"]
 
 
+def test_bench_train_times_a_sharded_step_with_activation_checkpointing(capsys):
+    """One process here: FSDP over a group of one; the figures of every rank come back."""
+    report = bench_train.main(bench_train.parse_args(TINY + ["--amp", "fp32", "--stages", "pretrain", "--fsdp",
+                                                             "--grad_checkpointing"]))
+    assert last_json_line(capsys.readouterr().out) == report
+    assert report["fsdp"] and report["grad_checkpointing"] and report["world_size"] == 1
+    figures = report["results"]["pretrain"]
+    assert figures["images_per_s"] > 0 and len(figures["peak_mem_gib_per_rank"]) == 1
+
+
 def test_bench_train_profile_names_the_step_matmuls_before_its_json_line(capsys):
     # fp32: on CPUs without bf16 matmul units (Zen 3) the bf16 peak probe alone takes minutes
     bench_train.main(bench_train.parse_args(TINY + ["--amp", "fp32", "--stages", "pretrain", "--profile", "40"]))
