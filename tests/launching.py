@@ -13,10 +13,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDER = REPO / "tests" / "pretrain_record_samples.py"
-# 32 images, 4 per process: 4 steps an epoch on 2 processes, 8 on one
+# 32 images, 4 per process: 4 steps an epoch on 2 processes, 8 on one; clipping to 0.5 clips every
+# step's gradients (their norms are near 1), so the clipping is exercised too
 PRETRAIN = ["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--num_samples", "32",
             "--batch_size", "4", "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-3", "--num_workers", "1",
-            "--device", "cpu", "--print_freq", "1", "--save_ckpt_steps", "3"]
+            "--device", "cpu", "--print_freq", "1", "--save_ckpt_steps", "3", "--clip_grad", "0.5"]
 PROGRESS = re.compile(r"^epoch (\d+) \[(\d+)/\d+\]")
 
 

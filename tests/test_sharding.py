@@ -1,5 +1,6 @@
 """Beyond one GPU's memory: FSDP2 against DDP, sharded checkpoints (resume, reshard, consolidate,
 refusing pickled code) and layer decay on sharded weights. Tiny models, gloo on CPU."""
+import json
 import os
 import pickle
 import shutil
@@ -39,10 +40,14 @@ def sharded(tmp_path_factory) -> Path:
 
 
 def test_fsdp_trains_as_ddp_does_to_1e_5(uninterrupted, sharded):
+    """The same losses, and the same global gradient norm (what --clip_grad 0.5 clips) over shards."""
     for rank in (0, 1):
         ddp, fsdp = records(uninterrupted / "records", rank)[:5], records(sharded / "records", rank)[:5]
         assert [step["keys"] for step in fsdp] == [step["keys"] for step in ddp]
         assert [step["loss"] for step in fsdp] == pytest.approx([step["loss"] for step in ddp], abs=1e-5, rel=0)
+    ddp, fsdp = (json.loads((run / "out" / "log.txt").read_text().splitlines()[0]) for run in (uninterrupted, sharded))
+    assert fsdp["train_grad_norm"] == pytest.approx(ddp["train_grad_norm"], rel=1e-5)
+    assert ddp["train_grad_norm"] > 0.5  # the norms before clipping: the steps were clipped
 
 
 def every_tensor(folder: Path) -> Dict[str, torch.Tensor]:
