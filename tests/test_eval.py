@@ -102,6 +102,23 @@ def test_lars_adapts_weight_matrices_only():
         torch.testing.assert_close(layer.bias.detach(), bias, rtol=1e-6, atol=1e-7)
 
 
+def test_lars_with_weight_decay_takes_maes_step():
+    """MAE's util/lars.py with decay 0.05: the weight's step is (g + 0.05 w) scaled by
+    0.001 |w| / |g + 0.05 w|, as momentum; the bias takes g undecayed. timm's Lars divides by
+    |g| + 0.05 |w| (+ eps) instead, which this would catch."""
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(5, 2)
+    optimizer = create_lars(layer, lr=0.3, weight_decay=0.05)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    grad_w, grad_b = torch.randn(2, 5), torch.randn(2)
+    layer.weight.grad, layer.bias.grad = grad_w.clone(), grad_b.clone()
+    optimizer.step()
+    decayed = grad_w + 0.05 * weight
+    expected = weight - 0.3 * (0.001 * weight.norm() / decayed.norm()) * decayed
+    torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(layer.bias.detach(), bias - 0.3 * grad_b, rtol=1e-6, atol=1e-8)
+
+
 def probe_argv(out: Path, *extra: str) -> list:
     return COMMON + ["--num_samples", "32", "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "1",
                      "--lr", "6.4", "--print_freq", "1", "--output_dir", str(out), *extra]

@@ -283,3 +283,34 @@ def test_a_smaller_patch_size_carries_from_pretraining_to_finetuning_and_picture
          "--device", "cpu"]))
     with Image.open(picture) as grid:
         assert grid.width >= 4 * 32  # four panels of the 32-pixel image
+
+
+def mae_rule(name: str, param: torch.Tensor, depth: int, layer_decay: float, weight_decay: float) -> tuple:
+    """MAE's param_groups_lrd and get_layer_id_for_vit, written out for one parameter: layer 0 for
+    the embeddings, i + 1 for block i, depth + 1 for the rest; no decay on 1-D parameters and on
+    pos_embed / cls_token."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        layer = 0
+    elif name.startswith("blocks."):
+        layer = int(name.split(".")[1]) + 1
+    else:
+        layer = depth + 1
+    no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed")
+    return layer_decay ** (depth + 1 - layer), 0.0 if no_decay else weight_decay
+
+
+@pytest.mark.parametrize("pooling", ["--global_pool", "--cls_token"])
+def test_every_parameter_of_vit_b_gets_maes_lr_scale_and_weight_decay(pooling):
+    args = parse(["--model", "vit_base_patch16_224", pooling, "--layer_decay", "0.65", "--weight_decay", "0.05",
+                  "--lr", "1e-3"])
+    model = create_finetune_model("vit_base_patch16_224", 1000, global_pool=args.global_pool)
+    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    names = {id(param): name for name, param in model.named_parameters()}
+    ours = {names[id(param)]: (group["lr_scale"], group["weight_decay"])
+            for group in optimizer.param_groups for param in group["params"]}
+    expected = {name: mae_rule(name, param, 12, 0.65, 0.05) for name, param in model.named_parameters()}
+    assert ours.keys() == expected.keys()
+    for name, (scale, decay) in expected.items():
+        assert ours[name][0] == pytest.approx(scale, rel=1e-12) and ours[name][1] == decay, name
+    final_norm = "fc_norm.weight" if args.global_pool else "norm.weight"
+    assert ours[final_norm] == (1.0, 0.0)  # timm's own grouping gives --cls_token's norm 0.65
