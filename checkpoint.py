@@ -16,7 +16,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+import hf_checkpoint
 import sharded_checkpoint
+from modeling_finetune import is_decoder_key, unwrap_state_dict
 from sharding import is_sharded
 from utils import UsageError, atomic_write, is_main_process, unwrap_model
 
@@ -100,6 +102,59 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         raise CorruptCheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
         ) from error
+
+
+def read_weights(path: Path) -> Dict[str, Any]:
+    """Any checkpoint's model weights (``model``) and ``args``: our or an official MAE or timm
+    file, a sharded folder (made whole here), or a Hugging Face folder or weight file (our keys)."""
+    path = Path(path)
+    if hf_checkpoint.hf_folder(path):
+        try:
+            return hf_checkpoint.read_hf(path)
+        except (KeyError, ValueError, OSError) as error:
+            raise UsageError(f"{path} is no ViTMAE checkpoint we can read: {error}") from error
+    if path.is_dir():
+        meta = read_checkpoint(path)
+        return {"model": sharded_checkpoint.read_model_state(path), "epoch": meta["epoch"], "args": meta["args"]}
+    return load_checkpoint(path)
+
+
+def read_args(path: Path) -> Dict[str, Any]:
+    """A checkpoint's ``args`` without reading its tensors (a file is memory-mapped); {} when it
+    has none or cannot be read, which the full load then reports."""
+    path = Path(path)
+    try:
+        if hf_checkpoint.hf_folder(path):
+            return hf_checkpoint.read_hf_args(path)
+        checkpoint = read_checkpoint(path) if path.is_dir() else torch.load(
+            path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an older file format, a damaged file, or a refused one: the real load says which
+        return {}
+    args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+    return args if isinstance(args, dict) else {}
+
+
+FIXED_TABLES = ("pos_embed", "decoder_pos_embed")  # sine-cosine: the model's own fit any input size
+
+
+def load_mae_weights(model: torch.nn.Module, checkpoint: Mapping[str, Any], *, source: str,
+                     decoder_required: bool) -> List[str]:
+    """A pretraining checkpoint's weights (whatever ``read_weights`` reads) into a
+    ``PretrainVisionTransformer``, strictly; its fixed position tables stay the model's own. Without
+    ``decoder_required`` an encoder-only checkpoint (MAE's released ones) leaves the decoder as
+    initialized. Returns the keys left as they were."""
+    own = model.state_dict()
+    state = {**unwrap_state_dict(checkpoint), **{name: own[name] for name in FIXED_TABLES}}
+    kept = [] if decoder_required else [key for key in own if key not in state and is_decoder_key(key)]
+    state.update({key: own[key] for key in kept})
+    mismatch = state_mismatch(model, state)
+    if mismatch:
+        hint = "is --model the architecture it was pretrained with?"
+        if "decoder_pred.weight" not in state:
+            hint = "it has no decoder (an encoder-only checkpoint cannot draw reconstructions)"
+        raise UsageError(f"{source} does not fit the model: {mismatch}; {hint}")
+    model.load_state_dict(state)
+    return kept
 
 
 def state_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
@@ -249,7 +304,7 @@ def load_weights_and_optimizer(state: TrainingState, path: Path, checkpoint: Map
     """The checkpoint's model and optimizer state into ``state``, after checking that it fits."""
     model = unwrap_model(state.model)
     if sharded_checkpoint.is_sharded_checkpoint(path):
-        shapes = {key: torch.empty(shape, device="meta") for key, shape in sharded_checkpoint.model_shapes(path).items()}
+        shapes = {key: torch.empty(size, device="meta") for key, size in sharded_checkpoint.model_shapes(path).items()}
         mismatch = state_mismatch(model, shapes)
     else:
         mismatch = state_mismatch(model, checkpoint.get("model", {}))

@@ -5,13 +5,16 @@ import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from augmentation import RGB
+from checkpoint import read_args
 from image_files import DEFAULT_MAX_IMAGE_PIXELS
+from masking_generator import to_grid
 from preemption import check_requeue, parse_signals
 from sharding import check_sharding_args
 from utils import UsageError
@@ -31,8 +34,13 @@ def add_loading_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     """Data flags shared by both stages; returns the group so a stage can add its own."""
     group = parser.add_argument_group("data")
     group.add_argument("--num_samples", default=None, type=int, help="use only the first N samples")
-    group.add_argument("--mean", default=list(IMAGENET_DEFAULT_MEAN), type=float, nargs=3, help="normalization mean")
-    group.add_argument("--std", default=list(IMAGENET_DEFAULT_STD), type=float, nargs=3, help="normalization std")
+    group.add_argument("--in_chans", default=None, type=int,
+                       help="image channels: 3 (RGB), 1 (grayscale, 16-bit kept), 4 (RGBA) or any with .npy arrays "
+                            "(default: the checkpoint's, else 3)")
+    group.add_argument("--mean", default=None, type=float, nargs="+",
+                       help="normalization mean, one per channel (default: ImageNet's for RGB)")
+    group.add_argument("--std", default=None, type=float, nargs="+",
+                       help="normalization std, one per channel (default: ImageNet's for RGB)")
     group.add_argument("--num_workers", default=10, type=int, help="data-loader processes per GPU")
     group.add_argument("--max_image_pixels", default=DEFAULT_MAX_IMAGE_PIXELS, type=int,
                        help="images with more pixels are skipped as unreadable (PIL's decompression-bomb limit; "
@@ -66,6 +74,22 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                        help="after a preemption signal, rank 0 requeues the SLURM job (scontrol requeue)")
 
 
+def add_size_args(group: argparse._ArgumentGroup) -> None:
+    """``--input_size`` (H W, or one value for a square) and ``--patch_size``."""
+    group.add_argument("--input_size", default=[224], type=int, nargs="+", metavar="SIZE",
+                       help="image size in pixels: one value for a square, or H W")
+    group.add_argument("--patch_size", default=None, type=int,
+                       help="patch side in pixels, instead of the model's (e.g. 8 or 4 for small images)")
+
+
+def add_crop_args(group: argparse._ArgumentGroup, *, crop_scale: Tuple[float, float]) -> None:
+    """The training crops' share of the image and the chance of a horizontal flip."""
+    group.add_argument("--crop_scale", default=list(crop_scale), type=float, nargs=2, metavar=("MIN", "MAX"),
+                       help=f"RandomResizedCrop's share of the image (default: {crop_scale[0]:g} {crop_scale[1]:g})")
+    group.add_argument("--hflip", default=0.5, type=float,
+                       help="chance of a horizontal flip (0 for text, digits, or images whose sides differ)")
+
+
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
     """FSDP2 and activation checkpointing, for models and batches past one GPU's memory."""
     group = parser.add_argument_group("memory")
@@ -89,6 +113,7 @@ def validate_common_args(args: argparse.Namespace) -> None:
     """Checks every training script needs before anything is built or written."""
     if args.clip_grad is not None and not POSITIVE.holds(args.clip_grad):
         raise UsageError(f"--clip_grad must be a positive norm, got {args.clip_grad}; leave it out for no clipping")
+    resolve_image_args(args, starting_args(args))
     validate_numbers(args)
     if args.save_ckpt_steps < 0:
         raise UsageError(f"--save_ckpt_steps must be 0 (off) or positive, got {args.save_ckpt_steps}")
@@ -98,6 +123,44 @@ def validate_common_args(args: argparse.Namespace) -> None:
         check_sharding_args(args)
     if args.log_dir is None and args.output_dir:
         args.log_dir = str(Path(args.output_dir) / "tensorboard")
+
+
+def starting_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The args of the checkpoint a run starts from (``--finetune``, ``--init_from``), if it exists."""
+    path = getattr(args, "finetune", "") or getattr(args, "init_from", "")
+    return read_args(Path(path)) if path and Path(path).exists() else {}
+
+
+def one_size(size: Union[int, Sequence[int]]) -> Union[int, List[int]]:
+    """``--input_size`` as an int for a square (as checkpoints have always stored it), else [H, W]."""
+    if isinstance(size, int):
+        return size
+    if len(size) not in (1, 2):
+        raise UsageError(f"--input_size takes one value (a square) or two (H W), got {len(size)}")
+    return size[0] if len(size) == 1 or size[0] == size[1] else list(size)
+
+
+def resolve_image_args(args: argparse.Namespace, saved: Mapping[str, Any]) -> None:
+    """``--input_size`` as ``one_size``; ``--in_chans`` from the command line, else ``saved`` (the
+    checkpoint's args), else RGB; ``--mean``/``--std`` from the command line, else (channel counts
+    other than RGB) the checkpoint's, else ImageNet's for RGB. One value per channel."""
+    args.input_size = one_size(args.input_size)
+    saved_chans = saved.get("in_chans", RGB)
+    if args.in_chans is None:
+        args.in_chans = saved_chans
+    elif args.in_chans != saved_chans and saved:
+        raise UsageError(f"--in_chans {args.in_chans}, but the checkpoint was trained on {saved_chans} channel(s); "
+                         "leave --in_chans out to take the checkpoint's")
+    for name, default in (("mean", IMAGENET_DEFAULT_MEAN), ("std", IMAGENET_DEFAULT_STD)):
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name) if args.in_chans != RGB else list(default))
+        if getattr(args, name) is None:
+            raise UsageError(f"--in_chans {args.in_chans} needs --mean and --std of {args.in_chans} values each: "
+                             "your images' per-channel mean and std, in [0, 1]")
+        if len(getattr(args, name)) != args.in_chans:
+            raise UsageError(f"--{name} has {len(getattr(args, name))} value(s) for --in_chans {args.in_chans}")
+    if hasattr(args, "crop_scale") and args.crop_scale[0] > args.crop_scale[1]:
+        raise UsageError(f"--crop_scale takes MIN MAX, got {args.crop_scale[0]:g} {args.crop_scale[1]:g}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +200,9 @@ NUMBER_RANGES = {  # every numeric flag of the scripts that has it; None (unset)
     "color_jitter": NON_NEGATIVE, "temperature": POSITIVE, "mean": Range(-math.inf), "std": POSITIVE,
     "batch_size": Range(1), "accum_iter": Range(1), "epochs": Range(1), "save_ckpt_freq": Range(1),
     "print_freq": Range(1), "num_samples": Range(1), "num_workers": Range(0), "max_image_pixels": Range(1),
-    "input_size": Range(1), "start_epoch": Range(0), "recount": Range(1), "nb_classes": Range(1), "nb_knn": Range(1),
+    "input_size": Range(1), "in_chans": Range(1), "patch_size": Range(1), "start_epoch": Range(0),
+    "crop_scale": Range(0, 1, low_open=True, high_open=False), "hflip": PROBABILITY, "recount": Range(1),
+    "nb_classes": Range(1), "nb_knn": Range(1),
 }
 
 
@@ -171,8 +236,9 @@ def patch_size_kwargs(args: argparse.Namespace) -> Dict[str, int]:
     return {"patch_size": args.patch_size}
 
 
-def check_patch_grid(model: torch.nn.Module, input_size: int) -> None:
+def check_patch_grid(model: torch.nn.Module, input_size: Union[int, Sequence[int]]) -> None:
     """Refuse an ``--input_size`` that the model's patches do not tile."""
     patch = model.patch_embed.patch_size[0]
-    if input_size % patch:
-        raise UsageError(f"--input_size {input_size} is not divisible by the patch size {patch}")
+    if any(side % patch for side in to_grid(input_size)):
+        shown = input_size if isinstance(input_size, int) else " ".join(map(str, input_size))
+        raise UsageError(f"--input_size {shown} is not divisible by the patch size {patch}")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from augmentation import build_pil_pretraining_transform, build_tensor_pretraining_transform
+from augmentation import RGB, Crops, build_pil_pretraining_transform, build_tensor_pretraining_transform
 from device_decoder import RandomCropBox, read_encoded
 from image_files import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -26,8 +26,9 @@ from image_files import (
     build_image_folder,
     decode_rgb,
     labelled_folder,
-    load_rgb,
+    load_image,
 )
+from masking_generator import to_grid
 from preemption import worker_init_fn
 from synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
 from utils import UsageError, seed_everything
@@ -48,27 +49,46 @@ def first_samples(dataset: Dataset, num_samples: Optional[int]) -> Dataset:
     return dataset
 
 
-def pretraining_reader(decoder: str, input_size: int, max_pixels: int) -> Tuple[Callable, Callable[[str], object]]:
-    """``(transform, file loader)`` of a pretraining ``decoder``: "pil" decodes with PIL and crops
-    PIL images; "tensor" decodes with ``decode_rgb`` and crops uint8 tensors, about twice PIL's
-    images/s (benchmarks/RESULTS.md); "device" reads the file's bytes and draws the crop box, which
+def file_loader(in_chans: int, max_pixels: int) -> Callable[[str], object]:
+    """``load_image`` for ``in_chans`` channels, skipping images over ``max_pixels`` pixels."""
+    return functools.partial(load_image, in_chans=in_chans, max_pixels=max_pixels)
+
+
+def pretraining_reader(
+    decoder: str, crops: Crops, *, in_chans: int, max_pixels: int
+) -> Tuple[Callable, Callable[[str], object]]:
+    """``(transform, file loader)`` of a pretraining ``decoder``: "pil" decodes with PIL (or reads
+    ``.npy`` arrays) and crops PIL images, or tensors for channel counts other than RGB; "tensor"
+    decodes RGB files with ``decode_rgb`` and crops uint8 tensors, about twice PIL's images/s
+    (benchmarks/RESULTS.md); "device" reads the file's bytes and draws the crop box, which
     ``device_decoder.crop_on_device`` applies on the training device. Each loader skips images over
     ``max_pixels`` pixels."""
+    if decoder in ("tensor", "device") and in_chans != RGB:
+        raise ValueError(f"decoder {decoder!r} decodes RGB files; with in_chans {in_chans} use decoder 'pil' "
+                         "(the default)")
     if decoder == "tensor":
-        return build_tensor_pretraining_transform(input_size), functools.partial(decode_rgb, max_pixels=max_pixels)
+        return build_tensor_pretraining_transform(crops), functools.partial(decode_rgb, max_pixels=max_pixels)
     if decoder == "device":
-        return RandomCropBox(input_size), functools.partial(read_encoded, max_pixels=max_pixels)
+        return RandomCropBox(crops), functools.partial(read_encoded, max_pixels=max_pixels)
     if decoder == "pil":
-        return build_pil_pretraining_transform(input_size), functools.partial(load_rgb, max_pixels=max_pixels)
+        return build_pil_pretraining_transform(crops, in_chans), file_loader(in_chans, max_pixels)
     raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
+
+
+def check_rgb(data_set: str, in_chans: int) -> None:
+    """The synthetic set and CIFAR are RGB."""
+    if in_chans != RGB:
+        raise ValueError(f"{data_set} images are RGB; with in_chans {in_chans} give an image folder")
 
 
 def build_pretraining_dataset(
     data_set: str,
     data_path: Optional[str],
-    input_size: int,
+    crops: Crops,
+    *,
     num_samples: Optional[int] = None,
     decoder: str = "pil",
+    in_chans: int = RGB,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Dataset:
     """``(image, label)`` samples, augmented (3, H, W) uint8 images; ``num_samples`` keeps only
@@ -77,12 +97,13 @@ def build_pretraining_dataset(
     Images stay uint8 until ``augmentation.normalize_on_device``; the synthetic set is its training
     split, the images finetuning also trains on, and is drawn, so it has no files to decode.
     """
-    transform, loader = pretraining_reader(decoder, input_size, max_pixels)
+    transform, loader = pretraining_reader(decoder, crops, in_chans=in_chans, max_pixels=max_pixels)
     if data_set == "synthetic":
         if decoder != "pil":
             raise ValueError(f"decoder {decoder!r} decodes image files and the synthetic dataset has none: "
                              "use decoder 'pil' (the default) or an image folder")
-        dataset: Dataset = synthetic_split("train", input_size, num_samples, transform)
+        check_rgb(data_set, in_chans)
+        dataset: Dataset = synthetic_split("train", max(to_grid(crops.size)), num_samples, transform)
     elif data_set == "image_folder":
         if not data_path:
             raise ValueError("data_set 'image_folder' needs a data_path")
@@ -125,22 +146,26 @@ def build_classification_dataset(
     *,
     data_path: Optional[str],
     transform: Callable,
-    input_size: int,
+    image_size: int,
     eval_data_path: Optional[str] = None,
     num_samples: Optional[int] = None,
+    in_chans: int = RGB,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Tuple[Dataset, int]:
     """The train or evaluation split of a labelled dataset and its number of classes.
 
     IMNET reads ``data_path/train`` and ``data_path/val``; image_folder reads ``data_path`` for
     training and ``eval_data_path`` for evaluation; CIFAR reads torchvision's files in data_path.
+    The synthetic set draws its images ``image_size`` pixels a side.
     """
     if data_set == "synthetic":
-        dataset = synthetic_split("train" if is_train else "val", input_size, num_samples, transform)
+        check_rgb(data_set, in_chans)
+        dataset = synthetic_split("train" if is_train else "val", image_size, num_samples, transform)
         return dataset, SYNTHETIC_NUM_CLASSES
     if not data_path:
         raise ValueError(f"data_set {data_set!r} needs a data_path")
     if data_set in CIFAR_FOLDERS:
+        check_rgb(data_set, in_chans)
         dataset = cifar(data_set, data_path, is_train, transform)
         return first_samples(dataset, num_samples), len(dataset.classes)
     if data_set == "IMNET":
@@ -151,7 +176,7 @@ def build_classification_dataset(
             raise ValueError("data_set 'image_folder' needs an eval_data_path for evaluation")
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
-    folder = labelled_folder(root, transform, functools.partial(load_rgb, max_pixels=max_pixels))
+    folder = labelled_folder(root, transform, file_loader(in_chans, max_pixels))
     dataset = SkipUnreadable(folder, [path for path, _ in folder.samples])
     return first_samples(dataset, num_samples), len(folder.classes)
 

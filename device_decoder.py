@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from augmentation import PRETRAIN_CROP_SCALE, pretraining_augmentation
+from augmentation import Crops, pretraining_augmentation
 from image_files import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE, check_image_size, load_rgb
+from masking_generator import to_grid
 
 JPEG_END = (0xFF, 0xD9)  # the end-of-image marker that a complete JPEG file ends with
 
@@ -52,23 +53,23 @@ class RandomCropBox:
     ``RandomHorizontalFlip`` from torch's RNG, so a seeded sample gets the box and flip the PIL
     pipeline would give it."""
 
-    def __init__(self, input_size: int, crop_scale: Tuple[float, float] = PRETRAIN_CROP_SCALE) -> None:
-        self.input_size = input_size
-        self.crop, self.flip = pretraining_augmentation(input_size, crop_scale)
+    def __init__(self, crops: Crops) -> None:
+        self.output = to_grid(crops.size)  # (H, W)
+        self.crop, self.flip = pretraining_augmentation(crops)
 
     def __call__(self, image: EncodedImage) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> (data, (6,) int64 box: top, left, height, width, flip, output size)."""
+        """-> (data, (7,) int64 box: top, left, height, width, flip, output height, output width)."""
         size_only = torch.empty(1, 1, 1).expand(3, image.height, image.width)  # get_params reads the size alone
         top, left, height, width = self.crop.get_params(size_only, self.crop.scale, self.crop.ratio)
         flip = int(torch.rand(1) < self.flip.p)
-        return image.data, torch.tensor([top, left, height, width, flip, self.input_size])
+        return image.data, torch.tensor([top, left, height, width, flip, *self.output])
 
 
 class EncodedBatch(NamedTuple):
     """A batch of ``RandomCropBox`` samples; the files differ in size, so their data stay a list."""
 
     data: List[torch.Tensor]  # B x ((n,) JPEG bytes or (3, h, w) pixels), uint8, on the host
-    boxes: torch.Tensor  # (B, 6) int64: top, left, height, width, flip, output size
+    boxes: torch.Tensor  # (B, 7) int64: top, left, height, width, flip, output height and width
     labels: torch.Tensor  # (B,)
 
 
@@ -76,7 +77,7 @@ def collate_encoded(samples: Sequence[Tuple[Tuple[torch.Tensor, torch.Tensor], i
     """The loader's ``collate_fn`` for the device decoder."""
     return EncodedBatch(
         [data for (data, _), _ in samples],
-        torch.stack([box for (_, box), _ in samples]),  # (B, 6)
+        torch.stack([box for (_, box), _ in samples]),  # (B, 7)
         torch.tensor([label for _, label in samples]),
     )
 
@@ -159,18 +160,19 @@ def pil_decode(encoded: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
 
-def pil_bicubic(crop: torch.Tensor, size: int) -> torch.Tensor:
-    """(1, 3, h, w) uint8 -> (1, 3, S, S) float holding 8-bit values, as PIL's bicubic resize
+def pil_bicubic(crop: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(1, 3, h, w) uint8 -> (1, 3, H, W) float holding 8-bit values, as PIL's bicubic resize
     computes them: antialiased (the filter widened by the reduction), one pass across, rounded and
     clipped to 8 bits, then one pass down. Without the rounding in between, bicubic overshoot on
     sharp detail ends up to 13 levels from PIL's pixels; with it, within 1."""
-    across = F.interpolate(crop.float(), size=(crop.shape[2], size), mode="bicubic", antialias=True)  # (1, 3, h, S)
+    height, width = size
+    across = F.interpolate(crop.float(), size=(crop.shape[2], width), mode="bicubic", antialias=True)  # (1, 3, h, W)
     across = across.round_().clamp_(0, 255)
-    return F.interpolate(across, size=(size, size), mode="bicubic", antialias=True).round_().clamp_(0, 255)
+    return F.interpolate(across, size=(height, width), mode="bicubic", antialias=True).round_().clamp_(0, 255)
 
 
 def crop_on_device(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
-    """(B, 3, S, S) uint8: each image decoded on ``device``, cropped to its box, resized as PIL
+    """(B, 3, H, W) uint8: each image decoded on ``device``, cropped to its box, resized as PIL
     resizes (``pil_bicubic``) and flipped where its box says, as the PIL pipeline does in the
     workers. An unreadable file's place goes to the batch's first readable image, with its box."""
     images = decode_on_device(batch.data, device)
@@ -178,12 +180,12 @@ def crop_on_device(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
     if not readable:
         raise OSError("no image of this batch can be decoded; run with --decoder pil to skip unreadable files")
     sources = [index if images[index] is not None else readable[0] for index in range(len(images))]
-    boxes = batch.boxes[sources]  # (B, 6)
+    boxes = batch.boxes[sources]  # (B, 7)
     crops = [
-        pil_bicubic(images[index][None, :, top:top + height, left:left + width], size)  # (1, 3, S, S)
-        for index, (top, left, height, width, _, size) in zip(sources, boxes.tolist())  # on the host: no sync
+        pil_bicubic(images[index][None, :, top:top + height, left:left + width], (out_h, out_w))  # (1, 3, H, W)
+        for index, (top, left, height, width, _, out_h, out_w) in zip(sources, boxes.tolist())  # on the host
     ]
-    resized = torch.cat(crops).to(torch.uint8)  # (B, 3, S, S)
+    resized = torch.cat(crops).to(torch.uint8)  # (B, 3, H, W)
     flip = boxes[:, 4].to(device, non_blocking=True).bool().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     return torch.where(flip, resized.flip(-1), resized)
 

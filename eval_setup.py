@@ -9,10 +9,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from augmentation import BatchTransform
-from checkpoint import load_checkpoint
-from cli import add_loading_args, check_model_name, check_patch_grid, patch_size_kwargs
+from checkpoint import read_weights
+from cli import add_loading_args, add_size_args, check_model_name, check_patch_grid, patch_size_kwargs
 from datasets import CLASSIFICATION_SETS, build_classification_dataset, check_readable
 from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
+from masking_generator import to_grid
 from preemption import worker_init_fn
 from utils import UsageError, is_main_process, rank_shard
 
@@ -24,15 +25,15 @@ def add_encoder_args(parser: argparse.ArgumentParser, *, global_pool: bool) -> a
     linear probe and k-NN take the cls token, as MAE evaluates. Returns the group."""
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="vit_base_patch16_224", type=str, help="a timm vit_* name")
-    model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
-    model.add_argument("--patch_size", default=None, type=int,
-                       help="patch side in pixels, instead of the model's; must match the pretraining's")
+    add_size_args(model)
     model.add_argument("--global_pool", action="store_true", default=global_pool,
                        help="average the patch tokens, then fc_norm" + (" (default, as MAE)" if global_pool else ""))
     model.add_argument("--cls_token", action="store_false", dest="global_pool",
                        help="the cls token after the final norm" + ("" if global_pool else " (default, as MAE)"))
     model.add_argument("--nb_classes", default=None, type=int, help="default: the dataset's number of classes")
-    model.add_argument("--finetune", default="", help="pretrained checkpoint: ours, official MAE or timm")
+    model.add_argument("--finetune", default="",
+                       help="pretrained checkpoint: ours (a file or sharded folder), official MAE, timm, or a Hugging "
+                            "Face ViTMAE folder")
     return model
 
 
@@ -65,7 +66,7 @@ def validate_data_args(args: argparse.Namespace) -> None:
                          "missing; for a folder that holds train/ and val/, use --data_set IMNET")
     if args.data_path and not Path(args.data_path).is_dir():
         raise UsageError(f"--data_path {args.data_path} is not a directory")
-    if args.finetune and not Path(args.finetune).is_file():
+    if args.finetune and not Path(args.finetune).exists():
         raise UsageError(f"--finetune {args.finetune} does not exist; check the path")
 
 
@@ -78,8 +79,8 @@ def build_datasets(
         try:
             dataset, nb_classes = build_classification_dataset(
                 args.data_set, is_train, data_path=args.data_path, transform=make_transform(args, is_train),
-                input_size=args.input_size, eval_data_path=args.eval_data_path, num_samples=args.num_samples,
-                max_pixels=args.max_image_pixels,
+                image_size=max(to_grid(args.input_size)), eval_data_path=args.eval_data_path,
+                num_samples=args.num_samples, in_chans=args.in_chans, max_pixels=args.max_image_pixels,
             )
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from error
@@ -114,15 +115,15 @@ def build_encoder(args: argparse.Namespace, *, num_classes: int, drop_path: floa
     """timm's ViT named by ``--model`` with ``--global_pool``'s pooling; ``num_classes=0`` gives
     the pooled features instead of logits."""
     check_model_name(args.model, "vit_*")
-    model = create_finetune_model(args.model, num_classes, args.input_size, args.global_pool, drop_path,
-                                  **patch_size_kwargs(args))
+    model = create_finetune_model(args.model, num_classes, to_grid(args.input_size), args.global_pool, drop_path,
+                                  in_chans=args.in_chans, **patch_size_kwargs(args))
     check_patch_grid(model, args.input_size)
     return model
 
 
 def load_finetune_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
     """Put the pretrained encoder of ``--finetune`` into ``model``; its head starts fresh."""
-    checkpoint = load_checkpoint(Path(args.finetune))
+    checkpoint = read_weights(Path(args.finetune))
     try:
         missing = load_pretrained_encoder(model, checkpoint)
     except CheckpointMismatchError as error:

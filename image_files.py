@@ -1,6 +1,7 @@
-"""Reading image files: PIL's loader and the tensor decoders, finding the images of a folder
-(ImageFolder layout or flat), and skipping and counting the files that cannot be read or are too
-large, so one bad file never stops a run.
+"""Reading image files: PIL's loader and the tensor decoders, images of any channel count
+(grayscale, 16-bit, ``.npy`` arrays), finding the images of a folder (ImageFolder layout or flat),
+and skipping and counting the files that cannot be read or are too large, so one bad file never
+stops a run.
 
 PIL's own decompression-bomb check (a warning above ``Image.MAX_IMAGE_PIXELS``, an error above
 twice that, which would stop a run) is replaced on import by ``check_image_size``: the same default
@@ -71,6 +72,61 @@ def file_decoder() -> Callable[[str], torch.Tensor]:
 
         return lambda path: decode_bytes(read_file(path), mode=ImageReadMode.RGB)
     return lambda path: decode_image(path, mode="RGB")
+
+
+ARRAY_EXTENSIONS = (".npy",)
+RGB = 3
+FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}  # what 1.0 is, per integer dtype
+
+
+def load_image(
+    path: str, in_chans: int = RGB, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Union[Image.Image, torch.Tensor]:
+    """An image of ``in_chans`` channels: RGB as an 8-bit PIL image (``load_rgb``), any other
+    channel count as a (C, H, W) float32 tensor in [0, 1], which keeps 16-bit precision. Image
+    files give 1 channel (grayscale, 16-bit included) or 4 (RGBA); ``.npy`` arrays give any."""
+    if path.lower().endswith(ARRAY_EXTENSIONS):
+        return load_array(path, in_chans, max_pixels)
+    if in_chans == RGB:
+        return load_rgb(path, max_pixels)
+    with Image.open(path) as image:
+        check_image_size(image, max_pixels)
+        if in_chans == 1 and (image.mode == "I" or image.mode.startswith("I;16")):
+            pixels = np.clip(np.asarray(image).astype(np.float32), 0, 65535) / 65535.0  # (H, W)
+        elif in_chans == 1 and image.mode == "F":
+            pixels = np.asarray(image, dtype=np.float32)  # (H, W), as stored
+        elif in_chans in (1, 4):
+            pixels = np.asarray(image.convert("L" if in_chans == 1 else "RGBA"), dtype=np.float32) / 255.0
+        else:
+            raise ValueError(f"image files hold 1, 3 or 4 channels, not --in_chans {in_chans}: store "
+                             f"{in_chans}-channel images as .npy arrays")
+    return torch.from_numpy(np.ascontiguousarray(pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1)))
+
+
+def load_array(path: str, in_chans: int, max_pixels: int) -> Union[Image.Image, torch.Tensor]:
+    """A ``.npy`` image: (H, W), (C, H, W) or (H, W, C); channels first wins when both ends have
+    ``in_chans`` entries. uint8 and uint16 are scaled to [0, 1], floats taken as they are. RGB
+    arrays must be uint8 and become PIL images, for the RGB pipeline (RandAugment included)."""
+    array = np.load(path, allow_pickle=False)  # never unpickles
+    if array.ndim == 2:
+        array = array[None]  # (1, H, W)
+    elif not (array.ndim == 3 and in_chans in (array.shape[0], array.shape[-1])):
+        raise ValueError(f"an array of shape {array.shape} is no {in_chans}-channel image ((H, W, {in_chans}) "
+                         f"or ({in_chans}, H, W)); set --in_chans to its channel count")
+    elif array.shape[0] != in_chans:
+        array = array.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    if array.shape[0] != in_chans:
+        raise ValueError(f"an array of {array.shape[0]} channel(s) is no {in_chans}-channel image")
+    if array.shape[1] * array.shape[2] > max_pixels:
+        raise ImageTooLargeError(f"{array.shape[2]} x {array.shape[1]} pixels is over --max_image_pixels {max_pixels}")
+    if in_chans == RGB:
+        if array.dtype != np.uint8:
+            raise ValueError(f"3-channel arrays go through the RGB pipeline and must be uint8, not {array.dtype}")
+        return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
+    if array.dtype.kind in "iu" and array.dtype not in FULL_SCALE:
+        raise ValueError(f"integer arrays are uint8 or uint16, not {array.dtype}; store others as floats")
+    scaled = array.astype(np.float32) / FULL_SCALE.get(array.dtype, 1.0)
+    return torch.from_numpy(np.ascontiguousarray(scaled))
 
 
 def decode_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
@@ -149,7 +205,7 @@ def skipped_images(dataset: Dataset, device: torch.device) -> int:
 
 
 def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+    return name.lower().endswith(IMG_EXTENSIONS + ARRAY_EXTENSIONS)
 
 
 def find_images(root: str) -> List[str]:
@@ -177,7 +233,7 @@ class ImageFiles(Dataset):
         self.samples: List[str] = find_images(self.root)
         if not self.samples:
             raise FileNotFoundError(
-                f"no images ({', '.join(IMG_EXTENSIONS)}) found under {self.root}"
+                f"no images ({', '.join(IMG_EXTENSIONS + ARRAY_EXTENSIONS)}) found under {self.root}"
             )
 
     def __len__(self) -> int:
@@ -198,7 +254,7 @@ def build_image_folder(root: str, transform: Optional[Callable] = None, loader: 
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     if has_class_folders(root):
         # allow_empty: an empty class folder is harmless for pretraining, which ignores labels
-        folder = ImageFolder(root, transform=transform, loader=loader, allow_empty=True)
+        folder = ImageFolder(root, transform=transform, loader=loader, is_valid_file=is_image_file, allow_empty=True)
         return SkipUnreadable(folder, [path for path, _ in folder.samples])
     files = ImageFiles(root, transform=transform, loader=loader)
     return SkipUnreadable(files, files.samples)
@@ -210,4 +266,4 @@ def labelled_folder(root: str, transform: Callable, loader: Callable = load_rgb)
         raise FileNotFoundError(f"{root} does not exist or is not a directory")
     if not has_class_folders(root):
         raise FileNotFoundError(f"{root} has no class subfolders with images (expected {root}/<class>/<image>)")
-    return ImageFolder(root, transform=transform, loader=loader)
+    return ImageFolder(root, transform=transform, loader=loader, is_valid_file=is_image_file)

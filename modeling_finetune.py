@@ -85,13 +85,13 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return unwrapped
 
 
+def is_decoder_key(name: str) -> bool:
+    return name.startswith("decoder_") or name == "mask_token"
+
+
 def encoder_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Drop the decoder (and any old classifier head): finetuning starts a new head."""
-    def keep(name: str) -> bool:
-        is_decoder = name.startswith("decoder_") or name == "mask_token"
-        return not is_decoder and name not in HEAD_KEYS
-
-    return {name: value for name, value in state.items() if keep(name)}
+    return {name: value for name, value in state.items() if not is_decoder_key(name) and name not in HEAD_KEYS}
 
 
 def source_grid(checkpoint: Mapping[str, Any], num_patches: int, patch_size: int) -> Tuple[int, int]:

@@ -12,9 +12,9 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import utils
-from augmentation import BatchTransform, build_classification_transform
+from augmentation import CLASSIFY_CROP_SCALE, RGB, BatchTransform, Crops, build_classification_transform
 from checkpoint import TrainingState, resume_training_state
-from cli import add_memory_args, add_run_args, add_schedule_args, validate_common_args
+from cli import add_crop_args, add_memory_args, add_run_args, add_schedule_args, validate_common_args
 from datasets import build_train_loader
 from engine import resolve_lr
 from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
@@ -61,6 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup_prob", default=1.0, type=float, help="chance of mixing a batch")
     aug.add_argument("--mixup_switch_prob", default=0.5, type=float, help="chance of cutmix when both are on")
     aug.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+    add_crop_args(aug, crop_scale=CLASSIFY_CROP_SCALE)
 
     add_data_args(parser)
     add_evaluation_args(parser)
@@ -85,7 +86,8 @@ def mixup_active(args: argparse.Namespace) -> bool:
 
 def finetune_transform(args: argparse.Namespace, is_train: bool) -> Callable:
     """The workers' part: RandAugment for training, resize and center crop for evaluation."""
-    return build_classification_transform(is_train, args.input_size, args.mean, args.aa, args.color_jitter)
+    crops = Crops(args.input_size, tuple(args.crop_scale), args.hflip)
+    return build_classification_transform(is_train, crops, args.mean, args.aa, args.color_jitter, args.in_chans)
 
 
 def erasing_batch_transform(args: argparse.Namespace) -> BatchTransform:
@@ -146,6 +148,9 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         reduce_eval=reduce_eval,
     )
     if utils.is_main_process():
+        if args.in_chans != RGB and (args.aa or args.color_jitter):
+            print(f"RandAugment and color jitter are for RGB images; the {args.in_chans}-channel crops are cropped "
+                  "and flipped only")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
               f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
-from augmentation import build_classification_transform
-from cli import add_device_args, validate_numbers
+from augmentation import eval_transform
+from cli import add_device_args, resolve_image_args, starting_args, validate_numbers
 from eval_setup import (
     add_data_args,
     add_encoder_args,
@@ -49,13 +49,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse bad command lines before anything is built or written."""
-    validate_numbers(args)
     validate_data_args(args)
+    resolve_image_args(args, starting_args(args))
+    validate_numbers(args)
 
 
-def eval_transform(args: argparse.Namespace, is_train: bool) -> Callable:
+def unaugmented(args: argparse.Namespace, is_train: bool) -> Callable:
     """No augmentation for either split: each image's feature is computed once."""
-    return build_classification_transform(False, args.input_size, args.mean)
+    return eval_transform(args.input_size, args.in_chans)
 
 
 @torch.no_grad()
@@ -168,7 +169,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
     amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
-    train_set, val_set, nb_classes = build_datasets(args, eval_transform, train=True)
+    train_set, val_set, nb_classes = build_datasets(args, unaugmented, train=True)
     model = build_encoder(args, num_classes=0)
     if args.finetune:
         load_finetune_weights(model, args)

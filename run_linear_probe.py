@@ -14,9 +14,9 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 import utils
-from augmentation import build_classification_transform, build_pil_pretraining_transform
+from augmentation import CLASSIFY_CROP_SCALE, Crops, build_pil_pretraining_transform, eval_transform
 from checkpoint import TrainingState, resume_training_state
-from cli import add_run_args, add_schedule_args, validate_common_args
+from cli import add_crop_args, add_run_args, add_schedule_args, validate_common_args
 from datasets import build_train_loader
 from engine import resolve_lr
 from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
@@ -32,8 +32,6 @@ from eval_setup import (
     validate_data_args,
 )
 from optim_factory import create_lars
-
-PROBE_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's default, which MAE's probe keeps
 
 
 class LinearProbe(nn.Module):
@@ -73,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     optimizer = parser.add_argument_group("optimizer")
     optimizer.add_argument("--weight_decay", default=0.0, type=float, help="LARS weight decay of the head's weights")
     add_schedule_args(parser, blr=0.1, min_lr=0.0, warmup_epochs=10)
+    add_crop_args(parser.add_argument_group("augmentation"), crop_scale=CLASSIFY_CROP_SCALE)
     add_data_args(parser)
     add_evaluation_args(parser)
     add_run_args(parser)
@@ -83,8 +82,8 @@ def probe_transform(args: argparse.Namespace, is_train: bool) -> Callable:
     """RandomResizedCrop and flip for training, as MAE probes; finetuning's evaluation transform.
     Both end in uint8, normalized on the device (``normalizing_batch_transform``)."""
     if not is_train:
-        return build_classification_transform(False, args.input_size, args.mean)
-    return build_pil_pretraining_transform(args.input_size, crop_scale=PROBE_CROP_SCALE)
+        return eval_transform(args.input_size, args.in_chans)
+    return build_pil_pretraining_transform(Crops(args.input_size, tuple(args.crop_scale), args.hflip), args.in_chans)
 
 
 def build_probe(args: argparse.Namespace) -> LinearProbe:

@@ -10,12 +10,15 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from checkpoint import TrainingState, resume_training_state
+from checkpoint import TrainingState, load_mae_weights, read_weights, resume_training_state
+from augmentation import PRETRAIN_CROP_SCALE, Crops
 from cli import (
+    add_crop_args,
     add_loading_args,
     add_memory_args,
     add_run_args,
     add_schedule_args,
+    add_size_args,
     check_model_name,
     check_patch_grid,
     patch_size_kwargs,
@@ -25,7 +28,7 @@ from datasets import DECODERS, build_pretraining_dataset, build_train_loader, ch
 from device_decoder import collate_encoded
 from engine import resolve_lr
 from engine_for_pretraining import run_epochs
-from masking_generator import check_mask_ratio
+from masking_generator import check_mask_ratio, to_grid
 from optim_factory import add_optimizer_args, create_optimizer
 from performance import use_fastest_attention
 from preemption import preemptible
@@ -42,13 +45,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="pretrain_mae_base_patch16_224", type=str, help="a pretrain_mae_* name")
-    model.add_argument("--input_size", default=224, type=int, help="image side in pixels")
-    model.add_argument("--patch_size", default=None, type=int,
-                       help="patch side in pixels, instead of the model's (e.g. 8 or 4 for small images)")
+    add_size_args(model)
     model.add_argument("--mask_ratio", default=0.75, type=float, help="share of patches hidden from the encoder")
     model.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalized pixels")
     model.add_argument("--drop_path", default=0.0, type=float, help="stochastic depth of the encoder")
+    model.add_argument("--init_from", default="", type=str,
+                       help="start from these weights (ours, official MAE, a Hugging Face ViTMAE folder; an "
+                            "encoder-only one leaves the decoder new) instead of at random; a checkpoint to resume "
+                            "from still wins")
 
+    add_crop_args(parser.add_argument_group("augmentation"), crop_scale=PRETRAIN_CROP_SCALE)
     add_optimizer_args(parser, weight_decay=0.05, betas=(0.9, 0.95))
     add_schedule_args(parser, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
     data = add_loading_args(parser)
@@ -78,14 +84,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise utils.UsageError("--data_set image_folder needs --data_path; omit both for the synthetic dataset")
     if args.data_path and not Path(args.data_path).is_dir():
         raise utils.UsageError(f"--data_path {args.data_path} is not a directory")
+    if args.init_from and not Path(args.init_from).exists():
+        raise utils.UsageError(f"--init_from {args.init_from} does not exist; check the path")
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The registered MAE named by ``--model`` at ``--input_size``."""
     check_model_name(args.model, "pretrain_mae_*")
     model = timm.create_model(
-        args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, drop_path_rate=args.drop_path,
-        **patch_size_kwargs(args),
+        args.model, img_size=to_grid(args.input_size), in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss,
+        drop_path_rate=args.drop_path, **patch_size_kwargs(args),
     )
     check_patch_grid(model, args.input_size)
     return model
@@ -95,7 +103,8 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     """Shuffled, rank-sharded batches of uint8 images; see ``datasets.build_train_loader``."""
     try:
         dataset = build_pretraining_dataset(
-            args.data_set, args.data_path, args.input_size, num_samples=args.num_samples, decoder=args.decoder,
+            args.data_set, args.data_path, Crops(args.input_size, tuple(args.crop_scale), args.hflip),
+            num_samples=args.num_samples, decoder=args.decoder, in_chans=args.in_chans,
             max_pixels=args.max_image_pixels,
         )
     except (FileNotFoundError, ValueError) as error:
@@ -113,7 +122,13 @@ def main(args: argparse.Namespace) -> torch.nn.Module:
 def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed, args.rank)
-    model = build_model(args).to(device)
+    model = build_model(args)
+    if args.init_from:
+        kept = load_mae_weights(model, read_weights(Path(args.init_from)), source=f"--init_from {args.init_from}",
+                                decoder_required=False)
+        if utils.is_main_process():
+            print(f"started from the weights of {args.init_from}" + ("; its decoder is new" if kept else ""))
+    model.to(device)
     use_fastest_attention(model, device, args.amp)
     model.set_grad_checkpointing(args.grad_checkpointing)
     if args.fsdp:

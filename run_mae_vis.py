@@ -16,19 +16,17 @@ import timm
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision import transforms
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from checkpoint import load_checkpoint, state_mismatch
-from cli import check_model_name, check_patch_grid, patch_size_kwargs
-from image_files import UNREADABLE, find_images, load_rgb
-from masking_generator import check_mask_ratio, random_masks
-from modeling_finetune import unwrap_state_dict
+from augmentation import eval_transform, normalize_on_device
+from checkpoint import load_mae_weights, read_weights
+from cli import check_model_name, check_patch_grid, one_size, patch_size_kwargs
+from image_files import UNREADABLE, find_images, load_image
+from masking_generator import check_mask_ratio, random_masks, to_grid
 from synthetic import synthetic_split
-from visualization import PANELS, reconstruction_grid
+from visualization import PANELS, channels_note, reconstruction_grid
 
-FIXED_TABLES = ("pos_embed", "decoder_pos_embed")  # sine-cosine: the model's own fit any input size
 NORM_PIX_NOTE = "norm_pix_loss: masked patches shown with their true mean/std"
 CAPTION_LINE = 12  # pixels per caption line with PIL's default font
 
@@ -37,9 +35,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE reconstruction pictures", add_help=True)
     parser.add_argument("image_path", help="an image, a folder of images, or 'synthetic'")
     parser.add_argument("output_dir", help="where the PNG pictures go")
-    parser.add_argument("--model_path", required=True, help="pretraining checkpoint with the decoder: ours or official")
+    parser.add_argument("--model_path", required=True,
+                        help="pretraining checkpoint with the decoder: ours, official, sharded or a Hugging Face folder")
     parser.add_argument("--model", default=None, help="default: the checkpoint's, else pretrain_mae_base_patch16_224")
-    parser.add_argument("--input_size", default=None, type=int, help="default: the checkpoint's, else 224")
+    parser.add_argument("--input_size", default=None, type=int, nargs="+", metavar="SIZE",
+                        help="one value for a square, or H W (default: the checkpoint's, else 224)")
+    parser.add_argument("--in_chans", default=None, type=int, help="image channels (default: the checkpoint's, else 3)")
     parser.add_argument("--patch_size", default=None, type=int, help="default: the checkpoint's, else the model's")
     parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
                         help="whether the model predicts per-patch normalized pixels (default: the checkpoint's)")
@@ -52,13 +53,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace, checkpoint_args: Mapping[str, Any]) -> None:
     """Fill what the command line left open from the checkpoint's args, then the defaults."""
-    defaults = {"model": "pretrain_mae_base_patch16_224", "input_size": 224, "norm_pix_loss": False,
-                "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
+    defaults = {"model": "pretrain_mae_base_patch16_224", "input_size": 224, "norm_pix_loss": False, "in_chans": 3}
     for name, default in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, checkpoint_args.get(name, default))
+    args.input_size = one_size(args.input_size)
     if args.patch_size is None:
         args.patch_size = checkpoint_args.get("patch_size")
+    args.mean, args.std = checkpoint_args.get("mean"), checkpoint_args.get("std")
+    if args.mean is None and args.in_chans == 3:
+        args.mean, args.std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    if args.mean is None or len(args.mean) != args.in_chans:
+        raise utils.UsageError(f"the checkpoint gives no mean and std for its {args.in_chans} channel(s): pass one "
+                               "written by our pretraining, which records them")
     try:
         check_mask_ratio(args.mask_ratio)
     except ValueError as error:
@@ -70,33 +77,28 @@ def resolve_args(args: argparse.Namespace, checkpoint_args: Mapping[str, Any]) -
 def load_model(args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> torch.nn.Module:
     """The MAE of ``--model`` at ``--input_size`` with the checkpoint's weights, decoder included."""
     check_model_name(args.model, "pretrain_mae_*")
-    model = timm.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                              **patch_size_kwargs(args))
+    model = timm.create_model(args.model, img_size=to_grid(args.input_size), in_chans=args.in_chans,
+                              norm_pix_loss=args.norm_pix_loss, **patch_size_kwargs(args))
     check_patch_grid(model, args.input_size)
-    state = unwrap_state_dict(checkpoint)
-    state.update({name: value for name, value in model.state_dict().items() if name in FIXED_TABLES})
-    mismatch = state_mismatch(model, state)
-    if mismatch:
-        hint = f"is --model {args.model} the architecture it was pretrained with?"
-        if "decoder_pred.weight" not in state:
-            hint = "it has no decoder (an encoder-only checkpoint cannot draw reconstructions)"
-        raise utils.UsageError(f"--model_path {args.model_path} does not fit --model {args.model}: {mismatch}; {hint}")
-    model.load_state_dict(state)
+    load_mae_weights(model, checkpoint, source=f"--model_path {args.model_path} (--model {args.model})",
+                     decoder_required=True)
     return model.to(args.device).eval()
 
 
 def image_batches(args: argparse.Namespace) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, (B, 3, H, W) normalized images): one per image file, or one synthetic batch; each
-    image resized (shorter side) and center-cropped to ``--input_size``."""
-    transform = transforms.Compose([
-        transforms.Resize(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(args.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(args.mean, args.std),
-    ])
+    """(name, (B, C, H, W) normalized images): one per image file, or one synthetic batch; each
+    image resized (keeping its aspect ratio) and center-cropped to ``--input_size``."""
+    resize_and_crop = eval_transform(args.input_size, args.in_chans, crop_pct=1.0)
+
+    def transform(image) -> torch.Tensor:
+        return normalize_on_device(resize_and_crop(image)[None], args.mean, args.std)  # (1, C, H, W)
+
     if args.image_path == "synthetic":
-        dataset = synthetic_split("val", args.input_size, args.num_images, transform)
-        yield "synthetic", torch.stack([dataset[i][0] for i in range(len(dataset))])
+        if args.in_chans != 3:
+            raise utils.UsageError(f"the synthetic images are RGB; the model takes {args.in_chans} channel(s): give "
+                                   "an image or a folder")
+        dataset = synthetic_split("val", max(to_grid(args.input_size)), args.num_images, transform)
+        yield "synthetic", torch.cat([dataset[i][0] for i in range(len(dataset))])
         return
     path = Path(args.image_path)
     paths = [str(path)] if path.is_file() else find_images(str(path)) if path.is_dir() else []
@@ -104,15 +106,17 @@ def image_batches(args: argparse.Namespace) -> Iterator[Tuple[str, torch.Tensor]
         raise utils.UsageError(f"{args.image_path} is no image, no folder with images and not 'synthetic'")
     for image_path in paths:
         try:
-            image = load_rgb(image_path)
+            image = load_image(image_path, args.in_chans)
         except UNREADABLE as error:
             raise utils.UsageError(f"cannot read {image_path}: {error}") from error
-        yield Path(image_path).stem, transform(image).unsqueeze(0)
+        yield Path(image_path).stem, transform(image)
 
 
 def caption_lines(args: argparse.Namespace, width: int) -> List[str]:
     """What the picture shows, wrapped to its width (about 6 pixels per character)."""
     text = [" | ".join(PANELS), f"mask ratio {args.mask_ratio:g}, seed {args.seed}, {args.model}"]
+    if channels_note(args.in_chans):
+        text.append(channels_note(args.in_chans))
     if args.norm_pix_loss:
         text.append(NORM_PIX_NOTE)
     columns = max(width // 6, 20)
@@ -142,7 +146,7 @@ def save_picture(image: Image.Image, lines: List[str], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> List[Path]:
     """Write one picture per image (one for the synthetic batch); returns their paths."""
-    checkpoint = load_checkpoint(Path(args.model_path))
+    checkpoint = read_weights(Path(args.model_path))
     checkpoint_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     resolve_args(args, checkpoint_args)
     model = load_model(args, checkpoint)

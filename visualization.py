@@ -1,5 +1,6 @@
 """Pictures of MAE reconstructions: original | masked input | reconstruction | pasted, and the fixed
-batch pretraining draws after every epoch, so that successive pictures compare."""
+batch pretraining draws after every epoch, so that successive pictures compare. Images of more
+than three channels show their first three, of one or two their first (``shown_channels``)."""
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -23,6 +24,20 @@ def denormalize(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     mean_t = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
     return (imgs * std_t + mean_t).clamp(0.0, 1.0)
+
+
+def shown_channels(imgs: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> what a picture can show: the first three channels, or the first one."""
+    return imgs[:, :3] if imgs.shape[1] >= 3 else imgs[:, :1]
+
+
+def channels_note(in_chans: int) -> str:
+    """What a picture of ``in_chans`` channels shows, for its caption ('' for RGB)."""
+    if in_chans == 3:
+        return ""
+    if in_chans > 3:
+        return f"channels 1-3 of {in_chans} shown as RGB"
+    return "grayscale" if in_chans == 1 else f"channel 1 of {in_chans} shown"
 
 
 def mask_to_pixels(model: PretrainVisionTransformer, mask: torch.Tensor) -> torch.Tensor:
@@ -49,7 +64,7 @@ def reconstruction_grid(
     hidden = mask_to_pixels(model, mask)  # (B, 1, H, W)
     masked_input = original * (1 - hidden) + 0.5 * hidden  # hidden patches shown grey
     panels = [original, masked_input, denormalize(recon, mean, std), denormalize(pasted, mean, std)]
-    rows = torch.stack(panels, dim=1).flatten(0, 1)  # (B * 4, C, H, W), row-major by image
+    rows = torch.stack([shown_channels(panel) for panel in panels], dim=1).flatten(0, 1)  # (B * 4, 3 or 1, H, W)
     return make_grid(rows.cpu(), nrow=len(PANELS), padding=2, pad_value=1.0)
 
 

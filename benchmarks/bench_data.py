@@ -84,16 +84,17 @@ def torchcodec_decode(path: str) -> torch.Tensor:
 def cpu_paths(input_size: int, stage: str) -> Dict[str, Tuple[Decode, Callable]]:
     """name: (decode, transform) of every CPU path of ``stage`` that can run here; finetuning has
     PIL only, since timm's RandAugment works on PIL images."""
+    crops = augmentation.Crops(input_size)
     if stage == "finetune":
-        return {"pil": (image_files.load_rgb, augmentation.build_classification_transform(True, input_size))}
-    tensor_transform = augmentation.build_tensor_pretraining_transform(input_size)
+        return {"pil": (image_files.load_rgb, augmentation.build_classification_transform(True, crops))}
+    tensor_transform = augmentation.build_tensor_pretraining_transform(crops)
     paths = {
-        "pil": (image_files.load_rgb, augmentation.build_pil_pretraining_transform(input_size)),
+        "pil": (image_files.load_rgb, augmentation.build_pil_pretraining_transform(crops)),
         "torchvision": (torchvision_decode, tensor_transform),
     }
     if importable("torchcodec.decoders"):
         paths["torchcodec"] = (torchcodec_decode, tensor_transform)
-    paths[DEVICE_PATH] = (device_decoder.read_encoded, device_decoder.RandomCropBox(input_size))
+    paths[DEVICE_PATH] = (device_decoder.read_encoded, device_decoder.RandomCropBox(crops))
     return paths
 
 
@@ -154,7 +155,8 @@ def device_side_rates(files: Sequence[str], input_size: int, batch_size: int, re
     also the rate at which the host gets through those calls, before waiting for the GPU: where
     the two are close, the host's part (launching the per-image kernels, and whatever the decoder
     itself waits for) bounds the device decoder, not the GPU's work."""
-    samples = PipelineSamples(files, device_decoder.read_encoded, device_decoder.RandomCropBox(input_size))
+    crops = device_decoder.RandomCropBox(augmentation.Crops(input_size))
+    samples = PipelineSamples(files, device_decoder.read_encoded, crops)
     with datasets.seeded_rngs((0,)):
         encoded = [samples[index] for index in range(len(samples))]
     batches = [device_decoder.collate_encoded(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]

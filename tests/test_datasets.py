@@ -12,7 +12,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 from torchvision import transforms
 
-from augmentation import normalize_on_device
+from augmentation import Crops, normalize_on_device
 from datasets import EpochSampler, SeededSamples, build_pretraining_dataset
 from device_decoder import batch_images, collate_encoded, decode_on_device, read_encoded
 from image_files import ImageFiles, build_image_folder, count_skipped, decode_rgb, load_rgb
@@ -171,7 +171,7 @@ def check_pretraining_sample(image: torch.Tensor) -> None:
 
 
 def test_synthetic_pretraining_samples_are_uint8_crops():
-    dataset = build_pretraining_dataset("synthetic", None, 224, num_samples=2)
+    dataset = build_pretraining_dataset("synthetic", None, Crops(224), num_samples=2)
     assert len(dataset) == 2
     check_pretraining_sample(dataset[1][0])
 
@@ -179,18 +179,18 @@ def test_synthetic_pretraining_samples_are_uint8_crops():
 def test_image_folder_pretraining_samples_are_resized_and_limited(tmp_path):
     for index in range(5):
         save_rgb(tmp_path / f"{index}.png", size=(40, 30))
-    dataset = build_pretraining_dataset("image_folder", str(tmp_path), 224, num_samples=3)
+    dataset = build_pretraining_dataset("image_folder", str(tmp_path), Crops(224), num_samples=3)
     assert len(dataset) == 3
     check_pretraining_sample(dataset[2][0])
-    everything = build_pretraining_dataset("image_folder", str(tmp_path), 224, num_samples=50)
+    everything = build_pretraining_dataset("image_folder", str(tmp_path), Crops(224), num_samples=50)
     assert len(everything) == 5
 
 
 def test_pretraining_dataset_rejects_bad_arguments():
     with pytest.raises(ValueError, match="synthetic"):
-        build_pretraining_dataset("imagenet", None, 32)
+        build_pretraining_dataset("imagenet", None, Crops(32))
     with pytest.raises(ValueError, match="data_path"):
-        build_pretraining_dataset("image_folder", None, 32)
+        build_pretraining_dataset("image_folder", None, Crops(32))
 
 
 def epoch_crops(loader: DataLoader, sampler: EpochSampler, epoch: int) -> torch.Tensor:
@@ -200,7 +200,7 @@ def epoch_crops(loader: DataLoader, sampler: EpochSampler, epoch: int) -> torch.
 
 def test_samples_depend_on_epoch_and_index_only_not_on_workers():
     """The random crops and flips: the same for a sample in any worker, new each epoch."""
-    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, 16, num_samples=8), seed=3)
+    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, Crops(16), num_samples=8), seed=3)
     sampler = EpochSampler(dataset, num_replicas=1, rank=0, seed=3)
     in_process = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=0)
     in_workers = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2)
@@ -212,7 +212,7 @@ def test_samples_depend_on_epoch_and_index_only_not_on_workers():
 
 
 def test_drawing_a_sample_leaves_the_training_rngs_untouched():
-    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, 32, num_samples=2), seed=0)
+    dataset = SeededSamples(build_pretraining_dataset("synthetic", None, Crops(32), num_samples=2), seed=0)
     torch.manual_seed(1)
     np.random.seed(1)
     random.seed(1)
@@ -304,7 +304,7 @@ def test_both_decoders_give_crops_that_normalize_to_the_same_values(tmp_path):
     for index in range(3):
         Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / f"white{index}.jpg", quality=95)
     for decoder in ("pil", "tensor"):
-        dataset = build_pretraining_dataset("image_folder", str(tmp_path), 32, decoder=decoder)
+        dataset = build_pretraining_dataset("image_folder", str(tmp_path), Crops(32), decoder=decoder)
         image, _ = dataset[0]
         assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
         image = normalize_on_device(image[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0]
@@ -319,8 +319,11 @@ def test_uint8_batches_are_normalized_as_the_formula_says():
     normalized = normalize_on_device(pixels, mean, std)
     assert normalized.dtype == torch.float32
     torch.testing.assert_close(normalized, expected.expand(2, 3, 2, 2), atol=1e-6, rtol=0)
-    with pytest.raises(TypeError, match="normalized already"):
-        normalize_on_device(normalized, mean, std)
+    # float batches (channel counts other than RGB, 16-bit images) arrive already scaled to [0, 1]
+    torch.testing.assert_close(normalize_on_device(pixels.float() / 255, mean, std), expected.expand(2, 3, 2, 2),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match="uint8 or \\[0, 1\\] float"):
+        normalize_on_device(pixels.int(), mean, std)
 
 
 def test_normalizing_on_the_device_gives_the_values_torchvision_gave_in_the_workers(device):
@@ -352,7 +355,7 @@ def test_the_device_decoder_crops_as_the_pil_pipeline_does(tmp_path, device):
     8-bit rounding (within 1), where libjpeg-turbo decodes as PIL does (the CPU); nvJPEG decodes
     a little differently. In the step it runs under autocast, which must leave it alone."""
     write_varied_images(tmp_path / "images")
-    built = {decoder: SeededSamples(build_pretraining_dataset("image_folder", str(tmp_path / "images"), 32,
+    built = {decoder: SeededSamples(build_pretraining_dataset("image_folder", str(tmp_path / "images"), Crops(32),
                                                               decoder=decoder), seed=3)
              for decoder in ("pil", "device")}
     keys = [(index, epoch) for epoch in range(3) for index in range(len(built["pil"]))]
@@ -377,7 +380,7 @@ def test_a_jpeg_no_decoder_reads_gives_its_place_in_the_batch_to_a_readable_one(
     write_varied_images(tmp_path / "images")
     whole = (tmp_path / "images" / "rgb0.jpg").read_bytes()
     (tmp_path / "images" / "rgb1.jpg").write_bytes(whole[:400] + b"\xff\xc4\x00\x02" + whole[404:])
-    samples = SeededSamples(build_pretraining_dataset("image_folder", str(tmp_path / "images"), 32,
+    samples = SeededSamples(build_pretraining_dataset("image_folder", str(tmp_path / "images"), Crops(32),
                                                       decoder="device"), seed=0)
     names = [Path(path).name for path in samples.dataset.paths]  # the flat folder, sorted
     batch = collate_encoded([samples[(names.index(name), 0)] for name in ("rgb0.jpg", "rgb1.jpg", "rgb2.jpg")])
@@ -412,5 +415,5 @@ def test_cuda_decoding_never_writes_memory_that_queued_kernels_still_read(tmp_pa
 def test_16_bit_files_reach_the_tensor_crop_as_their_top_8_bits(tmp_path):
     values = np.full((40, 50), 0x8A3F, dtype=np.uint16)  # 8-bit value 0x8A = 138
     Image.fromarray(values).save(tmp_path / "deep.png")
-    image, _ = build_pretraining_dataset("image_folder", str(tmp_path), 32, decoder="tensor")[0]
+    image, _ = build_pretraining_dataset("image_folder", str(tmp_path), Crops(32), decoder="tensor")[0]
     assert image.dtype == torch.uint8 and bool((image == 0x8A).all())

@@ -19,7 +19,14 @@ import run_class_finetuning
 import run_mae_pretraining
 import run_mae_vis
 import utils
-from augmentation import BatchTransform, build_classification_transform, eval_resize, normalize_on_device
+from augmentation import (
+    CLASSIFY_CROP_SCALE,
+    BatchTransform,
+    Crops,
+    build_classification_transform,
+    eval_resize,
+    normalize_on_device,
+)
 from engine import set_learning_rate
 from eval_setup import build_datasets
 from modeling_finetune import create_finetune_model
@@ -175,7 +182,7 @@ def test_imagenet_layout_and_eval_transform(tmp_path):
     assert nb_classes == 3 and args.nb_classes == 3 and len(train_set) == len(val_set) == 3
     assert eval_resize(224) == 256 and eval_resize(32) == int(32 / 0.875)
     assert val_set[0][0].shape == (3, 32, 32) and train_set[0][0].shape == (3, 32, 32)
-    resize = build_classification_transform(False, 64).transforms[0]
+    resize = build_classification_transform(False, Crops(64)).transforms[0]
     assert resize.size == 73 and resize.interpolation.value == "bicubic"
 
 
@@ -202,7 +209,7 @@ def test_uint8_workers_and_device_normalization_give_timms_float_pipelines():
             utils.seed_everything(seed)
             expected = reference(picture)
             utils.seed_everything(seed)
-            crop = build_classification_transform(is_train, 32)(picture)
+            crop = build_classification_transform(is_train, Crops(32, CLASSIFY_CROP_SCALE))(picture)
             assert crop.dtype == torch.uint8
             assert torch.equal(normalize(crop[None])[0], expected)
 

@@ -247,6 +247,7 @@ def resident_bytes() -> int:
 def test_500_steps_do_not_grow_process_memory(tmp_path):
     """Anything kept per step (a loss tensor with its graph, a log list) would add up here."""
     args = run_mae_pretraining.get_args_parser().parse_args(PRETRAIN + ["--print_freq", "50"])
+    run_mae_pretraining.validate_args(args)
     args.rank, args.world_size, args.amp = 0, 1, "none"
     resolve_lr(args)
     model = run_mae_pretraining.build_model(args)
