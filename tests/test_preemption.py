@@ -92,9 +92,9 @@ def test_stopped_on_two_processes_and_resumed_on_one_every_sample_of_the_epoch_i
 def test_signals_during_the_save_change_nothing_and_usr1_exits_138(tmp_path):
     """A burst of SIGUSR1 while the run finishes its step and writes: one stop, a checkpoint that
     loads, and a relaunch that ends where an uninterrupted single-process run does."""
-    straight = tmp_path / "straight"
-    run(single(straight), tmp_path / "r0")
-    process = start(single(tmp_path / "out"), tmp_path / "r1")
+    straight, two_epochs = tmp_path / "straight", ["--epochs", "2"]
+    run(single(straight, two_epochs), tmp_path / "r0")
+    process = start(single(tmp_path / "out", two_epochs), tmp_path / "r1")
     seen: List[str] = []
     wait_for_step(process, epoch=0, step=5, seen=seen)
     for _ in range(20):
@@ -103,7 +103,7 @@ def test_signals_during_the_save_change_nothing_and_usr1_exits_138(tmp_path):
     output = finish(process, seen)
     assert process.returncode == 128 + signal.SIGUSR1 == 138, output[-3000:]
     assert output.count("stopping on SIGUSR1") == 1
-    run(single(tmp_path / "out"), tmp_path / "r2")
+    run(single(tmp_path / "out", two_epochs), tmp_path / "r2")
     for expected, resumed in zip(final_state(straight), final_state(tmp_path / "out")):
         assert_bitwise_equal(expected, resumed)
 
