@@ -264,10 +264,10 @@ def train_epoch(
 
     Per micro-step: RNGs seeded from (seed, rank, epoch, step), lr from the fractional epoch,
     forward under autocast, backward (no DDP all-reduce until the last micro-step), optimizer
-    step; every ``--save_ckpt_steps`` updates a step checkpoint (``save_step``), and after an update
-    that the ranks agree a preemption signal arrived before, one more and ``Preempted``. A resumed
-    epoch begins at ``start``, so it ends as an uninterrupted one. Returns the epoch's averages,
-    the loss averaged over all ranks' micro-steps.
+    step; every ``--save_ckpt_steps`` updates a step checkpoint (``save_step``), and after an
+    update at which the ranks agree that a preemption signal arrived, a step checkpoint and then
+    ``Preempted``. A resumed epoch begins at ``start``, so it ends as an uninterrupted one. Returns
+    the epoch's averages, the loss averaged over all ranks' micro-steps.
     """
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     model.train()
