@@ -237,7 +237,9 @@ def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     model.to(device).train()
     amp = AMP_MODES[args.amp]
     use_fastest_attention(model, device, amp)
-    model.set_grad_checkpointing(args.grad_checkpointing)
+    if args.grad_checkpointing:  # timm's switch, or transformers' for ViTMAE
+        enable = getattr(model, "set_grad_checkpointing", None) or model.activation_checkpointing_enable
+        enable()
     if args.fsdp:
         shard_model(model, device, amp)
     state = TrainingState(model, create_optimizer(args, model, device), utils.make_grad_scaler(device, amp))

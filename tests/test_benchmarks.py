@@ -1,5 +1,6 @@
 """The benchmarks run end to end on a tiny model (so they cannot rot), and the fast settings they
 time (bf16 autocast, torch.compile) compute the same MAE loss as fp32 eager on the same batch."""
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,14 @@ def test_bench_train_prints_all_figures_as_its_last_line(capsys):
         assert 0 < figures["mfu"] < 1.5  # a step cannot beat the matmul peak by much
     # the finetuning step runs every patch through the encoder, pretraining a quarter of them
     assert report["results"]["finetune"]["gflop_per_image"] > report["results"]["pretrain"]["gflop_per_image"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+@pytest.mark.parametrize("checkpointing", [[], ["--grad_checkpointing"]])
+def test_bench_train_times_vitmae_beside_ours(checkpointing, capsys):
+    argv = [arg for arg in TINY if arg != "--no-vitmae"] + ["--amp", "fp32", "--stages", "pretrain", *checkpointing]
+    report = bench_train.main(bench_train.parse_args(argv))
+    assert set(report["results"]) == {"pretrain", bench_train.HF_STAGE} and report["speedup_vs_vitmae"] > 0
 
 
 def test_bench_train_times_a_sharded_step_with_activation_checkpointing(capsys):
