@@ -281,7 +281,7 @@ def train_epoch(
     watch = NonFiniteWatch(device, FP16_NONFINITE_PATIENCE if scaler.is_enabled() else 1)
     loss_total = torch.tensor(start.loss_sum_of(args.rank, world_size), dtype=torch.float64, device=device)
     grad_norm = torch.zeros((), device=device)
-    ran = 0
+    ran, saved = 0, None
     optimizer.zero_grad(set_to_none=True)
     for ran, (batch, data_time) in enumerate(progress.timed(loader), start=1):
         step = first_step + ran - 1
@@ -309,7 +309,7 @@ def train_epoch(
             saved = save_step(done, step + 1)
         if stop:
             barrier()  # rank 0 has written the checkpoint before any rank exits
-            raise Preempted(stop, epoch, step + 1, steps, saved if save_step is not None else None)
+            raise Preempted(stop, epoch, step + 1, steps, saved)
         if is_logging_step(step, steps, args):
             watch.raise_if_bad(epoch, steps, args, scaler)
             progress.log(step, loss, grad_norm, optimizer, data_time)

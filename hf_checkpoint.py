@@ -196,10 +196,6 @@ def read_hf(path: Path) -> Dict[str, Any]:
     return {"model": from_hf(state), "args": read_hf_args(folder)}
 
 
-def installed_layout(model: torch.nn.Module) -> int:
-    return hf_layout(model.state_dict())
-
-
 def write_hf(state: Mapping[str, torch.Tensor], args: Mapping[str, Any], folder: Path) -> List[str]:
     """A ``save_pretrained`` folder for ``ViTMAEForPreTraining`` of the installed transformers: its
     config, weights (``model.safetensors``) and image processor (mean, std, size). Returns the keys
@@ -212,7 +208,7 @@ def write_hf(state: Mapping[str, torch.Tensor], args: Mapping[str, Any], folder:
         raise ValueError("the checkpoint has no decoder, which ViTMAEForPreTraining needs")
     config = hf_config(state, args)
     model = ViTMAEForPreTraining(ViTMAEConfig(**config))
-    result = model.load_state_dict(to_hf(state, installed_layout(model)), strict=False)
+    result = model.load_state_dict(to_hf(state, hf_layout(model.state_dict())), strict=False)
     model.save_pretrained(folder)
     height, width = to_grid(config["image_size"])
     processor = ViTImageProcessor(image_mean=args.get("mean", list(IMAGENET_DEFAULT_MEAN)),

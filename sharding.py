@@ -40,8 +40,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, amp: str) -> torch
     Every rank starts from rank 0's weights, as DDP makes it (each rank initializes from a seed of
     its own), since each keeps only its shard of what it has.
     """
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if get_world_size() > 1:
+    if get_world_size() > 1:
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
             dist.broadcast(tensor.data, src=0)
     # nn.Linear hands back its 3-D output as a view of a 2-D one, which FSDP2 warns may lose its
     # backward hook to an in-place op; nothing here changes a model's output in place
