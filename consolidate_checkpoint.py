@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 import utils
-from checkpoint import consolidated_name, read_checkpoint, save_atomic
-from sharded_checkpoint import is_sharded_checkpoint, read_model_state
+from training.checkpoint import consolidated_name, read_checkpoint, save_atomic
+from training.sharded_checkpoint import is_sharded_checkpoint, read_model_state
 
 
 def get_args_parser() -> argparse.ArgumentParser:

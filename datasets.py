@@ -17,26 +17,28 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from augmentation import RGB, Crops, build_pil_pretraining_transform, build_tensor_pretraining_transform
-from device_decoder import RandomCropBox, read_encoded
-from image_files import (
+from image_data.augmentation import RGB, Crops, build_pil_pretraining_transform, build_tensor_pretraining_transform
+from image_data.device_decoder import RandomCropBox, read_encoded
+from image_data.files import (
     DEFAULT_MAX_IMAGE_PIXELS,
     NoReadableImageError,
     SkipUnreadable,
     build_image_folder,
+    class_folders,
     decode_rgb,
     labelled_folder,
     load_image,
 )
-from masking_generator import to_grid
-from preemption import worker_init_fn
-from synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
+from modeling_finetune import to_grid
+from training.preemption import worker_init_fn
+from image_data.synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
 from utils import UsageError, seed_everything
 
 DATA_SETS = ("image_folder", "synthetic")
 DECODERS = ("pil", "tensor", "device")
 CLASSIFICATION_SETS = ("IMNET", "image_folder", "CIFAR10", "CIFAR100", "synthetic")
 CIFAR_FOLDERS = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
+CIFAR_CLASSES = {"CIFAR10": 10, "CIFAR100": 100}
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -61,7 +63,7 @@ def pretraining_reader(
     ``.npy`` arrays) and crops PIL images, or tensors for channel counts other than RGB; "tensor"
     decodes RGB files with ``decode_rgb`` and crops uint8 tensors, about twice PIL's images/s
     (benchmarks/RESULTS.md); "device" reads the file's bytes and draws the crop box, which
-    ``device_decoder.crop_on_device`` applies on the training device. Each loader skips images over
+    ``image_data.device_decoder.crop_on_device`` applies on the training device. Each loader skips images over
     ``max_pixels`` pixels."""
     if decoder in ("tensor", "device") and in_chans != RGB:
         raise ValueError(f"decoder {decoder!r} decodes RGB files; with in_chans {in_chans} use decoder 'pil' "
@@ -94,7 +96,7 @@ def build_pretraining_dataset(
     """``(image, label)`` samples, augmented (3, H, W) uint8 images; ``num_samples`` keeps only
     the first N; the labels go unused.
 
-    Images stay uint8 until ``augmentation.normalize_on_device``; the synthetic set is its training
+    Images stay uint8 until ``image_data.augmentation.normalize_on_device``; the synthetic set is its training
     split, the images finetuning also trains on, and is drawn, so it has no files to decode.
     """
     transform, loader = pretraining_reader(decoder, crops, in_chans=in_chans, max_pixels=max_pixels)
@@ -168,17 +170,36 @@ def build_classification_dataset(
         check_rgb(data_set, in_chans)
         dataset = cifar(data_set, data_path, is_train, transform)
         return first_samples(dataset, num_samples), len(dataset.classes)
-    if data_set == "IMNET":
-        root = os.path.join(data_path, "train" if is_train else "val")
-    elif data_set == "image_folder":
-        root = data_path if is_train else eval_data_path
-        if not root:
-            raise ValueError("data_set 'image_folder' needs an eval_data_path for evaluation")
-    else:
+    if data_set not in ("IMNET", "image_folder"):
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
+    root = classification_root(data_set, is_train, data_path, eval_data_path)
     folder = labelled_folder(root, transform, file_loader(in_chans, max_pixels))
     dataset = SkipUnreadable(folder, [path for path, _ in folder.samples])
     return first_samples(dataset, num_samples), len(folder.classes)
+
+
+def classification_root(data_set: str, is_train: bool, data_path: str, eval_data_path: Optional[str]) -> str:
+    """The folder of a split: IMNET's ``train/``/``val/``, or image_folder's two paths."""
+    if data_set == "IMNET":
+        return os.path.join(data_path, "train" if is_train else "val")
+    root = data_path if is_train else eval_data_path
+    if not root:
+        raise ValueError("data_set 'image_folder' needs an eval_data_path for evaluation")
+    return root
+
+
+def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], eval_data_path: Optional[str]) -> int:
+    """A labelled split's number of classes from its class folders alone, without listing its
+    images; the same errors as ``build_classification_dataset`` for a missing folder."""
+    if data_set == "synthetic":
+        return SYNTHETIC_NUM_CLASSES
+    if data_set in CIFAR_FOLDERS:
+        return CIFAR_CLASSES[data_set]
+    if data_set not in CLASSIFICATION_SETS:
+        raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
+    if not data_path:
+        raise ValueError(f"data_set {data_set!r} needs a data_path")
+    return len(class_folders(classification_root(data_set, is_train, data_path, eval_data_path)))
 
 
 # ----------------------------------------------------------------------------- seeding and sampling
@@ -278,9 +299,3 @@ def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = 
         persistent_workers=args.num_workers > 0,
         worker_init_fn=worker_init_fn(args),
     )
-
-
-def position_loader(loader: DataLoader, epoch: int, samples_done: int) -> None:
-    """Point the loader's ``EpochSampler`` at ``epoch``, leaving out the ``samples_done`` positions
-    of its global order that a resumed epoch has already trained on."""
-    loader.sampler.set_epoch(epoch, samples_done)

@@ -1,33 +1,17 @@
-"""Supervised training of an encoder (finetuning and the linear probe): the classification loss
-over the shared loop (``engine.train_epoch``), evaluation that counts every sample once, and the
-epochs that train, evaluate, checkpoint and keep the best."""
+"""Supervised training of an encoder (finetuning and the linear probe) as a stage of the shared loop
+(``training.loop.fit``): the classification loss, and evaluation that counts every sample once."""
 import argparse
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
-from augmentation import BatchTransform
-from checkpoint import BEST, TrainingState, epoch_start, save_epoch, save_training_state, step_saver
-from datasets import position_loader
-from engine import train_epoch
-from image_files import skipped_images
-from preemption import PreemptionWatch, preemptible
-from sharding import distribute
-from utils import (
-    Timer,
-    UsageError,
-    all_reduce_sum,
-    append_log,
-    autocast,
-    format_eta,
-    is_main_process,
-    training_writer,
-    unwrap_model,
-)
+from image_data.augmentation import BatchTransform
+from training.checkpoint import TrainingState, resume_training_state
+from training.loop import Stage, fit
+from training.wrapping import unwrap_model
+from utils import UsageError, all_reduce_sum, autocast, is_main_process
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -104,13 +88,14 @@ def evaluate(
 
 
 def evaluate_checkpoint(
-    model: torch.nn.Module, val_loader: DataLoader, eval_batch: BatchTransform, *, device: torch.device, amp: str,
-    checkpoint: Mapping[str, Any], reduce: bool,
+    state: TrainingState, val_loader: DataLoader, eval_batch: BatchTransform, *, device: torch.device,
+    args: argparse.Namespace, reduce: bool,
 ) -> Dict[str, float]:
-    """``--eval``: the accuracy of the ``--resume`` checkpoint, printed and returned."""
-    if not checkpoint:
+    """``--eval``: the accuracy of the ``--resume`` checkpoint, printed and returned (a collective:
+    every rank loads it and evaluates its share)."""
+    if not resume_training_state(state, args).checkpoint:
         raise UsageError("--eval needs a trained checkpoint: pass --resume PATH")
-    stats = evaluate(model, val_loader, device, amp, eval_batch, reduce=reduce)
+    stats = evaluate(unwrap_model(state.model), val_loader, device, args.amp, eval_batch, reduce=reduce)
     if is_main_process():
         print(f"accuracy on {stats['num_samples']} images: top-1 {stats['acc1']:.3f}%  "
               f"top-5 {stats['acc5']:.3f}%  loss {stats['loss']:.4f}")
@@ -118,57 +103,16 @@ def evaluate_checkpoint(
 
 
 def train_and_evaluate(
-    state: TrainingState, task: ClassificationTask, *, device: torch.device, args: argparse.Namespace,
-    checkpoint: Mapping[str, Any],
+    state: TrainingState, task: ClassificationTask, *, device: torch.device, args: argparse.Namespace
 ) -> Dict[str, float]:
-    """``run_epochs`` on the compiled, DDP-wrapped model with TensorBoard; a non-finite loss exits 1,
-    a preemption signal with 128 + its number once the step is saved."""
-    state.model = distribute(state.model, device, args)
-    with preemptible(args) as preemption, training_writer(args.log_dir) as log_writer:
-        return run_epochs(state, task, device=device, args=args, log_writer=log_writer, checkpoint=checkpoint,
-                          preemption=preemption)
-
-
-def run_epochs(
-    state: TrainingState, task: ClassificationTask, *, device: torch.device, args: argparse.Namespace,
-    log_writer: Optional[Any], checkpoint: Mapping[str, Any], preemption: Optional[PreemptionWatch] = None,
-) -> Dict[str, float]:
-    """Train, evaluate and checkpoint each epoch; the best top-1 so far is kept in every checkpoint."""
-    timer = Timer()
-    loss_fn = classification_loss(state.model, task.criterion, device, task.train_batch, task.mixup_fn)
+    """Every epoch of finetuning or the probe, on every rank: the classification loss over ``fit``,
+    evaluated after each epoch, the best top-1 kept in ``checkpoint-best.pth``; returns the last
+    test stats."""
     model = unwrap_model(state.model)
-    test_stats: Dict[str, float] = {}
-    max_accuracy = checkpoint.get("max_accuracy", 0.0)
-    n_parameters = sum(p.numel() for p in state.model.parameters())
-    for epoch in range(args.start_epoch, args.epochs):
-        start = epoch_start(checkpoint, epoch)
-        position_loader(task.train_loader, epoch, start.samples_done)
-        save_step = step_saver(state, epoch=epoch, args=args, max_accuracy=max_accuracy)
-        train_stats = train_epoch(state, task.train_loader, loss_fn, device=device, epoch=epoch, args=args,
-                                  log_writer=log_writer, start=start, save_step=save_step, preemption=preemption)
-        test_stats = evaluate(model, task.val_loader, device, args.amp, task.eval_batch, reduce=task.reduce_eval)
-        improved = test_stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        save_epoch(state, epoch=epoch, args=args, max_accuracy=max_accuracy)
-        if improved and args.output_dir:
-            save_training_state(state, Path(args.output_dir), [BEST], epoch=epoch, args=args,
-                                max_accuracy=max_accuracy)
-        record = {f"train_{key}": value for key, value in train_stats.items()}
-        record.update({f"test_{key}": value for key, value in test_stats.items()})
-        record.update(epoch=epoch, max_accuracy=max_accuracy, n_parameters=n_parameters,
-                      skipped_images=skipped_images(task.train_loader.dataset, device))
-        append_log(args.output_dir, record)
-        if log_writer is not None:
-            for key in ("acc1", "acc5", "loss"):
-                log_writer.add_scalar(f"test/{key}", test_stats[key], epoch)
-        if is_main_process():
-            print(json.dumps(record), flush=True)
-            print(f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
-    if not test_stats:  # resumed a finished run: report where it ended rather than nothing
-        test_stats = evaluate(model, task.val_loader, device, args.amp, task.eval_batch, reduce=task.reduce_eval)
-        if is_main_process():
-            print(f"nothing left to train (epoch {args.start_epoch} of {args.epochs}); the resumed model: "
-                  f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
-    if is_main_process():
-        print(f"training time {format_eta(timer.elapsed())}")
-    return test_stats
+
+    def evaluate_epoch() -> Dict[str, float]:
+        return evaluate(model, task.val_loader, device, args.amp, task.eval_batch, reduce=task.reduce_eval)
+
+    loss_fn = classification_loss(state.model, task.criterion, device, task.train_batch, task.mixup_fn)
+    return fit(state, Stage(loss_fn=loss_fn, evaluate=evaluate_epoch), loader=task.train_loader, device=device,
+               args=args)

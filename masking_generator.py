@@ -5,17 +5,9 @@ visible and the rest are masked (147 of 196 at 0.75, 177 of 196 at 0.9), so ever
 a batch masks the same number of patches and the visible tokens stack into one tensor. Masks are
 made per sample, for a whole batch at once, on the device that trains.
 """
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
-
-
-def to_grid(input_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    """An int means a square grid; a pair is ``(rows, cols)``."""
-    if isinstance(input_size, int):
-        return input_size, input_size
-    height, width = input_size
-    return int(height), int(width)
 
 
 def check_mask_ratio(mask_ratio: float) -> None:

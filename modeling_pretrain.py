@@ -16,8 +16,7 @@ from einops import rearrange
 from timm.models import checkpoint_seq, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from masking_generator import to_grid
-from modeling_finetune import model_kwargs
+from modeling_finetune import model_kwargs, to_grid
 
 
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:

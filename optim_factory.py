@@ -5,7 +5,7 @@ Pretraining takes timm's groups, which are MAE's: biases, norms and the names in
 ``--layer_decay`` (finetuning) the groups follow MAE's ``get_layer_id_for_vit`` exactly: the
 embeddings are layer 0, block i layer i + 1, everything after the blocks (the final norm,
 ``fc_norm``, the head) layer L + 1, whose lr is scaled by ``decay ** (L + 1 - layer)`` through the
-group's ``lr_scale`` (``engine.set_learning_rate`` honours it). timm's own grouping gives the final
+group's ``lr_scale`` (``training.loop.set_learning_rate`` honours it). timm's own grouping gives the final
 norm ``decay`` instead of 1, so it is not used. The linear probe's LARS is MAE's ``util/lars.py``,
 which timm's ``Lars`` is not when weight decay is on.
 """

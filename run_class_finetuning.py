@@ -12,13 +12,9 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import utils
-from augmentation import CLASSIFY_CROP_SCALE, RGB, BatchTransform, Crops, build_classification_transform
-from checkpoint import TrainingState, resume_training_state
-from cli import add_crop_args, add_memory_args, add_run_args, add_schedule_args, validate_common_args
 from datasets import build_train_loader
-from engine import resolve_lr
 from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
-from eval_setup import (
+from evaluation.setup import (
     add_data_args,
     add_encoder_args,
     add_evaluation_args,
@@ -27,11 +23,14 @@ from eval_setup import (
     build_eval_loader,
     load_finetune_weights,
     normalizing_batch_transform,
-    validate_data_args,
 )
+from image_data.augmentation import CLASSIFY_CROP_SCALE, RGB, BatchTransform, Crops, build_classification_transform
 from optim_factory import add_optimizer_args, create_optimizer
-from performance import use_fastest_attention
-from sharding import shard_model
+from training.checkpoint import TrainingState
+from training.cli import add_crop_args, add_memory_args, add_run_args, add_schedule_args
+from training.config import resolve_classification
+from training.performance import use_fastest_attention
+from training.wrapping import wrap_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,12 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Refuse bad command lines before anything is built or written."""
-    validate_common_args(args)
-    validate_data_args(args)
-    if args.aa.lower() == "none":
-        args.aa = None
+def check_args(args: argparse.Namespace) -> None:
+    """Finetuning's own checks, beside ``training.config``'s."""
     if mixup_active(args) and args.batch_size % 2:
         raise utils.UsageError(f"mixup/cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
 
@@ -87,7 +82,13 @@ def mixup_active(args: argparse.Namespace) -> bool:
 def finetune_transform(args: argparse.Namespace, is_train: bool) -> Callable:
     """The workers' part: RandAugment for training, resize and center crop for evaluation."""
     crops = Crops(args.input_size, tuple(args.crop_scale), args.hflip)
-    return build_classification_transform(is_train, crops, args.mean, args.aa, args.color_jitter, args.in_chans)
+    return build_classification_transform(is_train, crops, args.mean, rand_augment(args), args.color_jitter,
+                                          args.in_chans)
+
+
+def rand_augment(args: argparse.Namespace) -> Optional[str]:
+    """``--aa``'s timm policy, None for 'none'."""
+    return None if args.aa.lower() == "none" else args.aa
 
 
 def erasing_batch_transform(args: argparse.Namespace) -> BatchTransform:
@@ -116,12 +117,12 @@ def build_criterion(args: argparse.Namespace) -> Tuple[Optional[Mixup], Callable
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Finetune (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
-    validate_args(args)
+    args = resolve_classification(args)
+    check_args(args)
     return utils.run_distributed(run, args)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
-    args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed, args.rank)
     train_set, val_set, _ = build_datasets(args, finetune_transform, train=not args.eval)
     model = build_model(args)
@@ -131,16 +132,13 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     model.to(device)
     use_fastest_attention(model, device, args.amp)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    if args.fsdp:
-        shard_model(model, device, args.amp)  # before the optimizer, which must see the shards
+    wrapped = wrap_model(model, device, args)  # before the optimizer, which must see FSDP's shards
     val_loader = build_eval_loader(val_set, args)
     reduce_eval = args.dist_eval and args.distributed
-    resolve_lr(args)
-    state = TrainingState(model, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
-    checkpoint = resume_training_state(state, args)
+    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
     if args.eval:
-        return evaluate_checkpoint(model, val_loader, normalizing_batch_transform(args), device=device,
-                                   amp=args.amp, checkpoint=checkpoint, reduce=reduce_eval)
+        return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
+                                   reduce=reduce_eval)
     mixup_fn, criterion = build_criterion(args)
     task = ClassificationTask(
         criterion=criterion, train_loader=build_train_loader(train_set, args), val_loader=val_loader,
@@ -148,14 +146,14 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         reduce_eval=reduce_eval,
     )
     if utils.is_main_process():
-        if args.in_chans != RGB and (args.aa or args.color_jitter):
+        if args.in_chans != RGB and (rand_augment(args) or args.color_jitter):
             print(f"RandAugment and color jitter are for RGB images; the {args.in_chans}-channel crops are cropped "
                   "and flipped only")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
               f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "
               f"{args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    return train_and_evaluate(state, task, device=device, args=args, checkpoint=checkpoint)
+    return train_and_evaluate(state, task, device=device, args=args)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
-from augmentation import eval_transform
-from cli import add_device_args, resolve_image_args, starting_args, validate_numbers
-from eval_setup import (
+from image_data.augmentation import eval_transform
+from training.cli import add_device_args
+from evaluation.setup import (
     add_data_args,
     add_encoder_args,
     build_datasets,
     build_encoder,
     load_finetune_weights,
     normalizing_batch_transform,
-    validate_data_args,
 )
+from training.config import resolve_knn
 
 QUERY_CHUNK = 256  # evaluation images per similarity matrix, to bound memory on ImageNet
 
@@ -45,13 +45,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", default=0, type=int, help="initializes the encoder when there is no --finetune")
     add_device_args(run)
     return parser
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Refuse bad command lines before anything is built or written."""
-    validate_data_args(args)
-    resolve_image_args(args, starting_args(args))
-    validate_numbers(args)
 
 
 def unaugmented(args: argparse.Namespace, is_train: bool) -> Callable:
@@ -162,12 +155,10 @@ def knn_accuracy(
 
 def main(args: argparse.Namespace) -> Dict[str, object]:
     """Evaluate as ``args`` say; returns the JSON record it prints and logs."""
-    validate_args(args)
-    return utils.run_distributed(run, args)
+    return utils.run_distributed(run, resolve_knn(args))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
-    amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
     train_set, val_set, nb_classes = build_datasets(args, unaugmented, train=True)
     model = build_encoder(args, num_classes=0)
@@ -175,7 +166,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
         load_finetune_weights(model, args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
     model.to(device)
-    loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=amp,
+    loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
                    batch_transform=normalizing_batch_transform(args))
     train_features, train_labels = extract_features(model, train_set, **loading)
     val_features, val_labels = extract_features(model, val_set, **loading)

@@ -14,13 +14,9 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 import utils
-from augmentation import CLASSIFY_CROP_SCALE, Crops, build_pil_pretraining_transform, eval_transform
-from checkpoint import TrainingState, resume_training_state
-from cli import add_crop_args, add_run_args, add_schedule_args, validate_common_args
 from datasets import build_train_loader
-from engine import resolve_lr
 from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
-from eval_setup import (
+from evaluation.setup import (
     add_data_args,
     add_encoder_args,
     add_evaluation_args,
@@ -29,9 +25,13 @@ from eval_setup import (
     build_eval_loader,
     load_finetune_weights,
     normalizing_batch_transform,
-    validate_data_args,
 )
+from image_data.augmentation import CLASSIFY_CROP_SCALE, Crops, build_pil_pretraining_transform, eval_transform
 from optim_factory import create_lars
+from training.checkpoint import TrainingState
+from training.cli import add_crop_args, add_run_args, add_schedule_args
+from training.config import resolve_classification
+from training.wrapping import wrap_model
 
 
 class LinearProbe(nn.Module):
@@ -96,13 +96,10 @@ def build_probe(args: argparse.Namespace) -> LinearProbe:
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Probe (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
-    validate_common_args(args)
-    validate_data_args(args)
-    return utils.run_distributed(run, args)
+    return utils.run_distributed(run, resolve_classification(args, fsdp=False, grad_checkpointing=False))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
-    args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
     train_set, val_set, _ = build_datasets(args, probe_transform, train=not args.eval)
     model = build_probe(args)
@@ -110,13 +107,11 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     model.to(device)
     val_loader = build_eval_loader(val_set, args)
     reduce_eval = args.dist_eval and args.distributed
-    resolve_lr(args)
     optimizer = create_lars(model, args.lr, args.weight_decay)
-    state = TrainingState(model, optimizer, utils.make_grad_scaler(device, args.amp))
-    checkpoint = resume_training_state(state, args)
+    state = TrainingState(wrap_model(model, device, args), optimizer, utils.make_grad_scaler(device, args.amp))
     if args.eval:
-        return evaluate_checkpoint(model, val_loader, normalizing_batch_transform(args), device=device,
-                                   amp=args.amp, checkpoint=checkpoint, reduce=reduce_eval)
+        return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
+                                   reduce=reduce_eval)
     task = ClassificationTask(
         criterion=nn.CrossEntropyLoss(), train_loader=build_train_loader(train_set, args), val_loader=val_loader,
         train_batch=normalizing_batch_transform(args), eval_batch=normalizing_batch_transform(args),
@@ -128,7 +123,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         print(f"linear probe on {args.model} from {source}: {n_trainable} trainable parameters; "
               f"{len(train_set)} training and {len(val_set)} evaluation images, {args.nb_classes} classes; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    return train_and_evaluate(state, task, device=device, args=args, checkpoint=checkpoint)
+    return train_and_evaluate(state, task, device=device, args=args)
 
 
 if __name__ == "__main__":

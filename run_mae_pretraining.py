@@ -10,9 +10,14 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from checkpoint import TrainingState, load_mae_weights, read_weights, resume_training_state
-from augmentation import PRETRAIN_CROP_SCALE, Crops
-from cli import (
+from datasets import DECODERS, build_pretraining_dataset, build_train_loader, check_readable
+from engine_for_pretraining import pretrain
+from image_data.augmentation import PRETRAIN_CROP_SCALE, Crops
+from image_data.device_decoder import collate_encoded
+from modeling_finetune import to_grid
+from optim_factory import add_optimizer_args, create_optimizer
+from training.checkpoint import TrainingState, load_mae_weights, read_weights
+from training.cli import (
     add_crop_args,
     add_loading_args,
     add_memory_args,
@@ -22,19 +27,11 @@ from cli import (
     check_model_name,
     check_patch_grid,
     patch_size_kwargs,
-    validate_common_args,
 )
-from datasets import DECODERS, build_pretraining_dataset, build_train_loader, check_readable
-from device_decoder import collate_encoded
-from engine import resolve_lr
-from engine_for_pretraining import run_epochs
-from masking_generator import check_mask_ratio, to_grid
-from optim_factory import add_optimizer_args, create_optimizer
-from performance import use_fastest_attention
-from preemption import preemptible
-from sharding import distribute, shard_model
+from training.config import resolve_pretraining
+from training.performance import use_fastest_attention
+from training.wrapping import wrap_model
 from visualization import picture_batch
-
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -71,23 +68,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Refuse bad command lines before anything is built or written."""
-    validate_common_args(args)
-    try:
-        check_mask_ratio(args.mask_ratio)
-    except ValueError as error:
-        raise utils.UsageError(f"--mask_ratio: {error}") from error
-    if args.data_set is None:
-        args.data_set = "image_folder" if args.data_path else "synthetic"
-    if args.data_set == "image_folder" and not args.data_path:
-        raise utils.UsageError("--data_set image_folder needs --data_path; omit both for the synthetic dataset")
-    if args.data_path and not Path(args.data_path).is_dir():
-        raise utils.UsageError(f"--data_path {args.data_path} is not a directory")
-    if args.init_from and not Path(args.init_from).exists():
-        raise utils.UsageError(f"--init_from {args.init_from} does not exist; check the path")
-
-
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The registered MAE named by ``--model`` at ``--input_size``."""
     check_model_name(args.model, "pretrain_mae_*")
@@ -115,12 +95,10 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
 
 def main(args: argparse.Namespace) -> torch.nn.Module:
     """Pretrain as ``args`` say; returns the trained model (for scripts that go on with it)."""
-    validate_args(args)
-    return utils.run_distributed(run, args)
+    return utils.run_distributed(run, resolve_pretraining(args))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    args.amp = utils.resolve_amp(args.amp, device)
     utils.seed_everything(args.seed, args.rank)
     model = build_model(args)
     if args.init_from:
@@ -131,23 +109,17 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     model.to(device)
     use_fastest_attention(model, device, args.amp)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    if args.fsdp:
-        shard_model(model, device, args.amp)  # before the optimizer, which must see the shards
     loader = build_loader(args)
     utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
-    resolve_lr(args)
-    state = TrainingState(model, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
-    checkpoint = resume_training_state(state, args)
+    wrapped = wrap_model(model, device, args)  # before the optimizer, which must see FSDP's shards
+    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
     if utils.is_main_process():
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
               f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
     pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
                              std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
-    state.model = distribute(model, device, args)
-    with preemptible(args) as preemption, utils.training_writer(args.log_dir) as log_writer:
-        run_epochs(state, loader, device=device, args=args, log_writer=log_writer, pictures=pictures,
-                   checkpoint=checkpoint, preemption=preemption)
+    pretrain(state, loader, pictures=pictures, device=device, args=args)
     return model
 
 

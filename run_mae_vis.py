@@ -15,16 +15,17 @@ from typing import Any, Iterator, List, Mapping, Tuple
 import timm
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from augmentation import eval_transform, normalize_on_device
-from checkpoint import load_mae_weights, read_weights
-from cli import check_model_name, check_patch_grid, one_size, patch_size_kwargs
-from image_files import UNREADABLE, find_images, load_image
-from masking_generator import check_mask_ratio, random_masks, to_grid
-from synthetic import synthetic_split
+from image_data.augmentation import eval_transform, normalize_on_device
+from training.checkpoint import load_mae_weights, read_weights
+from training.cli import check_model_name, check_patch_grid, patch_size_kwargs
+from training.config import resolve_visualization
+from image_data.files import UNREADABLE, find_images, load_image
+from masking_generator import random_masks
+from modeling_finetune import to_grid
+from image_data.synthetic import synthetic_split
 from visualization import PANELS, channels_note, reconstruction_grid
 
 NORM_PIX_NOTE = "norm_pix_loss: masked patches shown with their true mean/std"
@@ -49,29 +50,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images", default=8, type=int, help="rows of the synthetic picture")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
-
-
-def resolve_args(args: argparse.Namespace, checkpoint_args: Mapping[str, Any]) -> None:
-    """Fill what the command line left open from the checkpoint's args, then the defaults."""
-    defaults = {"model": "pretrain_mae_base_patch16_224", "input_size": 224, "norm_pix_loss": False, "in_chans": 3}
-    for name, default in defaults.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, checkpoint_args.get(name, default))
-    args.input_size = one_size(args.input_size)
-    if args.patch_size is None:
-        args.patch_size = checkpoint_args.get("patch_size")
-    args.mean, args.std = checkpoint_args.get("mean"), checkpoint_args.get("std")
-    if args.mean is None and args.in_chans == 3:
-        args.mean, args.std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-    if args.mean is None or len(args.mean) != args.in_chans:
-        raise utils.UsageError(f"the checkpoint gives no mean and std for its {args.in_chans} channel(s): pass one "
-                               "written by our pretraining, which records them")
-    try:
-        check_mask_ratio(args.mask_ratio)
-    except ValueError as error:
-        raise utils.UsageError(f"--mask_ratio: {error}") from error
-    if args.num_images < 1:
-        raise utils.UsageError(f"--num_images must be at least 1, got {args.num_images}")
 
 
 def load_model(args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> torch.nn.Module:
@@ -148,7 +126,7 @@ def main(args: argparse.Namespace) -> List[Path]:
     """Write one picture per image (one for the synthetic batch); returns their paths."""
     checkpoint = read_weights(Path(args.model_path))
     checkpoint_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    resolve_args(args, checkpoint_args)
+    args = resolve_visualization(args, checkpoint_args)
     model = load_model(args, checkpoint)
     batches = list(image_batches(args))  # every input read before anything is written
     utils.check_writable_dir(args.output_dir, "OUTPUT_DIR")

@@ -1,8 +1,8 @@
 """What every script shares and nothing else: errors and exit codes, safe file writes, the launch
 and ranks of a distributed run, the precision switch, and logs.
 
-The training loop is in ``engine.py``, checkpoints in ``checkpoint.py``, the command line in
-``cli.py``; this module imports none of them.
+The training loop, checkpoints and the command line are in ``training/``; of it this module
+imports only ``training.performance``.
 """
 import argparse
 import datetime
@@ -14,13 +14,13 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, List, Mapping, Optional, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, List, Mapping, NamedTuple, Optional, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from performance import reuse_freed_memory
+from training.performance import reuse_freed_memory
 
 # ----------------------------------------------------------------------------- errors and exit codes
 
@@ -90,47 +90,61 @@ def slurm_master_addr() -> str:
     return hosts.stdout.split()[0]
 
 
-def read_launch_env(args: argparse.Namespace) -> None:
-    """Set ``args.rank``, ``args.world_size`` and ``args.local_rank`` from the launcher.
+class Launch(NamedTuple):
+    """Where this process sits in the run: its rank, the number of processes, its GPU on the node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env(local_rank: Optional[int] = None) -> Launch:
+    """This process's place from the launcher's environment (nothing is set here but
+    ``MASTER_ADDR``/``MASTER_PORT`` under a bare ``srun``).
 
     torchrun and ``torch.distributed.launch`` export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
-    under ``srun`` SLURM's own variables say the same. Otherwise this is a single process.
+    under ``srun`` SLURM's own variables say the same. Otherwise this is a single process;
+    ``local_rank`` is ``--local_rank``, which the environment overrides.
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        args.local_rank = int(env.get("LOCAL_RANK", args.local_rank or 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        args.local_rank = int(env.get("SLURM_LOCALID", 0))
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", local_rank or 0)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         env.setdefault("MASTER_ADDR", slurm_master_addr())
         env.setdefault("MASTER_PORT", "29500")
-    else:
-        args.rank, args.world_size, args.local_rank = 0, 1, 0
-    args.distributed = args.world_size > 1
+        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return Launch(0, 1, 0)
 
 
-def init_distributed(args: argparse.Namespace) -> torch.device:
-    """Join the process group (NCCL on CUDA, gloo on CPU) and return this process's device."""
-    read_launch_env(args)
-    device = torch.device(args.device)
+def check_device(device: str) -> None:
+    """Refuse ``--device cuda`` where no GPU is visible."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no GPU is visible; use --device cpu")
+
+
+def init_distributed(device: str, local_rank: Optional[int] = None, *, group_of_one: bool = False) -> torch.device:
+    """Join the process group (NCCL on CUDA, gloo on CPU) and return this process's device; a
+    collective when there are several processes. ``group_of_one``: a group even for one process,
+    which FSDP shards over."""
+    check_device(device)
+    launch = launch_env(local_rank)
+    device = torch.device(device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but no GPU is visible; use --device cpu")
-        device = torch.device("cuda", args.local_rank)
+        device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
     if device.type == "cpu":
         reuse_freed_memory()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if args.distributed:
-        dist.init_process_group(backend=backend, rank=args.rank, world_size=args.world_size, store=restart_store(args))
+    if launch.world_size > 1:
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
+                                store=restart_store(launch))
         dist.barrier()
-    elif getattr(args, "fsdp", False):  # FSDP shards over a process group, of one process here
+    elif group_of_one:
         dist.init_process_group(backend=backend, rank=0, world_size=1, store=dist.HashStore())
     return device
 
 
-def restart_store(args: argparse.Namespace) -> Optional[dist.Store]:
+def restart_store(launch: Launch) -> Optional[dist.Store]:
     """Under torchrun, the process group's store with a prefix for each restart of the workers.
 
     torchrun keeps its store across ``--max-restarts`` restarts, so a restarted group would read
@@ -140,7 +154,7 @@ def restart_store(args: argparse.Namespace) -> Optional[dist.Store]:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
         return None
-    store, _, _ = next(dist.rendezvous("env://", rank=args.rank, world_size=args.world_size))
+    store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size))
     return dist.PrefixStore(f"mae_attempt_{attempt}", store)
 
 
@@ -155,7 +169,7 @@ Result = TypeVar("Result")
 def run_distributed(run: Callable[[argparse.Namespace, torch.device], Result], args: argparse.Namespace) -> Result:
     """``run(args, device)`` inside the process group ``args`` ask for, torn down however it ends,
     so a failed rank does not leave the others waiting in a collective."""
-    device = init_distributed(args)
+    device = init_distributed(args.device, args.local_rank, group_of_one=args.fsdp)
     try:
         return run(args, device)
     finally:
@@ -201,20 +215,6 @@ def barrier() -> None:
     """Wait for every rank (nothing on one process)."""
     if get_world_size() > 1:
         dist.barrier()
-
-
-def wrap_ddp(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> torch.nn.Module:
-    """``DistributedDataParallel`` around ``model`` when this is a multi-process run."""
-    if not args.distributed:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP and torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def seed_everything(*key: int) -> None:

@@ -8,11 +8,11 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from augmentation import normalize_on_device
-from device_decoder import batch_images
+from image_data.augmentation import normalize_on_device
+from image_data.device_decoder import batch_images
 from masking_generator import random_masks
 from modeling_pretrain import PretrainVisionTransformer
-from sharding import is_sharded
+from training.wrapping import is_sharded
 from utils import atomic_write, is_main_process
 
 PANELS = ("original", "masked input", "reconstruction", "reconstruction + visible")

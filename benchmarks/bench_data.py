@@ -4,7 +4,7 @@ It writes its own ImageNet-like JPEG files (500x375, quality 90) and runs each d
 in one thread, as one data-loader worker does: PIL with the MAE transform (what
 ``datasets.build_pretraining_dataset`` uses), and the tensor decoders of torchvision and torchcodec
 with the same augmentation on uint8 tensors. Every path ends with a uint8 crop; batches are
-normalized after the copy to the device (``augmentation.normalize_on_device``), and the masks made
+normalized after the copy to the device (``image_data.augmentation.normalize_on_device``), and the masks made
 there, outside the workers. The device decoder (``--decoder device``) splits the work: its workers
 only read the files and draw the crops, and the training device decodes and crops whole batches,
 which is timed on its own (on CUDA with nvJPEG, also without the crops). With ``--num_workers`` it
@@ -30,10 +30,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import augmentation  # noqa: E402
+from image_data import augmentation  # noqa: E402
 import datasets  # noqa: E402
-import device_decoder  # noqa: E402
-import image_files  # noqa: E402
+from image_data import device_decoder  # noqa: E402
+from image_data import files as image_files  # noqa: E402
 
 Decode = Callable[[str], Any]
 Sample = Tuple[Any, int]
@@ -133,7 +133,7 @@ def per_worker_rate(samples: Dataset, repeats: int) -> float:
 def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: torch.device,
                 collate_fn: Optional[Callable] = None, epochs: int = 2) -> float:
     """Images/s out of a DataLoader as the training scripts build it, through to the uint8 batch
-    on ``device`` (``device_decoder.batch_images``: the copy, or the device decoder's decode and crop).
+    on ``device`` (``image_data.device_decoder.batch_images``: the copy, or the device decoder's decode and crop).
     A first untimed epoch starts the (persistent) workers; whole later epochs are timed, since
     timing after a first batch would count batches the workers prefetched while it was waited for."""
     loader = DataLoader(samples, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
@@ -151,7 +151,7 @@ def loader_rate(samples: Dataset, num_workers: int, batch_size: int, device: tor
 def device_side_rates(files: Sequence[str], input_size: int, batch_size: int, repeats: int,
                       device: torch.device) -> Dict[str, float]:
     """Images/s of the device decoder's share of the step: whole batches of the workers' output,
-    collated beforehand, decoded and cropped on ``device`` by ``device_decoder.crop_on_device``. On CUDA
+    collated beforehand, decoded and cropped on ``device`` by ``image_data.device_decoder.crop_on_device``. On CUDA
     also the rate at which the host gets through those calls, before waiting for the GPU: where
     the two are close, the host's part (launching the per-image kernels, and whatever the decoder
     itself waits for) bounds the device decoder, not the GPU's work."""

@@ -1,5 +1,5 @@
 """What the preemption check costs a training step: the ranks' agreement after every optimizer step
-(``preemption.PreemptionWatch.agreed``, one all-reduce of one integer on the host).
+(``training.preemption.PreemptionWatch.agreed``, one all-reduce of one integer on the host).
 
 Under a launcher, each process trains MAE with DDP on one fixed random batch; steps with and
 without the agreement take turns, and the agreement alone is timed over many calls. The last line
@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import modeling_pretrain  # noqa: E402,F401  registers the pretrain_mae_* models
 import utils  # noqa: E402
 from bench_train import pretrain_loss, train_step  # noqa: E402
-from checkpoint import TrainingState  # noqa: E402
+from training.checkpoint import TrainingState  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
-from preemption import PreemptionWatch  # noqa: E402
+from training.preemption import PreemptionWatch  # noqa: E402
+from training.wrapping import wrap_model  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -53,13 +54,13 @@ def seconds(call: Callable[[], object]) -> float:
 
 
 def main(args: argparse.Namespace) -> dict:
-    args.local_rank = None
-    device = utils.init_distributed(args)
+    device = utils.init_distributed(args.device)
     utils.seed_everything(0)
     model = timm.create_model(args.model, img_size=args.input_size).to(device)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)  # (B, 3, H, W)
     masks = random_masks(args.batch_size, model.patch_embed.num_patches, 0.75, device=device)  # (B, N)
-    state = TrainingState(utils.wrap_ddp(model, device, args), create_optimizer(args, model, device),
+    wrapping = argparse.Namespace(fsdp=False, compile=False, distributed=utils.get_world_size() > 1)
+    state = TrainingState(wrap_model(model, device, wrapping), create_optimizer(args, model, device),
                           utils.make_grad_scaler(device, "none"))
     step = train_step(state, pretrain_loss(imgs, masks), device, "none")
     watch = PreemptionWatch([signal.SIGTERM])

@@ -41,13 +41,13 @@ import timm  # noqa: E402
 
 import modeling_pretrain  # noqa: E402,F401  registers the pretrain_mae_* models
 import utils  # noqa: E402
-from checkpoint import TrainingState  # noqa: E402
-from engine import optimizer_step  # noqa: E402
+from training.checkpoint import TrainingState  # noqa: E402
+from training.loop import optimizer_step  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from modeling_finetune import create_finetune_model  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
-from performance import fused_attention_is_faster, use_fastest_attention  # noqa: E402
-from sharding import distribute, shard_model  # noqa: E402
+from training.performance import fused_attention_is_faster, use_fastest_attention  # noqa: E402
+from training.wrapping import unwrap_model, wrap_model  # noqa: E402
 
 AMP_MODES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # our names -> utils.autocast's
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -159,7 +159,7 @@ def step_peak_bytes(step: Step, device: torch.device) -> int:
 
 
 def train_step(state: TrainingState, loss_fn: LossFn, device: torch.device, amp: str) -> Step:
-    """One step as ``engine.train_epoch`` takes it between progress lines; the loss stays on the device."""
+    """One step as ``training.loop.train_epoch`` takes it between progress lines; the loss stays on the device."""
 
     def step() -> torch.Tensor:
         with utils.autocast(device, amp):
@@ -176,7 +176,7 @@ def pretrain_loss(imgs: torch.Tensor, masks: torch.Tensor) -> LossFn:
 
     def loss_fn(model: nn.Module) -> torch.Tensor:
         pred = model(imgs, masks, num_masked)  # (B, num_masked, p*p*3)
-        return utils.unwrap_model(model).forward_loss(imgs, pred, masks)
+        return unwrap_model(model).forward_loss(imgs, pred, masks)
 
     return loss_fn
 
@@ -240,12 +240,13 @@ def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     if args.grad_checkpointing:  # timm's switch, or transformers' for ViTMAE
         enable = getattr(model, "set_grad_checkpointing", None) or model.activation_checkpointing_enable
         enable()
-    if args.fsdp:
-        shard_model(model, device, amp)
-    state = TrainingState(model, create_optimizer(args, model, device), utils.make_grad_scaler(device, amp))
-    flops = count_flops(train_step(state, loss_fn, device, amp))
-    trained = TrainingState(distribute(model, device, args), state.optimizer, state.scaler)
-    step = train_step(trained, loss_fn, device, amp)
+    wrapping = argparse.Namespace(fsdp=args.fsdp, compile=args.compile, amp=amp,
+                                  distributed=utils.get_world_size() > 1)
+    wrapped = wrap_model(model, device, wrapping)
+    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, amp))
+    eager = TrainingState(unwrap_model(wrapped), state.optimizer, state.scaler)  # FLOPs are counted uncompiled
+    flops = count_flops(train_step(eager, loss_fn, device, amp))
+    step = train_step(state, loss_fn, device, amp)
     for _ in range(args.warmup):
         step()
     torch.get_device_module(device).synchronize(device)
@@ -305,8 +306,7 @@ def device_name(device: torch.device) -> str:
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
-    args.local_rank = None
-    device = utils.init_distributed(args)  # as the training scripts do: on CPU, reuse_freed_memory too
+    device = utils.init_distributed(args.device, group_of_one=args.fsdp)  # as the scripts do (on CPU: malloc)
     try:
         return measure(args, device)
     finally:

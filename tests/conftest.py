@@ -23,8 +23,8 @@ def device(request) -> torch.device:
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory) -> Path:
     """The 2-process (DDP) pretraining run that interrupted and sharded 2-process runs are
-    compared with, and its recorded steps (``launching.records``)."""
-    from launching import run, torchrun
+    compared with, and its recorded steps (``helpers.records``)."""
+    from helpers import run, torchrun
 
     out = tmp_path_factory.mktemp("straight")
     run(torchrun(out / "out"), out / "records")

@@ -1,6 +1,5 @@
 """Under a launcher: extract features of a 7-sample dataset, then write which samples this rank
 loaded and what it gathered to knn_rank{RANK}.json in the working directory."""
-import argparse
 import json
 import os
 from typing import List, Tuple
@@ -38,7 +37,7 @@ class MeanFeature(torch.nn.Module):
 
 
 if __name__ == "__main__":
-    device = utils.init_distributed(argparse.Namespace(device="cpu", local_rank=None))
+    device = utils.init_distributed("cpu")
     dataset = NumberedImages(7)
     features, labels = run_knn_eval.extract_features(MeanFeature(), dataset, batch_size=2, num_workers=0, device=device,
                                                      amp="none", batch_transform=lambda imgs: imgs)

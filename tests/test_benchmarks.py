@@ -1,5 +1,6 @@
 """The benchmarks run end to end on a tiny model (so they cannot rot), and the fast settings they
 time (bf16 autocast, torch.compile) compute the same MAE loss as fp32 eager on the same batch."""
+import argparse
 import importlib.util
 import json
 import sys
@@ -12,7 +13,8 @@ import torch
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* names with timm)
 import utils
 from masking_generator import random_masks
-from performance import maybe_compile, use_fastest_attention
+from training.performance import use_fastest_attention
+from training.wrapping import unwrap_model, wrap_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_data  # noqa: E402
@@ -114,7 +116,7 @@ def batch():
 def mae_loss(model: torch.nn.Module, imgs: torch.Tensor, masks: torch.Tensor, amp: str) -> float:
     with torch.no_grad(), utils.autocast(torch.device("cpu"), amp):
         pred = model(imgs, masks, int(masks[0].sum()))
-        return float(utils.unwrap_model(model).forward_loss(imgs, pred, masks))
+        return float(unwrap_model(model).forward_loss(imgs, pred, masks))
 
 
 def test_bf16_autocast_gives_the_fp32_loss(batch):
@@ -127,8 +129,8 @@ def test_compiled_model_gives_the_eager_loss(batch):
     """Forward only, so inductor compiles one small graph (about half a minute on 2 cores)."""
     model, imgs, masks = batch
     reference = mae_loss(model, imgs, masks, "none")
-    compiled = maybe_compile(model, True)
-    assert utils.unwrap_model(compiled) is model
+    compiled = wrap_model(model, torch.device("cpu"), argparse.Namespace(fsdp=False, compile=True, distributed=False))
+    assert unwrap_model(compiled) is model
     assert mae_loss(compiled, imgs, masks, "none") == pytest.approx(reference, rel=1e-2)
     assert mae_loss(compiled, imgs, masks, "bf16") == pytest.approx(reference, rel=1e-2)
 

@@ -12,11 +12,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import ImageFolder
 from torchvision import transforms
 
-from augmentation import Crops, normalize_on_device
+from image_data.augmentation import Crops, normalize_on_device
 from datasets import EpochSampler, SeededSamples, build_pretraining_dataset
-from device_decoder import batch_images, collate_encoded, decode_on_device, read_encoded
-from image_files import ImageFiles, build_image_folder, count_skipped, decode_rgb, load_rgb
-from synthetic import SyntheticShapes
+from image_data.device_decoder import batch_images, collate_encoded, decode_on_device, read_encoded
+from image_data.files import ImageFiles, build_image_folder, count_skipped, decode_rgb, load_rgb
+from image_data.synthetic import SyntheticShapes
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -18,9 +18,9 @@ import run_class_finetuning
 import run_mae_pretraining
 import run_mae_vis
 import utils
-from augmentation import Crops, pretraining_augmentation
-from checkpoint import read_weights, save_atomic
-from image_files import load_image
+from image_data.augmentation import Crops, pretraining_augmentation
+from training.checkpoint import read_weights, save_atomic
+from image_data.files import load_image
 from modeling_finetune import create_finetune_model, load_pretrained_encoder
 
 REPO = Path(__file__).resolve().parents[1]

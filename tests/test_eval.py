@@ -19,7 +19,7 @@ import run_mae_vis
 import run_synthetic_results
 import utils
 from optim_factory import create_lars
-from launching import free_port
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--model", "vit_tiny_patch16_224", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]

@@ -19,7 +19,7 @@ import run_class_finetuning
 import run_mae_pretraining
 import run_mae_vis
 import utils
-from augmentation import (
+from image_data.augmentation import (
     CLASSIFY_CROP_SCALE,
     BatchTransform,
     Crops,
@@ -27,11 +27,12 @@ from augmentation import (
     eval_resize,
     normalize_on_device,
 )
-from engine import set_learning_rate
-from eval_setup import build_datasets
+from training.config import resolve_classification
+from training.loop import set_learning_rate
+from evaluation.setup import build_datasets
 from modeling_finetune import create_finetune_model
 from optim_factory import create_optimizer
-from launching import free_port
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_COMMAND = (
@@ -176,7 +177,7 @@ def test_imagenet_layout_and_eval_transform(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             Image.new("RGB", (50, 40), (10, 20, 30)).save(tmp_path / split / cls / "a.png")
     args = parse(FINETUNE + ["--data_path", str(tmp_path)])
-    run_class_finetuning.validate_args(args)
+    args = resolve_classification(args)
     assert args.data_set == "IMNET"
     train_set, val_set, nb_classes = build_datasets(args, run_class_finetuning.finetune_transform, train=True)
     assert nb_classes == 3 and args.nb_classes == 3 and len(train_set) == len(val_set) == 3

@@ -17,8 +17,8 @@ import run_class_finetuning
 import run_knn_eval
 import run_mae_pretraining
 import utils
-from checkpoint import EpochStart, epoch_start
-from launching import (
+from training.checkpoint import EpochStart, epoch_start
+from helpers import (
     PRETRAIN,
     assert_bitwise_equal,
     environment,

@@ -17,10 +17,11 @@ from PIL import Image
 import modeling_pretrain  # noqa: F401
 import run_mae_pretraining
 import utils
-from checkpoint import TrainingState, load_optimizer_state
-from engine import clip_or_measure_grad_norm, lr_at, resolve_lr, train_epoch
+from training.checkpoint import TrainingState, load_optimizer_state
+from training.config import resolve_pretraining, training_settings
+from training.loop import clip_or_measure_grad_norm, lr_at, train_epoch
 from engine_for_pretraining import reconstruction_loss
-from launching import free_port
+from helpers import free_port
 from masking_generator import random_masks
 from optim_factory import create_optimizer
 
@@ -54,9 +55,21 @@ def test_seed_readme_command_parses(tmp_path):
 
 def test_blr_scales_with_effective_batch():
     args = parse(["--batch_size", "64", "--accum_iter", "2", "--blr", "1.5e-4"])
-    args.world_size = 8
-    resolve_lr(args)
-    assert args.lr == pytest.approx(1.5e-4 * 64 * 2 * 8 / 256)
+    settings = training_settings(args, world_size=8)
+    assert settings["lr"] == pytest.approx(1.5e-4 * 64 * 2 * 8 / 256)
+
+
+def test_settings_are_resolved_once_then_only_read(tmp_path):
+    """One call decides every derived setting, from the command line alone, and writes nothing."""
+    out = tmp_path / "out"
+    args = resolve_pretraining(parse(["--batch_size", "8", "--accum_iter", "2", "--blr", "1e-3", "--device", "cpu",
+                                      "--output_dir", str(out)]))
+    assert args.eff_batch_size == 16 and args.lr == pytest.approx(1e-3 * 16 / 256)
+    assert args.log_dir == str(out / "tensorboard") and args.data_set == "synthetic" and args.amp == "none"
+    assert (args.rank, args.world_size, args.distributed, args.in_chans) == (0, 1, False, 3)
+    assert not out.exists()
+    with pytest.raises(AttributeError, match="read only"):
+        args.lr = 1.0
 
 
 def test_lr_schedule_warmup_then_half_cosine():

@@ -16,9 +16,10 @@ from PIL import Image
 import run_class_finetuning
 import run_mae_pretraining
 import utils
-from checkpoint import TrainingState, load_checkpoint, save_atomic
-from engine import NonFiniteWatch, resolve_lr, train_epoch
-from launching import assert_bitwise_equal, final_state
+from training.checkpoint import TrainingState, load_checkpoint, save_atomic
+from training.config import resolve_pretraining
+from training.loop import NonFiniteWatch, train_epoch
+from helpers import WritesAFile, assert_bitwise_equal, final_state
 from modeling_finetune import create_finetune_model
 from optim_factory import create_optimizer
 
@@ -75,7 +76,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     target = tmp_path / "checkpoint-last.pth"
     save_atomic({"model": {"w": torch.ones(3)}, "epoch": 4}, target)
     writer = (
-        "import sys, torch, checkpoint\n"
+        "import sys, torch\nfrom training import checkpoint\n"
         "checkpoint.save_atomic({'model': {'w': torch.zeros(64, 1024, 1024)}, 'epoch': 5}, sys.argv[1])\n"
     )
     process = subprocess.Popen([sys.executable, "-c", writer, str(target)], cwd=REPO)
@@ -188,16 +189,6 @@ def test_an_unwritable_output_dir_exits_2(tmp_path, capsys):
     assert "--output_dir" in error and "cannot be written" in error
 
 
-class WritesAFile:
-    """Unpickling this would create ``path``: the classic malicious checkpoint."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path, capsys):
     evidence = tmp_path / "pwned.txt"
     checkpoint = tmp_path / "evil.pth"
@@ -248,9 +239,7 @@ def resident_bytes() -> int:
 def test_500_steps_do_not_grow_process_memory(tmp_path):
     """Anything kept per step (a loss tensor with its graph, a log list) would add up here."""
     args = run_mae_pretraining.get_args_parser().parse_args(PRETRAIN + ["--print_freq", "50"])
-    run_mae_pretraining.validate_args(args)
-    args.rank, args.world_size, args.amp = 0, 1, "none"
-    resolve_lr(args)
+    args = resolve_pretraining(args)  # one process on the CPU: rank 0 of 1, amp none
     model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=1, decoder_depth=1)  # fast steps
     optimizer = create_optimizer(args, model, torch.device("cpu"))
     scaler = utils.make_grad_scaler(torch.device("cpu"), "none")
@@ -272,7 +261,7 @@ def test_500_steps_do_not_grow_process_memory(tmp_path):
 FAULTS_PER_REUSE = """
 import resource, sys, torch
 sys.path.insert(0, {repo!r})
-import performance
+from training import performance
 
 def minor_faults_of_reuse() -> int:
     torch.empty(4 * 2**20).fill_(1.0)  # 16 MiB, freed at once
@@ -287,7 +276,7 @@ print(minor_faults_of_reuse(), performance.reuse_freed_memory(), minor_faults_of
 
 def test_on_cpu_freed_tensors_are_reused_without_fresh_page_faults():
     """By default glibc hands some freed 16 MiB blocks back to the kernel, and the next one
-    faults in afresh as it is filled (4,096 pages); after ``performance.reuse_freed_memory`` the freed
+    faults in afresh as it is filled (4,096 pages); after ``training.performance.reuse_freed_memory`` the freed
     block is served again, already mapped. The kernel's fault counter is the witness."""
     script = FAULTS_PER_REUSE.format(repo=str(REPO))
     before, applied, after = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -21,12 +21,11 @@ import consolidate_checkpoint
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import run_mae_pretraining
 import utils
-from launching import PRETRAIN, REPO, finish, free_port, records, run, start, torchrun, wait_for_step
+from helpers import PRETRAIN, REPO, WritesAFile, finish, free_port, records, run, start, torchrun, wait_for_step
 from modeling_finetune import create_finetune_model, load_pretrained_encoder
 from optim_factory import create_optimizer
-from sharded_checkpoint import SafeReader
-from sharding import shard_model
-from test_robustness import WritesAFile
+from training.sharded_checkpoint import SafeReader
+from training.sharding import shard_model
 
 SHARDED = ["--fsdp", "--grad_checkpointing"]
 

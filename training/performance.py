@@ -1,5 +1,5 @@
 """Switches that make a step faster without changing the model: glibc's malloc on CPU, the attention
-path for each device and precision, and ``torch.compile``. What each buys is measured in
+path for each device and precision (``torch.compile`` is ``training.wrapping``'s). What each buys is measured in
 ``benchmarks/RESULTS.md``; this module imports nothing of the repository.
 """
 import ctypes
@@ -41,9 +41,3 @@ def use_fastest_attention(model: torch.nn.Module, device: torch.device, amp: str
     for module in model.modules():
         if isinstance(module, timm.layers.Attention):
             module.fused_attn = fused
-
-
-def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """``torch.compile(model)`` when asked. The wrapper shares the parameters, so the optimizer and
-    checkpoints (through ``utils.unwrap_model``, which strips ``_orig_mod``) see the same tensors."""
-    return torch.compile(model) if enabled else model

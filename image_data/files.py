@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from utils import all_reduce_sum
 
@@ -195,7 +195,7 @@ def count_skipped(dataset: Dataset) -> int:
     return 0
 
 
-def skipped_images(dataset: Dataset, device: torch.device) -> int:
+def count_skipped_all_ranks(dataset: Dataset, device: torch.device) -> int:
     """Distinct unreadable files met so far, summed over ranks (a collective; ranks read disjoint
     shards each epoch, so a file is counted by every rank that met it)."""
     return int(all_reduce_sum(torch.tensor(count_skipped(dataset), device=device)))
@@ -260,10 +260,17 @@ def build_image_folder(root: str, transform: Optional[Callable] = None, loader: 
     return SkipUnreadable(files, files.samples)
 
 
-def labelled_folder(root: str, transform: Callable, loader: Callable = load_rgb) -> ImageFolder:
-    """An ``ImageFolder`` with one subfolder per class; a clear error for anything else."""
+def class_folders(root: str) -> List[str]:
+    """The class names of a labelled folder, as ``ImageFolder`` finds them; a clear error when
+    ``root`` is no folder of class subfolders."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root} does not exist or is not a directory")
     if not has_class_folders(root):
         raise FileNotFoundError(f"{root} has no class subfolders with images (expected {root}/<class>/<image>)")
+    return find_classes(root)[0]
+
+
+def labelled_folder(root: str, transform: Callable, loader: Callable = load_rgb) -> ImageFolder:
+    """An ``ImageFolder`` with one subfolder per class; a clear error for anything else."""
+    class_folders(root)
     return ImageFolder(root, transform=transform, loader=loader, is_valid_file=is_image_file)

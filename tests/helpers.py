@@ -1,5 +1,7 @@
-"""Launching tiny pretraining runs for the tests, one process or two under torchrun, and reading
-what they did: every step's (epoch, index) keys and loss, recorded by ``pretrain_record_samples.py``."""
+"""What the tests share (tests import this module, never each other): launching tiny pretraining
+runs, one process or two under torchrun, and reading what they did (every step's (epoch, index)
+keys and loss, recorded by ``pretrain_record_samples.py``); comparing checkpoints; a malicious
+pickle."""
 import json
 import os
 import re
@@ -95,3 +97,13 @@ def assert_bitwise_equal(a, b) -> None:
             assert_bitwise_equal(a[key], b[key])
         else:
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+class WritesAFile:
+    """Unpickling this would create ``path``: the classic malicious checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -29,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from utils import UsageError, atomic_write, barrier, is_main_process, unwrap_model
+from training.wrapping import unwrap_model
+from utils import UsageError, atomic_write, barrier, is_main_process
 
 META = "meta.json"
 MOVING = ("checkpoint-last", "checkpoint-best")  # names every save replaces: links to a folder

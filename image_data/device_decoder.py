@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from augmentation import Crops, pretraining_augmentation
-from image_files import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE, check_image_size, load_rgb
-from masking_generator import to_grid
+from image_data.augmentation import Crops, pretraining_augmentation
+from image_data.files import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE, check_image_size, load_rgb
+from modeling_finetune import to_grid
 
 JPEG_END = (0xFF, 0xD9)  # the end-of-image marker that a complete JPEG file ends with
 

@@ -12,11 +12,9 @@ import torch
 import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from performance import maybe_compile
-from utils import AMP_DTYPES, UsageError, get_world_size, unwrap_model, wrap_ddp
+from utils import AMP_DTYPES, UsageError, get_world_size
 
 FORWARD_METHODS = ("reconstruct",)  # called outside forward (pictures), so they need FSDP's gathering too
 
@@ -35,7 +33,8 @@ def mixed_precision(amp: str) -> MixedPrecisionPolicy:
 
 def shard_model(model: torch.nn.Module, device: torch.device, amp: str) -> torch.nn.Module:
     """``fully_shard`` each timm ``Block`` (encoder and decoder), then the root, which holds the
-    embeddings, norms and heads; the optimizer must be made afterwards, from the sharded weights.
+    embeddings, norms and heads, on every rank (a collective); the optimizer must be made
+    afterwards, from the sharded weights.
 
     Every rank starts from rank 0's weights, as DDP makes it (each rank initializes from a seed of
     its own), since each keeps only its shard of what it has.
@@ -56,19 +55,3 @@ def shard_model(model: torch.nn.Module, device: torch.device, amp: str) -> torch
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
     return model
-
-
-def distribute(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> torch.nn.Module:
-    """The model as the loop trains it: compiled when asked, and in DDP unless it is sharded (FSDP
-    reduces its own gradients)."""
-    compiled = maybe_compile(model, args.compile)
-    return compiled if is_sharded(model) else wrap_ddp(compiled, device, args)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(unwrap_model(model), FSDPModule)
-
-
-def full_value(value: torch.Tensor) -> torch.Tensor:
-    """A sharded result (a ``DTensor``, such as the norm of sharded gradients) as a plain tensor."""
-    return value.full_tensor() if isinstance(value, DTensor) else value

@@ -16,11 +16,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-import hf_checkpoint
-import sharded_checkpoint
+from training import hf_checkpoint
+from training import sharded_checkpoint
 from modeling_finetune import is_decoder_key, unwrap_state_dict
-from sharding import is_sharded
-from utils import UsageError, atomic_write, is_main_process, unwrap_model
+from training.wrapping import is_sharded, unwrap_model
+from utils import UsageError, atomic_write, is_main_process
 
 LAST = "checkpoint-last.pth"
 BEST = "checkpoint-best.pth"
@@ -220,7 +220,7 @@ def consolidated_name(epoch: int, step: Optional[int] = None) -> str:
 
 def save_epoch(state: TrainingState, *, epoch: int, args: argparse.Namespace, **extra: Any) -> None:
     """``checkpoint-last.pth`` every epoch; ``checkpoint-{epoch}.pth`` every ``--save_ckpt_freq``
-    epochs and at the end."""
+    epochs and at the end. A collective: call it on every rank."""
     if not args.output_dir:
         return
     names = [LAST]
@@ -235,7 +235,7 @@ StepSaver = Callable[[EpochStart, int], Optional[Path]]  # (position, micro-step
 
 
 def step_saver(state: TrainingState, *, epoch: int, args: argparse.Namespace, **extra: Any) -> StepSaver:
-    """``save_step`` for ``engine.train_epoch``: ``checkpoint-last.pth`` with the position in the
+    """``save_step`` for ``training.loop.train_epoch``: ``checkpoint-last.pth`` with the position in the
     epoch; returns its path (None without ``--output_dir``). Called on every rank, written by rank 0."""
     def save(position: EpochStart, step: int) -> Optional[Path]:
         if not args.output_dir:
@@ -288,7 +288,7 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Tuple[Optional[Path], Di
         return Path(args.resume), read_checkpoint(Path(args.resume))
     if not (args.auto_resume and args.output_dir):
         return None, {}
-    for path in resume_candidates(Path(args.output_dir), sharded=getattr(args, "fsdp", False)):
+    for path in resume_candidates(Path(args.output_dir), sharded=args.fsdp):
         try:
             return path, read_checkpoint(path)
         except CorruptCheckpointError as error:
@@ -301,7 +301,8 @@ OPTIMIZER_KERNEL_KEYS = ("fused", "foreach")
 
 def load_weights_and_optimizer(state: TrainingState, path: Path, checkpoint: Mapping[str, Any],
                                args: argparse.Namespace) -> None:
-    """The checkpoint's model and optimizer state into ``state``, after checking that it fits."""
+    """The checkpoint's model and optimizer state into ``state``, after checking that it fits (a
+    collective for a sharded folder, which every rank reads its shards of)."""
     model = unwrap_model(state.model)
     if sharded_checkpoint.is_sharded_checkpoint(path):
         shapes = {key: torch.empty(size, device="meta") for key, size in sharded_checkpoint.model_shapes(path).items()}
@@ -310,7 +311,7 @@ def load_weights_and_optimizer(state: TrainingState, path: Path, checkpoint: Map
         mismatch = state_mismatch(model, checkpoint.get("model", {}))
     if mismatch:
         raise UsageError(
-            f"checkpoint {path} does not fit --model {getattr(args, 'model', '?')}: {mismatch}; pass a "
+            f"checkpoint {path} does not fit --model {args.model}: {mismatch}; pass a "
             "checkpoint of this model (for pretrained weights use --finetune)"
         )
     if sharded_checkpoint.is_sharded_checkpoint(path):
@@ -339,15 +340,22 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, A
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-def resume_training_state(state: TrainingState, args: argparse.Namespace) -> Dict[str, Any]:
-    """Continue from ``--resume``, or the newest checkpoint when ``--auto_resume``.
+@dataclass(frozen=True)
+class Resume:
+    """What a run continues from: the checkpoint (empty when it starts afresh) and the first epoch
+    to train, the one in progress after a step checkpoint, the next one after an epoch's."""
 
-    Sets ``args.start_epoch`` (the epoch in progress after a step checkpoint, the next one after
-    an epoch checkpoint) and returns the checkpoint (empty when starting fresh).
-    """
+    checkpoint: Mapping[str, Any]
+    epoch: int
+
+
+def resume_training_state(state: TrainingState, args: argparse.Namespace) -> Resume:
+    """Continue from ``--resume``, or the newest checkpoint when ``--auto_resume``: its weights and
+    optimizer state into ``state``, and where the run continues (``--start_epoch`` when fresh). A
+    collective: call it on every rank."""
     path, checkpoint = find_resume_checkpoint(args)
     if not checkpoint:
-        return {}
+        return Resume({}, args.start_epoch)
     folder = sharded_checkpoint.is_sharded_checkpoint(path)
     if folder and not is_sharded(state.model):
         raise UsageError(f"checkpoint {path} is a sharded folder: resume it with --fsdp, or make one file of its "
@@ -356,16 +364,17 @@ def resume_training_state(state: TrainingState, args: argparse.Namespace) -> Dic
         raise UsageError(f"checkpoint {path} is one file, and --fsdp resumes the folders it writes: resume it "
                          "without --fsdp")
     load_weights_and_optimizer(state, path, checkpoint, args)
+    epoch = args.start_epoch
     if "optimizer" in checkpoint or folder:
         state.scaler.load_state_dict(checkpoint["scaler"])
-        args.start_epoch = checkpoint["epoch"] + (0 if "step" in checkpoint else 1)
+        epoch = checkpoint["epoch"] + (0 if "step" in checkpoint else 1)
     if is_main_process():
-        where = f"epoch {args.start_epoch}" + (f" step {checkpoint['step']}" if "step" in checkpoint else "")
+        where = f"epoch {epoch}" + (f" step {checkpoint['step']}" if "step" in checkpoint else "")
         print(f"resumed from {path} at {where}")
         change = batch_change(checkpoint.get("args", {}), args)
         if change:
             print(change)
-    return checkpoint
+    return Resume(checkpoint, epoch)
 
 
 def batch_change(written_by: Mapping[str, Any], args: argparse.Namespace) -> str:

@@ -1,22 +1,16 @@
-"""The command-line flags the run_* scripts share, and the checks that refuse a bad command line
-before anything is built or written (one ``error:`` line, exit code 2)."""
+"""The command-line flags the run_* scripts share, and the checks of single flags that
+``training.config`` runs before anything is built or written (one ``error:`` line, exit code 2)."""
 import argparse
 import difflib
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from augmentation import RGB
-from checkpoint import read_args
-from image_files import DEFAULT_MAX_IMAGE_PIXELS
-from masking_generator import to_grid
-from preemption import check_requeue, parse_signals
-from sharding import check_sharding_args
+from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
+from modeling_finetune import to_grid
 from utils import UsageError
 
 
@@ -109,28 +103,6 @@ def add_device_args(group: argparse._ArgumentGroup) -> None:
                        help="set by torch.distributed.launch; the environment wins")
 
 
-def validate_common_args(args: argparse.Namespace) -> None:
-    """Checks every training script needs before anything is built or written."""
-    if args.clip_grad is not None and not POSITIVE.holds(args.clip_grad):
-        raise UsageError(f"--clip_grad must be a positive norm, got {args.clip_grad}; leave it out for no clipping")
-    resolve_image_args(args, starting_args(args))
-    validate_numbers(args)
-    if args.save_ckpt_steps < 0:
-        raise UsageError(f"--save_ckpt_steps must be 0 (off) or positive, got {args.save_ckpt_steps}")
-    parse_signals(args.preempt_signals)
-    check_requeue(args)
-    if getattr(args, "fsdp", False):
-        check_sharding_args(args)
-    if args.log_dir is None and args.output_dir:
-        args.log_dir = str(Path(args.output_dir) / "tensorboard")
-
-
-def starting_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """The args of the checkpoint a run starts from (``--finetune``, ``--init_from``), if it exists."""
-    path = getattr(args, "finetune", "") or getattr(args, "init_from", "")
-    return read_args(Path(path)) if path and Path(path).exists() else {}
-
-
 def one_size(size: Union[int, Sequence[int]]) -> Union[int, List[int]]:
     """``--input_size`` as an int for a square (as checkpoints have always stored it), else [H, W]."""
     if isinstance(size, int):
@@ -138,29 +110,6 @@ def one_size(size: Union[int, Sequence[int]]) -> Union[int, List[int]]:
     if len(size) not in (1, 2):
         raise UsageError(f"--input_size takes one value (a square) or two (H W), got {len(size)}")
     return size[0] if len(size) == 1 or size[0] == size[1] else list(size)
-
-
-def resolve_image_args(args: argparse.Namespace, saved: Mapping[str, Any]) -> None:
-    """``--input_size`` as ``one_size``; ``--in_chans`` from the command line, else ``saved`` (the
-    checkpoint's args), else RGB; ``--mean``/``--std`` from the command line, else (channel counts
-    other than RGB) the checkpoint's, else ImageNet's for RGB. One value per channel."""
-    args.input_size = one_size(args.input_size)
-    saved_chans = saved.get("in_chans", RGB)
-    if args.in_chans is None:
-        args.in_chans = saved_chans
-    elif args.in_chans != saved_chans and saved:
-        raise UsageError(f"--in_chans {args.in_chans}, but the checkpoint was trained on {saved_chans} channel(s); "
-                         "leave --in_chans out to take the checkpoint's")
-    for name, default in (("mean", IMAGENET_DEFAULT_MEAN), ("std", IMAGENET_DEFAULT_STD)):
-        if getattr(args, name) is None:
-            setattr(args, name, saved.get(name) if args.in_chans != RGB else list(default))
-        if getattr(args, name) is None:
-            raise UsageError(f"--in_chans {args.in_chans} needs --mean and --std of {args.in_chans} values each: "
-                             "your images' per-channel mean and std, in [0, 1]")
-        if len(getattr(args, name)) != args.in_chans:
-            raise UsageError(f"--{name} has {len(getattr(args, name))} value(s) for --in_chans {args.in_chans}")
-    if hasattr(args, "crop_scale") and args.crop_scale[0] > args.crop_scale[1]:
-        raise UsageError(f"--crop_scale takes MIN MAX, got {args.crop_scale[0]:g} {args.crop_scale[1]:g}")
 
 
 @dataclass(frozen=True)

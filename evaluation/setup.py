@@ -8,13 +8,12 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from augmentation import BatchTransform
-from checkpoint import read_weights
-from cli import add_loading_args, add_size_args, check_model_name, check_patch_grid, patch_size_kwargs
+from image_data.augmentation import BatchTransform
+from training.checkpoint import read_weights
+from training.cli import add_loading_args, add_size_args, check_model_name, check_patch_grid, patch_size_kwargs
 from datasets import CLASSIFICATION_SETS, build_classification_dataset, check_readable
-from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
-from masking_generator import to_grid
-from preemption import worker_init_fn
+from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder, to_grid
+from training.preemption import worker_init_fn
 from utils import UsageError, is_main_process, rank_shard
 
 TransformFactory = Callable[[argparse.Namespace, bool], Callable]  # (args, is_train) -> the workers' transform
@@ -55,26 +54,12 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
                             help="split evaluation over the processes (each sample counted once)")
 
 
-def validate_data_args(args: argparse.Namespace) -> None:
-    """The dataset and ``--finetune`` checks every evaluation shares."""
-    if args.data_set is None:
-        args.data_set = "IMNET" if args.data_path else "synthetic"
-    if args.data_set != "synthetic" and not args.data_path:
-        raise UsageError(f"--data_set {args.data_set} needs --data_path; omit both for the synthetic dataset")
-    if args.data_set == "image_folder" and not args.eval_data_path:
-        raise UsageError("--data_set image_folder trains on --data_path and evaluates on --eval_data_path, which is "
-                         "missing; for a folder that holds train/ and val/, use --data_set IMNET")
-    if args.data_path and not Path(args.data_path).is_dir():
-        raise UsageError(f"--data_path {args.data_path} is not a directory")
-    if args.finetune and not Path(args.finetune).exists():
-        raise UsageError(f"--finetune {args.finetune} does not exist; check the path")
-
-
 def build_datasets(
     args: argparse.Namespace, make_transform: TransformFactory, *, train: bool
 ) -> Tuple[Optional[Dataset], Dataset, int]:
-    """The training set (None unless ``train``), the evaluation set and the number of classes;
-    ``make_transform(args, is_train)`` gives each split's transform."""
+    """The training set (None unless ``train``), the evaluation set and their number of classes,
+    which ``training.config`` counted as ``args.nb_classes``; ``make_transform(args, is_train)``
+    gives each split's transform."""
     def build(is_train: bool) -> Tuple[Dataset, int]:
         try:
             dataset, nb_classes = build_classification_dataset(
@@ -85,30 +70,14 @@ def build_datasets(
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from error
         check_readable(dataset)
+        if nb_classes != args.nb_classes:  # the folders changed since the run started
+            raise UsageError(f"{'training' if is_train else 'evaluation'} data now has {nb_classes} classes, "
+                             f"{args.nb_classes} when the run started")
         return dataset, nb_classes
 
     val_set, nb_classes = build(False)
-    train_set = None
-    if train:
-        train_set, train_classes = build(True)
-        if train_classes != nb_classes:
-            raise UsageError(
-                f"the training data has {train_classes} classes but the evaluation data {nb_classes}; "
-                "both need the same class folders"
-            )
-    check_nb_classes(args, nb_classes)
+    train_set = build(True)[0] if train else None
     return train_set, val_set, nb_classes
-
-
-def check_nb_classes(args: argparse.Namespace, nb_classes: int) -> None:
-    """``--nb_classes`` defaults to the dataset's count; a different value is an error."""
-    if args.nb_classes is None:
-        args.nb_classes = nb_classes
-    elif args.nb_classes != nb_classes:
-        raise UsageError(
-            f"--nb_classes {args.nb_classes} does not match the {nb_classes} classes of --data_set "
-            f"{args.data_set}; pass --nb_classes {nb_classes} or leave it out"
-        )
 
 
 def build_encoder(args: argparse.Namespace, *, num_classes: int, drop_path: float = 0.0) -> torch.nn.Module:

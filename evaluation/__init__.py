@@ -1,0 +1,1 @@
+"""What the evaluations of an encoder (finetuning, the linear probe, k-NN) share."""

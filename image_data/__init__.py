@@ -1,0 +1,1 @@
+"""Reading and augmenting images: files, the workers' transforms, the device decoder, the synthetic set."""

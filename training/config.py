@@ -1,0 +1,208 @@
+"""A run's settings, decided once: each script hands its parsed command line to one ``resolve_*``
+function here, at the start, and from then on only reads the result.
+
+What is decided here and nowhere else: the launch (rank, number of processes, device, precision),
+the defaults that depend on other flags (the data set, the log folder, the number of classes), the
+image settings a starting checkpoint records (``--in_chans``, ``--mean``/``--std``), the effective
+batch and the lr from ``--blr``, and the fixed value of every setting a script has no flag for.
+Every check that refuses a command line runs here too, before anything is built or written. What a
+resumed checkpoint settles (the epoch and step to continue from) is the loop's
+(``training.checkpoint.resume_training_state``), since every rank must load the same one.
+"""
+import argparse
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import utils
+from datasets import count_classes
+from image_data.augmentation import RGB
+from masking_generator import check_mask_ratio
+from training.checkpoint import read_args
+from training.cli import POSITIVE, one_size, validate_numbers
+from training.preemption import check_requeue, parse_signals
+from training.sharding import check_sharding_args
+from utils import UsageError
+
+
+class ResolvedArgs(argparse.Namespace):
+    """The settings of a run once resolved: read them, never assign them."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"args.{name} is settled once by training.config; it is read only afterwards")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"args.{name} is settled once by training.config; it is read only afterwards")
+
+
+def frozen(values: Mapping[str, Any]) -> ResolvedArgs:
+    resolved = ResolvedArgs.__new__(ResolvedArgs)
+    resolved.__dict__.update(values)
+    return resolved
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def launch_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Rank, processes and precision: ``--amp`` defaults to bf16 on GPUs that have it, else none."""
+    utils.check_device(args.device)
+    launch = utils.launch_env(args.local_rank)
+    return {"rank": launch.rank, "world_size": launch.world_size, "local_rank": launch.local_rank,
+            "distributed": launch.world_size > 1, "amp": utils.resolve_amp(args.amp, torch.device(args.device))}
+
+
+def image_settings(args: argparse.Namespace, saved: Mapping[str, Any]) -> Dict[str, Any]:
+    """``--input_size`` as ``one_size``; ``--in_chans`` from the command line, else ``saved`` (the
+    starting checkpoint's args), else RGB; ``--mean``/``--std`` from the command line, else (channel
+    counts other than RGB) the checkpoint's, else ImageNet's for RGB. One value per channel."""
+    saved_chans = saved.get("in_chans", RGB)
+    in_chans = saved_chans if args.in_chans is None else args.in_chans
+    if in_chans != saved_chans and saved:
+        raise UsageError(f"--in_chans {args.in_chans}, but the checkpoint was trained on {saved_chans} channel(s); "
+                         "leave --in_chans out to take the checkpoint's")
+    settings = {"input_size": one_size(args.input_size), "in_chans": in_chans}
+    for name, default in (("mean", IMAGENET_DEFAULT_MEAN), ("std", IMAGENET_DEFAULT_STD)):
+        value = getattr(args, name)
+        if value is None:
+            value = saved.get(name) if in_chans != RGB else list(default)
+        if value is None:
+            raise UsageError(f"--in_chans {in_chans} needs --mean and --std of {in_chans} values each: "
+                             "your images' per-channel mean and std, in [0, 1]")
+        if len(value) != in_chans:
+            raise UsageError(f"--{name} has {len(value)} value(s) for --in_chans {in_chans}")
+        settings[name] = value
+    if "crop_scale" in vars(args) and args.crop_scale[0] > args.crop_scale[1]:
+        raise UsageError(f"--crop_scale takes MIN MAX, got {args.crop_scale[0]:g} {args.crop_scale[1]:g}")
+    return settings
+
+
+def starting_args(path: str) -> Dict[str, Any]:
+    """The args of the checkpoint a run starts from (``--finetune``, ``--init_from``), if it exists."""
+    return read_args(Path(path)) if path and Path(path).exists() else {}
+
+
+def check_training_flags(args: argparse.Namespace) -> None:
+    """The checks every training script shares, in the order a user meets them."""
+    if args.clip_grad is not None and not POSITIVE.holds(args.clip_grad):
+        raise UsageError(f"--clip_grad must be a positive norm, got {args.clip_grad}; leave it out for no clipping")
+
+
+def training_settings(args: argparse.Namespace, world_size: int) -> Dict[str, Any]:
+    """The log folder, and ``lr = blr * effective batch / 256`` unless ``--lr`` is given, as in MAE."""
+    validate_numbers(args)
+    if args.save_ckpt_steps < 0:
+        raise UsageError(f"--save_ckpt_steps must be 0 (off) or positive, got {args.save_ckpt_steps}")
+    parse_signals(args.preempt_signals)
+    check_requeue(args)
+    eff_batch_size = args.batch_size * args.accum_iter * world_size
+    log_dir = args.log_dir
+    if log_dir is None and args.output_dir:
+        log_dir = str(Path(args.output_dir) / "tensorboard")
+    return {"eff_batch_size": eff_batch_size, "lr": args.blr * eff_batch_size / 256 if args.lr is None else args.lr,
+            "log_dir": log_dir}
+
+
+def labelled_data_settings(args: argparse.Namespace, *, train: bool) -> Dict[str, Any]:
+    """The data set (IMNET with ``--data_path``, synthetic without), its paths, and ``--nb_classes``,
+    which defaults to the evaluation data's count and must match it when given; with ``train`` the
+    training data must have as many classes."""
+    data_set = args.data_set or ("IMNET" if args.data_path else "synthetic")
+    if data_set != "synthetic" and not args.data_path:
+        raise UsageError(f"--data_set {data_set} needs --data_path; omit both for the synthetic dataset")
+    if data_set == "image_folder" and not args.eval_data_path:
+        raise UsageError("--data_set image_folder trains on --data_path and evaluates on --eval_data_path, which is "
+                         "missing; for a folder that holds train/ and val/, use --data_set IMNET")
+    if args.data_path and not Path(args.data_path).is_dir():
+        raise UsageError(f"--data_path {args.data_path} is not a directory")
+    if args.finetune and not Path(args.finetune).exists():
+        raise UsageError(f"--finetune {args.finetune} does not exist; check the path")
+    try:
+        nb_classes, train_classes = (count_classes(data_set, is_train, data_path=args.data_path,
+                                                   eval_data_path=args.eval_data_path) for is_train in (False, train))
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    if train_classes != nb_classes:
+        raise UsageError(f"the training data has {train_classes} classes but the evaluation data {nb_classes}; "
+                         "both need the same class folders")
+    if args.nb_classes is not None and args.nb_classes != nb_classes:
+        raise UsageError(f"--nb_classes {args.nb_classes} does not match the {nb_classes} classes of --data_set "
+                         f"{data_set}; pass --nb_classes {nb_classes} or leave it out")
+    return {"data_set": data_set, "nb_classes": nb_classes}
+
+
+def resolved(args: argparse.Namespace, *parts: Mapping[str, Any], **fixed: Any) -> ResolvedArgs:
+    """The command line with ``parts`` decided over it; ``fixed``: settings this script has no flag for."""
+    values = {**fixed, **vars(args)}
+    for part in parts:
+        values.update(part)
+    settled = frozen(values)
+    validate_numbers(settled)  # the values taken from a checkpoint too
+    if settled.fsdp:
+        check_sharding_args(settled)
+    return settled
+
+
+# ----------------------------------------------------------------------------- one per script
+
+
+def resolve_pretraining(args: argparse.Namespace) -> ResolvedArgs:
+    """``run_mae_pretraining.py``'s settings."""
+    check_training_flags(args)
+    images = image_settings(args, starting_args(args.init_from))
+    launch = launch_settings(args)
+    training = training_settings(args, launch["world_size"])
+    try:
+        check_mask_ratio(args.mask_ratio)
+    except ValueError as error:
+        raise UsageError(f"--mask_ratio: {error}") from error
+    data_set = args.data_set or ("image_folder" if args.data_path else "synthetic")
+    if data_set == "image_folder" and not args.data_path:
+        raise UsageError("--data_set image_folder needs --data_path; omit both for the synthetic dataset")
+    if args.data_path and not Path(args.data_path).is_dir():
+        raise UsageError(f"--data_path {args.data_path} is not a directory")
+    if args.init_from and not Path(args.init_from).exists():
+        raise UsageError(f"--init_from {args.init_from} does not exist; check the path")
+    return resolved(args, launch, images, training, {"data_set": data_set})
+
+
+def resolve_classification(args: argparse.Namespace, **fixed: Any) -> ResolvedArgs:
+    """Finetuning's and the linear probe's settings; ``fixed`` for the flags the probe has not."""
+    check_training_flags(args)
+    images = image_settings(args, starting_args(args.finetune))
+    launch = launch_settings(args)
+    training = training_settings(args, launch["world_size"])
+    return resolved(args, launch, images, training, labelled_data_settings(args, train=not args.eval), **fixed)
+
+
+def resolve_knn(args: argparse.Namespace) -> ResolvedArgs:
+    """``run_knn_eval.py``'s settings: no training, so no schedule, checkpoints or sharding."""
+    data = labelled_data_settings(args, train=True)
+    images = image_settings(args, starting_args(args.finetune))
+    validate_numbers(args)
+    return resolved(args, data, images, launch_settings(args), fsdp=False, eval=False)
+
+
+def resolve_visualization(args: argparse.Namespace, saved: Mapping[str, Any]) -> ResolvedArgs:
+    """``run_mae_vis.py``'s settings: what the command line leaves open comes from the checkpoint's
+    args (``saved``), then the defaults."""
+    defaults = {"model": "pretrain_mae_base_patch16_224", "input_size": 224, "norm_pix_loss": False, "in_chans": 3}
+    settings = {name: saved.get(name, default) if getattr(args, name) is None else getattr(args, name)
+                for name, default in defaults.items()}
+    settings["input_size"] = one_size(settings["input_size"])
+    settings["patch_size"] = saved.get("patch_size") if args.patch_size is None else args.patch_size
+    mean, std = saved.get("mean"), saved.get("std")
+    if mean is None and settings["in_chans"] == RGB:
+        mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    if mean is None or len(mean) != settings["in_chans"]:
+        raise UsageError(f"the checkpoint gives no mean and std for its {settings['in_chans']} channel(s): pass one "
+                         "written by our pretraining, which records them")
+    try:
+        check_mask_ratio(args.mask_ratio)
+    except ValueError as error:
+        raise UsageError(f"--mask_ratio: {error}") from error
+    if args.num_images < 1:
+        raise UsageError(f"--num_images must be at least 1, got {args.num_images}")
+    return frozen({**vars(args), **settings, "mean": mean, "std": std})

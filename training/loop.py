@@ -1,0 +1,416 @@
+"""The one loop every stage trains with, read top to bottom from ``fit``: resuming, each epoch's
+position in the data, ``train_epoch`` (the learning-rate schedule, gradient accumulation and sync,
+the optimizer step, the non-finite loss watch, progress lines and TensorBoard curves, which steps
+log and which save, the stop after a preemption signal), then the epoch's evaluation, checkpoints
+and log line.
+
+A stage gives ``fit`` a ``Stage``: its loss, its evaluation if it has one, and what it does once
+an epoch is saved (``engine_for_pretraining``, ``engine_for_finetuning``); the loop does the
+rest, the same way for every stage.
+"""
+import argparse
+import json
+import math
+from collections import defaultdict, deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+
+from image_data.files import count_skipped_all_ranks
+from training.checkpoint import (
+    BEST,
+    EpochStart,
+    StepSaver,
+    TrainingState,
+    epoch_start,
+    resume_training_state,
+    save_epoch,
+    save_training_state,
+    step_saver,
+)
+from training.preemption import Preempted, PreemptionWatch, preemptible
+from training.wrapping import unwrap_model
+from utils import (
+    NonFiniteLossError,
+    Timer,
+    all_gather_floats,
+    all_reduce_sum,
+    append_log,
+    autocast,
+    barrier,
+    format_eta,
+    get_world_size,
+    is_main_process,
+    seed_everything,
+    training_writer,
+)
+
+LossFn = Callable[[Any], torch.Tensor]
+
+# ----------------------------------------------------------------------------- the epochs
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a stage brings to the loop; everything else is the loop's, the same for every stage."""
+
+    loss_fn: LossFn  # a loader batch -> the loss to minimize
+    evaluate: Optional[Callable[[], Dict[str, float]]] = None  # test stats after each epoch, with "acc1"
+    after_epoch: Optional[Callable[[int, Optional[Any]], None]] = None  # (epoch, TensorBoard writer), once saved
+
+
+def fit(state: TrainingState, stage: Stage, *, loader: DataLoader, device: torch.device,
+        args: argparse.Namespace) -> Dict[str, float]:
+    """Train from where the run resumes to ``--epochs``; returns the last evaluation (if any). A
+    collective: every rank calls it.
+
+    Each epoch: position the loader (part-way in after a step checkpoint), ``train_epoch``, the
+    stage's evaluation, ``checkpoint-last.pth`` (and the numbered and best ones), the stage's
+    ``after_epoch``, and one JSON line in ``log.txt``. A non-finite loss exits 1, a preemption
+    signal 128 + its number once the step is saved.
+    """
+    resume = resume_training_state(state, args)
+    timer = Timer()
+    max_accuracy = resume.checkpoint.get("max_accuracy", 0.0)
+    best = {"max_accuracy": max_accuracy} if stage.evaluate else {}
+    n_parameters = sum(p.numel() for p in state.model.parameters())
+    test_stats: Dict[str, float] = {}
+    with preemptible(args) as preemption, training_writer(args.log_dir) as log_writer:
+        for epoch in range(resume.epoch, args.epochs):
+            start = epoch_start(resume.checkpoint, epoch)
+            position_loader(loader, epoch, start.samples_done)
+            train_stats = train_epoch(state, loader, stage.loss_fn, device=device, epoch=epoch, args=args,
+                                      log_writer=log_writer, start=start, preemption=preemption,
+                                      save_step=step_saver(state, epoch=epoch, args=args, **best))
+            record = {f"train_{key}": value for key, value in train_stats.items()}
+            if stage.evaluate:
+                test_stats = stage.evaluate()
+                improved = test_stats["acc1"] > max_accuracy
+                best = {"max_accuracy": max(max_accuracy, test_stats["acc1"])}
+                max_accuracy = best["max_accuracy"]
+                record.update({f"test_{key}": value for key, value in test_stats.items()})
+            save_epoch(state, epoch=epoch, args=args, **best)
+            if stage.evaluate and improved and args.output_dir:
+                save_training_state(state, Path(args.output_dir), [BEST], epoch=epoch, args=args, **best)
+            if stage.after_epoch:
+                stage.after_epoch(epoch, log_writer)
+            record.update(epoch=epoch, **best, n_parameters=n_parameters,
+                          skipped_images=count_skipped_all_ranks(loader.dataset, device))
+            log_epoch(record, test_stats, log_writer, args)
+    if stage.evaluate and not test_stats:  # resumed a finished run: report where it ended rather than nothing
+        test_stats = stage.evaluate()
+        if is_main_process():
+            print(f"nothing left to train (epoch {resume.epoch} of {args.epochs}); the resumed model: "
+                  f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
+    if is_main_process():
+        print(f"training time {format_eta(timer.elapsed())}")
+    return test_stats
+
+
+def position_loader(loader: DataLoader, epoch: int, samples_done: int) -> None:
+    """Point the loader's sampler (``datasets.EpochSampler``) at ``epoch``, leaving out the
+    ``samples_done`` positions of its global order that a resumed epoch has already trained on."""
+    loader.sampler.set_epoch(epoch, samples_done)
+
+
+def log_epoch(record: Dict[str, Any], test_stats: Dict[str, float], log_writer: Optional[Any],
+              args: argparse.Namespace) -> None:
+    """The epoch's line in ``log.txt`` and on the console, and its test curves in TensorBoard."""
+    append_log(args.output_dir, record)
+    if log_writer is not None and "test_acc1" in record:
+        for key in ("acc1", "acc5", "loss"):
+            log_writer.add_scalar(f"test/{key}", test_stats[key], record["epoch"])
+    if is_main_process():
+        print(json.dumps(record), flush=True)
+        if "test_acc1" in record:
+            print(f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; "
+                  f"best {record['max_accuracy']:.2f}%")
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def train_epoch(
+    state: TrainingState,
+    loader: Iterable,
+    loss_fn: LossFn,
+    *,
+    device: torch.device,
+    epoch: int,
+    args: argparse.Namespace,
+    log_writer: Optional[Any] = None,
+    start: EpochStart = EpochStart(),
+    save_step: Optional[StepSaver] = None,
+    preemption: Optional[PreemptionWatch] = None,
+) -> Dict[str, float]:
+    """One epoch of any stage: ``loss_fn(batch)`` gives the loss, this does the rest (a collective,
+    on every rank).
+
+    Per micro-step: RNGs seeded from (seed, rank, epoch, step), lr from the fractional epoch,
+    forward under autocast, backward (no DDP all-reduce until the last micro-step), optimizer
+    step; every ``--save_ckpt_steps`` updates a step checkpoint (``save_step``), and after an
+    update at which the ranks agree that a preemption signal arrived, a step checkpoint and then
+    ``Preempted``. A resumed epoch begins at ``start``, so it ends as an uninterrupted one. Returns
+    the epoch's averages, the loss averaged over all ranks' micro-steps.
+    """
+    model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    model.train()
+    steps = len(loader)  # a whole epoch's micro-steps at this world size
+    world_size = get_world_size()
+    global_batch = args.batch_size * world_size
+    samples_per_epoch = start.samples_per_epoch or steps * global_batch
+    first_step = start.samples_done // global_batch
+    progress = Progress(epoch=epoch, steps=steps, start_step=first_step, batch_size=args.batch_size,
+                        log_writer=log_writer)
+    watch = NonFiniteWatch(device, FP16_NONFINITE_PATIENCE if scaler.is_enabled() else 1)
+    loss_total = torch.tensor(start.loss_sum_of(args.rank, world_size), dtype=torch.float64, device=device)
+    grad_norm = torch.zeros((), device=device)
+    ran, saved = 0, None
+    optimizer.zero_grad(set_to_none=True)
+    for ran, (batch, data_time) in enumerate(progress.timed(loader), start=1):
+        step = first_step + ran - 1
+        seed_everything(args.seed, args.rank, epoch, step)
+        update = ran % args.accum_iter == 0
+        if (ran - 1) % args.accum_iter == 0:
+            position = start.samples_done + (ran - 1) * global_batch
+            set_learning_rate(optimizer, lr_at(epoch + position / samples_per_epoch, args))
+        with grad_sync(model, update):
+            with autocast(device, args.amp):
+                loss = loss_fn(batch)
+            scaler.scale(loss / args.accum_iter).backward()
+        stop = 0
+        if update:
+            norm = optimizer_step(state, args.clip_grad, measure_norm=norm_is_read(step, steps, args))
+            grad_norm = grad_norm if norm is None else norm
+            stop = preemption.agreed() if preemption is not None else 0
+        watch.observe(loss, step)
+        loss_total += loss.detach()
+        if save_step is not None and (stop or update and step + 1 < steps and is_step_checkpoint(step, args)):
+            watch.raise_if_bad(epoch, steps, args, scaler)  # a bad loss never reaches a checkpoint
+            done = EpochStart(samples_done=start.samples_done + ran * global_batch,
+                              samples_per_epoch=samples_per_epoch, loss_sums=tuple(all_gather_floats(loss_total)),
+                              losses_counted=start.losses_counted + ran * world_size)
+            saved = save_step(done, step + 1)
+        if stop:
+            barrier()  # rank 0 has written the checkpoint before any rank exits
+            raise Preempted(stop, epoch, step + 1, steps, saved)
+        if is_logging_step(step, steps, args):
+            watch.raise_if_bad(epoch, steps, args, scaler)
+            progress.log(step, loss, grad_norm, optimizer, data_time)
+    watch.raise_if_bad(epoch, steps, args, scaler)
+    counted = start.losses_counted + ran * world_size
+    mean_loss = float(all_reduce_sum(loss_total)) / counted if counted else float("nan")
+    return {"loss": mean_loss, "lr": max_lr(optimizer), **progress.metrics.averages()}
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_at(epoch: float, args: argparse.Namespace) -> float:
+    """Linear warmup to ``args.lr``, then a half-cosine to ``args.min_lr``; ``epoch`` is fractional."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Apply ``lr`` to every group, scaled by the group's layer-decay ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def max_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest group lr: the schedule's value, which layer decay only scales down."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+# ----------------------------------------------------------------------------- which steps do what
+
+
+def is_logging_step(step: int, steps: int, args: argparse.Namespace) -> bool:
+    """Whether micro-step ``step`` of an epoch of ``steps`` prints a progress line."""
+    return step % args.print_freq == 0 or step == steps - 1
+
+
+def norm_is_read(step: int, steps: int, args: argparse.Namespace) -> bool:
+    """Whether a progress line shows the gradient norm of the update at micro-step ``step``
+    before the next update replaces it; only those updates measure it (unless ``--clip_grad``
+    needs it anyway), since the norm is a pass over every gradient (benchmarks/RESULTS.md)."""
+    return any(is_logging_step(later, steps, args) for later in range(step, min(step + args.accum_iter, steps)))
+
+
+def is_step_checkpoint(step: int, args: argparse.Namespace) -> bool:
+    """Whether the optimizer update at micro-step ``step`` is one ``--save_ckpt_steps`` asks for."""
+    every = args.save_ckpt_steps
+    return bool(every) and ((step + 1) // args.accum_iter) % every == 0
+
+
+# ----------------------------------------------------------------------------- the optimizer step
+
+
+def grad_sync(model: torch.nn.Module, update: bool) -> ContextManager:
+    """DDP's ``no_sync`` on micro-steps that do not update, so gradients are all-reduced once. A
+    sharded model reduce-scatters every micro-step instead: its gradients then accumulate sharded,
+    where skipping the sync would hold them whole between micro-steps (README)."""
+    if update or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
+def clip_or_measure_grad_norm(
+    model: torch.nn.Module, clip_grad: Optional[float], measure: bool = True
+) -> Optional[torch.Tensor]:
+    """The total gradient norm, clipped to ``clip_grad`` when given. Without clipping it is only
+    computed, and only when ``measure``: ``clip_grad_norm_(..., inf)`` would still multiply every
+    gradient by 1, a second pass over them, and the norm itself is one more pass that only
+    progress lines read (benchmarks/RESULTS.md). None when not measured. Over sharded gradients
+    (``--fsdp``) the norm is the global one, over every rank's shards."""
+    if clip_grad is None and not measure:
+        return None
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if isinstance(norm, DTensor):  # sharded gradients: the norm over every rank's shards
+        norm = norm.full_tensor()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip_grad, norm)
+    return norm
+
+
+def optimizer_step(
+    state: TrainingState, clip_grad: Optional[float], measure_norm: bool = True
+) -> Optional[torch.Tensor]:
+    """Unscale, clip (or measure, if ``measure_norm``) the gradient norm, step, clear; returns the
+    norm on the device, or None when it was neither needed nor asked for. A collective for a
+    sharded model, whose norm sums every rank's shards."""
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = clip_or_measure_grad_norm(unwrap_model(state.model), clip_grad, measure_norm)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+FP16_NONFINITE_PATIENCE = 10  # consecutive skipped fp16 steps before the run is called lost
+
+
+class NonFiniteWatch:
+    """Tracks, on the device, the first step that ends a run of ``patience`` non-finite losses.
+
+    Without a grad scaler one bad loss already poisons the weights, so patience is 1. With fp16
+    the scaler skips such steps and lowers the scale; only a run of them means the run is lost.
+    Reading a loss back every step would stall the host while the GPU drains, so the check stays
+    on the device and is read only at logging steps, before step checkpoints and at epoch end.
+    """
+
+    def __init__(self, device: torch.device, patience: int = 1) -> None:
+        self.patience = patience
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(loss.detach())
+        self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+        bad_now = (self.streak >= self.patience) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad_now, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def raise_if_bad(self, epoch: int, steps_per_epoch: int, args: argparse.Namespace, scaler) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            lr = lr_at(epoch + step / steps_per_epoch, args)
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            raise NonFiniteLossError(
+                f"loss is not finite at epoch {epoch} step {step} (lr {lr:.3g}, loss scale {scale:g}); "
+                "stopping without saving, the last good checkpoint is untouched. Lower --blr, "
+                "raise --warmup_epochs or use --amp bf16"
+            )
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class SmoothedValue:
+    """A running window for progress lines plus the exact average over everything seen."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window: deque = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.window)) if self.window else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+class MetricLogger:
+    """Named smoothed values and a progress line; the epoch averages go to ``log.txt``."""
+
+    def __init__(self) -> None:
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            self.meters[name].update(float(value))
+
+    def line(self) -> str:
+        return "  ".join(f"{name} {meter.median:.4g} ({meter.global_avg:.4g})" for name, meter in self.meters.items())
+
+    def averages(self) -> Dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+
+class Progress:
+    """Progress lines and TensorBoard curves of one epoch: the only places the loss is read back.
+
+    Throughput and ETA count the steps this process ran, from ``start_step`` after a resume.
+    """
+
+    def __init__(self, *, epoch: int, steps: int, start_step: int, batch_size: int, log_writer: Optional[Any]) -> None:
+        self.epoch, self.steps, self.start_step, self.batch_size = epoch, steps, start_step, batch_size
+        self.log_writer = log_writer
+        self.metrics = MetricLogger()
+        self.timer = Timer()
+
+    def timed(self, loader: Iterable) -> Iterator[Tuple[Any, float]]:
+        """The loader's batches, each with the seconds spent waiting for it."""
+        data_start = self.timer.elapsed()
+        for batch in loader:
+            yield batch, self.timer.elapsed() - data_start
+            data_start = self.timer.elapsed()
+
+    def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
+            data_time: float) -> None:
+        """A progress line on the main process and the step's scalars in TensorBoard."""
+        self.metrics.update(grad_norm=float(grad_norm), data_time=data_time)
+        if is_main_process():
+            elapsed = self.timer.elapsed()
+            done = step + 1 - self.start_step
+            images_per_s = self.batch_size * get_world_size() * done / max(elapsed, 1e-9)
+            eta = format_eta(elapsed / done * (self.steps - step - 1))
+            print(
+                f"epoch {self.epoch} [{step + 1}/{self.steps}]  loss {loss.detach().item():.4f}  "
+                f"lr {max_lr(optimizer):.3e}  {self.metrics.line()}  {images_per_s:.1f} img/s  eta {eta}",
+                flush=True,
+            )
+        if self.log_writer is not None:
+            global_step = self.epoch * self.steps + step
+            self.log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
+            self.log_writer.add_scalar("train/lr", max_lr(optimizer), global_step)
+            self.log_writer.add_scalar("train/grad_norm", float(grad_norm), global_step)
+
+
