@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 from image_data.augmentation import BatchTransform
 from training.checkpoint import TrainingState, resume_training_state
 from training.loop import Stage, fit
-from training.wrapping import unwrap_model
-from utils import UsageError, all_reduce_sum, autocast, is_main_process
+from training.wrapping import is_sharded, unwrap_model
+from utils import UsageError, all_reduce_max, all_reduce_sum, autocast, is_main_process
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -60,11 +60,15 @@ def evaluate(
     reduce: bool = True,
 ) -> Dict[str, float]:
     """Top-1, top-5 and cross-entropy, summed over this rank's shard and, with ``reduce``, over
-    all ranks (each holding a disjoint shard).
+    all ranks (each holding a disjoint shard): a collective then.
 
-    Sums (not per-rank means) make the result exact however unevenly the shards split.
+    Sums (not per-rank means) make the result exact however unevenly the shards split. A sharded
+    model gathers its weights in every forward pass, so there every rank runs as many passes as
+    the rank with the most batches, the missing ones on a blank batch that counts for nothing.
     """
     model.eval()
+    padded = reduce and is_sharded(model)
+    passes = all_reduce_max(len(loader), device) if padded else 0
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct@1, correct@5, count
     for samples, targets in loader:
         samples = batch_transform(samples.to(device, non_blocking=True))  # (B, 3, H, W) uint8 -> float
@@ -80,11 +84,20 @@ def evaluate(
             hits.any(dim=1).sum().double(),
             torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
         ])
+    for _ in range(passes - len(loader)):
+        with autocast(device, amp):
+            model(blank_batch(model, device))  # only to join the other ranks' all-gathers
     if reduce:
         totals = all_reduce_sum(totals)
     loss, correct1, correct5, count = totals.tolist()
     return {"loss": loss / count, "acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count,
             "num_samples": int(count)}
+
+
+def blank_batch(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """One image of zeros the size the model takes: (1, C, H, W)."""
+    patch_embed = next(module.patch_embed for module in model.modules() if hasattr(module, "patch_embed"))
+    return torch.zeros(1, patch_embed.proj.in_channels, *patch_embed.img_size, device=device)
 
 
 def evaluate_checkpoint(

@@ -29,6 +29,7 @@ from optim_factory import add_optimizer_args, create_optimizer
 from training.checkpoint import TrainingState
 from training.cli import add_crop_args, add_memory_args, add_run_args, add_schedule_args
 from training.config import resolve_classification
+from training.output_dir import claim_output_dir
 from training.performance import use_fastest_attention
 from training.wrapping import wrap_model
 
@@ -128,32 +129,32 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     model = build_model(args)
     if args.finetune and not args.eval:
         load_finetune_weights(model, args)
-    utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
-    model.to(device)
-    use_fastest_attention(model, device, args.amp)
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    wrapped = wrap_model(model, device, args)  # before the optimizer, which must see FSDP's shards
-    val_loader = build_eval_loader(val_set, args)
-    reduce_eval = args.dist_eval and args.distributed
-    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
-    if args.eval:
-        return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
-                                   reduce=reduce_eval)
-    mixup_fn, criterion = build_criterion(args)
-    task = ClassificationTask(
-        criterion=criterion, train_loader=build_train_loader(train_set, args), val_loader=val_loader,
-        train_batch=erasing_batch_transform(args), eval_batch=normalizing_batch_transform(args), mixup_fn=mixup_fn,
-        reduce_eval=reduce_eval,
-    )
-    if utils.is_main_process():
-        if args.in_chans != RGB and (rand_augment(args) or args.color_jitter):
-            print(f"RandAugment and color jitter are for RGB images; the {args.in_chans}-channel crops are cropped "
-                  "and flipped only")
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
-              f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "
-              f"{args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    return train_and_evaluate(state, task, device=device, args=args)
+    with claim_output_dir(args.output_dir, lock=not args.eval):  # once the inputs are known good; held to the end
+        model.to(device)
+        use_fastest_attention(model, device, args.amp)
+        model.set_grad_checkpointing(args.grad_checkpointing)
+        wrapped = wrap_model(model, device, args)  # before the optimizer, which must see FSDP's shards
+        val_loader = build_eval_loader(val_set, args)
+        reduce_eval = args.dist_eval and args.distributed
+        state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
+        if args.eval:
+            return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
+                                       reduce=reduce_eval)
+        mixup_fn, criterion = build_criterion(args)
+        task = ClassificationTask(
+            criterion=criterion, train_loader=build_train_loader(train_set, args), val_loader=val_loader,
+            train_batch=erasing_batch_transform(args), eval_batch=normalizing_batch_transform(args), mixup_fn=mixup_fn,
+            reduce_eval=reduce_eval,
+        )
+        if utils.is_main_process():
+            if args.in_chans != RGB and (rand_augment(args) or args.color_jitter):
+                print(f"RandAugment and color jitter are for RGB images; the {args.in_chans}-channel crops are cropped "
+                      "and flipped only")
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
+                  f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "
+                  f"{args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
+        return train_and_evaluate(state, task, device=device, args=args)
 
 
 if __name__ == "__main__":

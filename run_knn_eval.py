@@ -27,6 +27,7 @@ from evaluation.setup import (
     normalizing_batch_transform,
 )
 from training.config import resolve_knn
+from training.output_dir import claim_output_dir
 
 QUERY_CHUNK = 256  # evaluation images per similarity matrix, to bound memory on ImageNet
 
@@ -164,23 +165,24 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
     model = build_encoder(args, num_classes=0)
     if args.finetune:
         load_finetune_weights(model, args)
-    utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
-    model.to(device)
-    loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
-                   batch_transform=normalizing_batch_transform(args))
-    train_features, train_labels = extract_features(model, train_set, **loading)
-    val_features, val_labels = extract_features(model, val_set, **loading)
-    ks = sorted({min(k, len(train_set)) for k in args.nb_knn})  # k beyond the training set is all of it
-    accuracy = knn_accuracy(train_features, train_labels, val_features, val_labels, nb_classes, ks, args.temperature)
-    record = {"knn_acc1": {str(k): value for k, value in accuracy.items()}, "temperature": args.temperature,
-              "num_train": len(train_set), "num_val": len(val_set), "model": args.model,
-              "finetune": args.finetune, "global_pool": args.global_pool}
-    utils.append_log(args.output_dir, record)
-    if utils.is_main_process():
-        for k, value in accuracy.items():
-            print(f"{k}-NN top-1 {value:.2f}% on {len(val_set)} images")
-        print(json.dumps(record), flush=True)
-    return record
+    with claim_output_dir(args.output_dir, lock=False):  # only once the inputs are known good
+        model.to(device)
+        loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
+                       batch_transform=normalizing_batch_transform(args))
+        train_features, train_labels = extract_features(model, train_set, **loading)
+        val_features, val_labels = extract_features(model, val_set, **loading)
+        ks = sorted({min(k, len(train_set)) for k in args.nb_knn})  # k beyond the training set is all of it
+        accuracy = knn_accuracy(train_features, train_labels, val_features, val_labels, nb_classes, ks,
+                                args.temperature)
+        record = {"knn_acc1": {str(k): value for k, value in accuracy.items()}, "temperature": args.temperature,
+                  "num_train": len(train_set), "num_val": len(val_set), "model": args.model,
+                  "finetune": args.finetune, "global_pool": args.global_pool}
+        utils.append_log(args.output_dir, record)
+        if utils.is_main_process():
+            for k, value in accuracy.items():
+                print(f"{k}-NN top-1 {value:.2f}% on {len(val_set)} images")
+            print(json.dumps(record), flush=True)
+        return record
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from optim_factory import create_lars
 from training.checkpoint import TrainingState
 from training.cli import add_crop_args, add_run_args, add_schedule_args
 from training.config import resolve_classification
+from training.output_dir import claim_output_dir
 from training.wrapping import wrap_model
 
 
@@ -103,27 +104,27 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
     train_set, val_set, _ = build_datasets(args, probe_transform, train=not args.eval)
     model = build_probe(args)
-    utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
-    model.to(device)
-    val_loader = build_eval_loader(val_set, args)
-    reduce_eval = args.dist_eval and args.distributed
-    optimizer = create_lars(model, args.lr, args.weight_decay)
-    state = TrainingState(wrap_model(model, device, args), optimizer, utils.make_grad_scaler(device, args.amp))
-    if args.eval:
-        return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
-                                   reduce=reduce_eval)
-    task = ClassificationTask(
-        criterion=nn.CrossEntropyLoss(), train_loader=build_train_loader(train_set, args), val_loader=val_loader,
-        train_batch=normalizing_batch_transform(args), eval_batch=normalizing_batch_transform(args),
-        reduce_eval=reduce_eval,
-    )
-    if utils.is_main_process():
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        source = args.finetune or "a random initialization"
-        print(f"linear probe on {args.model} from {source}: {n_trainable} trainable parameters; "
-              f"{len(train_set)} training and {len(val_set)} evaluation images, {args.nb_classes} classes; "
-              f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    return train_and_evaluate(state, task, device=device, args=args)
+    with claim_output_dir(args.output_dir, lock=not args.eval):  # once the inputs are known good; held to the end
+        model.to(device)
+        val_loader = build_eval_loader(val_set, args)
+        reduce_eval = args.dist_eval and args.distributed
+        optimizer = create_lars(model, args.lr, args.weight_decay)
+        state = TrainingState(wrap_model(model, device, args), optimizer, utils.make_grad_scaler(device, args.amp))
+        if args.eval:
+            return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
+                                       reduce=reduce_eval)
+        task = ClassificationTask(
+            criterion=nn.CrossEntropyLoss(), train_loader=build_train_loader(train_set, args), val_loader=val_loader,
+            train_batch=normalizing_batch_transform(args), eval_batch=normalizing_batch_transform(args),
+            reduce_eval=reduce_eval,
+        )
+        if utils.is_main_process():
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            source = args.finetune or "a random initialization"
+            print(f"linear probe on {args.model} from {source}: {n_trainable} trainable parameters; "
+                  f"{len(train_set)} training and {len(val_set)} evaluation images, {args.nb_classes} classes; "
+                  f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
+        return train_and_evaluate(state, task, device=device, args=args)
 
 
 if __name__ == "__main__":

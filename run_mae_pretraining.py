@@ -29,6 +29,7 @@ from training.cli import (
     patch_size_kwargs,
 )
 from training.config import resolve_pretraining
+from training.output_dir import claim_output_dir
 from training.performance import use_fastest_attention
 from training.wrapping import wrap_model
 from visualization import picture_batch
@@ -110,17 +111,17 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     use_fastest_attention(model, device, args.amp)
     model.set_grad_checkpointing(args.grad_checkpointing)
     loader = build_loader(args)
-    utils.check_writable_dir(args.output_dir, "--output_dir")  # only once the inputs are known good
-    wrapped = wrap_model(model, device, args)  # before the optimizer, which must see FSDP's shards
-    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
-    if utils.is_main_process():
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
-              f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-    pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
-                             std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
-    pretrain(state, loader, pictures=pictures, device=device, args=args)
-    return model
+    with claim_output_dir(args.output_dir):  # once the inputs are known good; held until the run ends
+        wrapped = wrap_model(model, device, args)  # before the optimizer, which must see FSDP's shards
+        state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
+        if utils.is_main_process():
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
+                  f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
+        pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
+                                 std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
+        pretrain(state, loader, pictures=pictures, device=device, args=args)
+        return model
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ import datetime
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, List, Mapping, NamedTuple, Optional, TypeVar
@@ -25,36 +27,46 @@ from training.performance import reuse_freed_memory
 # ----------------------------------------------------------------------------- errors and exit codes
 
 USAGE_EXIT_CODE = 2  # bad input: the command line or the files it names
-FAILURE_EXIT_CODE = 1  # the run itself failed (a non-finite loss)
+FAILURE_EXIT_CODE = 1  # the run itself failed (a non-finite loss, a checkpoint that cannot be written)
 
 
 class UsageError(Exception):
     """Bad input from the command line or the files it names: one line, exit code 2."""
 
 
-class NonFiniteLossError(RuntimeError):
+class RunFailure(RuntimeError):
+    """The run failed for a reason it can name (a full disk, a checkpoint no rank can read): one
+    line, exit code 1."""
+
+
+class NonFiniteLossError(RunFailure):
     """The loss became NaN or infinite: the run stops before anything is saved, exit code 1."""
 
 
 def exit_on_usage_error(main_fn: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
-    """Run ``main_fn(args)``; a ``UsageError`` becomes one clear line on stderr and exit 2."""
+    """Run ``main_fn(args)``; a ``UsageError`` becomes one clear line on stderr and exit 2, a
+    ``RunFailure`` one line and exit 1."""
     try:
         main_fn(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USAGE_EXIT_CODE)
+    except RunFailure as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(FAILURE_EXIT_CODE)
 
 
 # ----------------------------------------------------------------------------- files
 
 
 def check_writable_dir(path: Optional[str], flag: str) -> None:
-    """Create ``path`` or fail with a usage error before any work is done."""
+    """Create ``path`` or fail with a usage error before any work is done. The probe file is named
+    for this host, process and moment, so ranks on nodes whose containers reuse pids never collide."""
     if not path:
         return
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / f".write-test-{os.getpid()}"
+        probe = Path(path) / f".write-test-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.touch()
         probe.unlink()
     except OSError as error:
@@ -122,10 +134,17 @@ def check_device(device: str) -> None:
         raise UsageError("--device cuda was asked for but no GPU is visible; use --device cpu")
 
 
-def init_distributed(device: str, local_rank: Optional[int] = None, *, group_of_one: bool = False) -> torch.device:
+def process_group_timeout(minutes: Optional[float]) -> Optional[datetime.timedelta]:
+    """``--dist_timeout``: how long a collective waits for a missing rank (None: torch's default)."""
+    return None if minutes is None else datetime.timedelta(minutes=minutes)
+
+
+def init_distributed(device: str, local_rank: Optional[int] = None, *, group_of_one: bool = False,
+                     timeout_minutes: Optional[float] = None) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on CPU) and return this process's device; a
     collective when there are several processes. ``group_of_one``: a group even for one process,
-    which FSDP shards over."""
+    which FSDP shards over. On NCCL, asynchronous error handling aborts the communicator and ends
+    the process when a collective fails or times out, instead of leaving it blocked."""
     check_device(device)
     launch = launch_env(local_rank)
     device = torch.device(device)
@@ -135,9 +154,12 @@ def init_distributed(device: str, local_rank: Optional[int] = None, *, group_of_
     if device.type == "cpu":
         reuse_freed_memory()
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = process_group_timeout(timeout_minutes)
     if launch.world_size > 1:
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
-                                store=restart_store(launch))
+                                store=restart_store(launch), timeout=timeout)
         dist.barrier()
     elif group_of_one:
         dist.init_process_group(backend=backend, rank=0, world_size=1, store=dist.HashStore())
@@ -169,7 +191,7 @@ Result = TypeVar("Result")
 def run_distributed(run: Callable[[argparse.Namespace, torch.device], Result], args: argparse.Namespace) -> Result:
     """``run(args, device)`` inside the process group ``args`` ask for, torn down however it ends,
     so a failed rank does not leave the others waiting in a collective."""
-    device = init_distributed(args.device, args.local_rank, group_of_one=args.fsdp)
+    device = init_distributed(args.device, args.local_rank, group_of_one=args.fsdp, timeout_minutes=args.dist_timeout)
     try:
         return run(args, device)
     finally:
@@ -209,6 +231,63 @@ def all_gather_floats(value: torch.Tensor) -> List[float]:
     gathered = [torch.zeros_like(value) for _ in range(get_world_size())]
     dist.all_gather(gathered, value)
     return [float(item) for item in gathered]
+
+
+def all_reduce_min(value: int, device: torch.device) -> int:
+    """The smallest of every rank's integer (itself on one process)."""
+    return all_reduce_int(value, device, dist.ReduceOp.MIN)
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of every rank's integer (itself on one process)."""
+    return all_reduce_int(value, device, dist.ReduceOp.MAX)
+
+
+def all_reduce_int(value: int, device: torch.device, op: "dist.ReduceOp") -> int:
+    """One integer reduced over ranks with ``op``, in a tensor on ``device`` (NCCL needs a GPU's)."""
+    if get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=op)
+    return int(tensor)
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's ``value`` (plain Python: a path, a message) on every rank: a collective."""
+    if get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(value: Any) -> List[Any]:
+    """Every rank's plain Python ``value``, in rank order: a collective."""
+    if get_world_size() == 1:
+        return [value]
+    gathered: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def raise_on_all_ranks(error: Optional[Exception]) -> None:
+    """A collective: when any rank's ``error`` is set, every rank raises the same one, naming the
+    ranks it came from, so all stop together with the cause (a rank left alone in a collective
+    under NCCL would wait for the watchdog). A ``UsageError`` when every failing rank had bad input,
+    else a ``RunFailure``."""
+    local = None if error is None else (isinstance(error, UsageError), str(error))
+    failures = [(rank, found) for rank, found in enumerate(all_gather_objects(local)) if found is not None]
+    if not failures:
+        return
+    if get_world_size() == 1:
+        message = failures[0][1][1]
+    else:
+        messages = sorted({text for _, (_, text) in failures})
+        ranks = ", ".join(str(rank) for rank, _ in failures)
+        message = f"on rank{'s' if len(failures) > 1 else ''} {ranks}: {'; '.join(messages)}; every rank stops"
+    if all(usage for _, (usage, _) in failures):
+        raise UsageError(message) from error
+    raise RunFailure(message) from error
 
 
 def barrier() -> None:
@@ -289,11 +368,12 @@ def make_tensorboard_writer(log_dir: Optional[str]):
 @contextmanager
 def training_writer(log_dir: Optional[str]) -> Iterator[Optional[Any]]:
     """The TensorBoard writer of a training run (None off the main process), closed however the run
-    ends; a non-finite loss ends the process with exit code 1 and its message, not a traceback."""
+    ends; a ``RunFailure`` (a non-finite loss, a checkpoint that cannot be written) ends the
+    process with exit code 1 and its message, not a traceback."""
     writer = make_tensorboard_writer(log_dir)
     try:
         yield writer
-    except NonFiniteLossError as error:
+    except RunFailure as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(FAILURE_EXIT_CODE)
     finally:

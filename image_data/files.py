@@ -95,6 +95,7 @@ def load_image(
             pixels = np.clip(np.asarray(image).astype(np.float32), 0, 65535) / 65535.0  # (H, W)
         elif in_chans == 1 and image.mode == "F":
             pixels = np.asarray(image, dtype=np.float32)  # (H, W), as stored
+            check_finite(pixels)
         elif in_chans in (1, 4):
             pixels = np.asarray(image.convert("L" if in_chans == 1 else "RGBA"), dtype=np.float32) / 255.0
         else:
@@ -126,13 +127,26 @@ def load_array(path: str, in_chans: int, max_pixels: int) -> Union[Image.Image, 
     if array.dtype.kind in "iu" and array.dtype not in FULL_SCALE:
         raise ValueError(f"integer arrays are uint8 or uint16, not {array.dtype}; store others as floats")
     scaled = array.astype(np.float32) / FULL_SCALE.get(array.dtype, 1.0)
+    check_finite(scaled)
     return torch.from_numpy(np.ascontiguousarray(scaled))
+
+
+class NonFiniteImageError(ValueError):
+    """A float image holding NaN or infinite values: bad input, skipped like an unreadable file."""
+
+
+def check_finite(pixels: np.ndarray) -> None:
+    """Refuse NaN and infinities, which would make the loss NaN and stop the run for bad input."""
+    if not np.isfinite(pixels).all():
+        bad = int((~np.isfinite(pixels)).sum())
+        raise NonFiniteImageError(f"{bad} of its {pixels.size} values are NaN or infinite")
 
 
 def decode_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Any image file of at most ``max_pixels`` pixels as a (3, H, W) RGB tensor (uint8; uint16 for
-    16-bit PNGs), decoded without PIL, which only reads the size from the header first. A file
-    that cannot be decoded raises ``OSError``, as with PIL, so ``SkipUnreadable`` skips it."""
+    16-bit PNGs), decoded without PIL, which only reads the size from the header first. Formats
+    the tensor decoder does not take (BMP, TIFF, ...) are decoded by PIL instead; a file neither
+    can decode raises ``OSError``, so ``SkipUnreadable`` skips it."""
     try:
         with Image.open(path) as image:
             check_image_size(image, max_pixels)
@@ -141,7 +155,10 @@ def decode_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.T
     try:
         return file_decoder()(path)
     except (RuntimeError, ValueError) as error:
-        raise OSError(f"cannot decode {path}: {error}") from error
+        try:
+            return torch.from_numpy(np.array(load_rgb(path, max_pixels))).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        except (OSError, SyntaxError, ValueError):
+            raise OSError(f"cannot decode {path}: {error}") from error
 
 
 # ----------------------------------------------------------------------------- unreadable files
@@ -156,10 +173,34 @@ class NoReadableImageError(FileNotFoundError):
     """Every file of a dataset failed to read."""
 
 
+class UnreadableImageError(Exception):
+    """A file that could not be read or decoded, or is too large: what ``SkipUnreadable`` skips.
+    Only a loader wrapped in ``ReadErrors`` raises it, so an error of a transform is never taken
+    for a bad file."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        super().__init__(f"{path}: {cause}")
+        self.path, self.cause = path, cause
+
+
+class ReadErrors:
+    """A file loader whose read and decode errors become ``UnreadableImageError``."""
+
+    def __init__(self, loader: Callable[[str], object]) -> None:
+        self.loader = loader
+
+    def __call__(self, path: str) -> object:
+        try:
+            return self.loader(path)
+        except UNREADABLE as error:
+            raise UnreadableImageError(path, error) from error
+
+
 class SkipUnreadable(Dataset):
-    """Replaces a sample whose file cannot be decoded by the next readable one, with a warning
-    naming the file, and marks the file in a byte map shared with the data-loader workers, so
-    the logs can count distinct unreadable files however often they are read."""
+    """Replaces a sample whose file cannot be read or decoded (its loader is wrapped in
+    ``ReadErrors``) by the next readable one, with a warning naming the file, and marks the file in
+    a byte map shared with the data-loader workers, so the logs can count distinct unreadable files
+    however often they are read."""
 
     def __init__(self, dataset: Dataset, paths: Sequence[str]) -> None:
         self.dataset = dataset
@@ -174,11 +215,11 @@ class SkipUnreadable(Dataset):
             candidate = (index + offset) % len(self.dataset)
             try:
                 return self.dataset[candidate]
-            except UNREADABLE as error:
+            except UnreadableImageError as error:
                 self.unreadable[candidate] = 1
-                kind = "oversized" if isinstance(error, ImageTooLargeError) else "unreadable"
-                warnings.warn(f"skipping {kind} image {self.paths[candidate]}: {error}", stacklevel=2)
-                last = f"{self.paths[candidate]}: {error}"
+                kind = "oversized" if isinstance(error.cause, ImageTooLargeError) else "unreadable"
+                warnings.warn(f"skipping {kind} image {error.path}: {error.cause}", stacklevel=2)
+                last = str(error)
         raise NoReadableImageError(f"none of the {len(self.dataset)} images can be read; the last: {last}")
 
     def count(self) -> int:
@@ -254,9 +295,10 @@ def build_image_folder(root: str, transform: Optional[Callable] = None, loader: 
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     if has_class_folders(root):
         # allow_empty: an empty class folder is harmless for pretraining, which ignores labels
-        folder = ImageFolder(root, transform=transform, loader=loader, is_valid_file=is_image_file, allow_empty=True)
+        folder = ImageFolder(root, transform=transform, loader=ReadErrors(loader), is_valid_file=is_image_file,
+                             allow_empty=True)
         return SkipUnreadable(folder, [path for path, _ in folder.samples])
-    files = ImageFiles(root, transform=transform, loader=loader)
+    files = ImageFiles(root, transform=transform, loader=ReadErrors(loader))
     return SkipUnreadable(files, files.samples)
 
 
@@ -273,4 +315,4 @@ def class_folders(root: str) -> List[str]:
 def labelled_folder(root: str, transform: Callable, loader: Callable = load_rgb) -> ImageFolder:
     """An ``ImageFolder`` with one subfolder per class; a clear error for anything else."""
     class_folders(root)
-    return ImageFolder(root, transform=transform, loader=loader, is_valid_file=is_image_file)
+    return ImageFolder(root, transform=transform, loader=ReadErrors(loader), is_valid_file=is_image_file)

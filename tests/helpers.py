@@ -107,3 +107,30 @@ class WritesAFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+FAULTER = REPO / "tests" / "fault_rank.py"
+
+
+def torchrun_logged(script_args: List[str], log_dir: Path, nproc: int = 2) -> List[str]:
+    """torchrun running ``fault_rank.py`` with each rank's stdout and stderr kept in ``log_dir``."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+            str(free_port()), "--log-dir", str(log_dir), "--redirects", "3", str(FAULTER), *script_args]
+
+
+def run_faulted(command: List[str], record_dir: Path, fault: str = "", rank: int = 1, timeout: float = 300,
+                **env: str) -> subprocess.CompletedProcess:
+    """Run ``command`` with ``fault`` injected into rank ``rank``'s process (``fault_rank.py``)."""
+    record_dir.mkdir(parents=True, exist_ok=True)
+    environment_ = dict(environment(record_dir), FAULT=fault, FAULT_RANK=str(rank), **env)
+    return subprocess.run(command, env=environment_, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def rank_outputs(log_dir: Path, record_dir: Path, nproc: int = 2) -> List[Tuple[int, str]]:
+    """Every rank's (exit code, stdout + stderr) from ``torchrun_logged`` and ``fault_rank.py``."""
+    outputs = []
+    for rank in range(nproc):
+        [folder] = list(log_dir.glob(f"*/attempt_0/{rank}"))
+        text = (folder / "stdout.log").read_text() + (folder / "stderr.log").read_text()
+        outputs.append((int((record_dir / f"exit_rank{rank}").read_text()), text))
+    return outputs

@@ -15,7 +15,7 @@ from torchvision import transforms
 from image_data.augmentation import Crops, normalize_on_device
 from datasets import EpochSampler, SeededSamples, build_pretraining_dataset
 from image_data.device_decoder import batch_images, collate_encoded, decode_on_device, read_encoded
-from image_data.files import ImageFiles, build_image_folder, count_skipped, decode_rgb, load_rgb
+from image_data.files import ImageFiles, build_image_folder, count_skipped, decode_rgb, load_image, load_rgb
 from image_data.synthetic import SyntheticShapes
 
 
@@ -280,6 +280,34 @@ def test_unreadable_files_are_skipped_counted_and_named(tmp_path):
     assert all(name in named for name in ("b_empty.jpg", "c_text.jpg", "e_truncated.jpg"))
 
 
+def test_a_npy_image_holding_nan_is_skipped_counted_and_named(tmp_path):
+    np.save(tmp_path / "a_good.npy", np.full((2, 8, 8), 0.5, dtype=np.float32))
+    bad = np.full((2, 8, 8), 0.5, dtype=np.float32)
+    bad[1, 3, 3], bad[0, 0, 0] = np.nan, np.inf
+    np.save(tmp_path / "b_nan.npy", bad)
+    dataset = build_image_folder(str(tmp_path), loader=lambda path: load_image(path, in_chans=2))
+    with pytest.warns(UserWarning, match=r"b_nan.npy: 2 of its 128 values are NaN or infinite"):
+        images = [dataset[index][0] for index in range(len(dataset))]
+    assert all(bool(torch.isfinite(image).all()) for image in images) and count_skipped(dataset) == 1
+
+
+def test_an_error_of_a_transform_is_no_unreadable_file(tmp_path):
+    """Only reading and decoding are skipped: a bug in a transform must stop the run, not be
+    retried on every other file."""
+    for name in ("a.png", "b.png"):
+        save_rgb(tmp_path / name)
+
+    def broken(image):
+        raise ValueError("a bug in the transform")
+
+    dataset = build_image_folder(str(tmp_path), transform=broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping" warning either
+        with pytest.raises(ValueError, match="a bug in the transform"):
+            dataset[0]
+    assert count_skipped(dataset) == 0
+
+
 # ----------------------------------------------------------------------------- tensor decoding
 
 @pytest.mark.parametrize("mode, colour", [("RGB", (200, 30, 60)), ("L", 77), ("RGBA", (10, 20, 30, 128))])
@@ -292,6 +320,15 @@ def test_tensor_decoder_gives_the_pixels_of_a_lossless_file(tmp_path, mode, colo
     assert decoded.shape == (3, 12, 20) and decoded.dtype == torch.uint8
     expected = values[..., :3] if mode != "L" else np.repeat(values, 3, axis=-1)  # alpha dropped, grey repeated
     assert np.array_equal(decoded.permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".tif"])
+def test_tensor_decoder_hands_formats_it_cannot_decode_to_pil(suffix, tmp_path):
+    values = np.random.default_rng(1).integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(values, mode="RGB").save(path)
+    decoded = decode_rgb(str(path))  # (3, H, W) uint8
+    assert decoded.dtype == torch.uint8 and np.array_equal(decoded.permute(1, 2, 0).numpy(), values)
 
 
 def test_tensor_decoder_reports_unreadable_files_as_os_errors(tmp_path):

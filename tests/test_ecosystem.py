@@ -21,6 +21,7 @@ import utils
 from image_data.augmentation import Crops, pretraining_augmentation
 from training.checkpoint import read_weights, save_atomic
 from image_data.files import load_image
+from helpers import WritesAFile
 from modeling_finetune import create_finetune_model, load_pretrained_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +129,20 @@ def test_a_transformers_4_folder_reads_into_our_keys(weights, tmp_path):
     read = read_weights(folder / weights)
     assert read["model"].keys() == ours.keys() and all(torch.equal(read["model"][k], v) for k, v in ours.items())
     assert read["args"]["model"] == TINY and read["args"]["input_size"] == 32
+
+
+def test_a_hugging_face_folder_whose_pickle_would_run_code_is_one_error_line(tmp_path, capsys):
+    evidence, folder = tmp_path / "pwned.txt", tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit_mae"}))
+    torch.save({"payload": WritesAFile(str(evidence))}, folder / "pytorch_model.bin")
+    argv = ["--model", "vit_tiny_patch16_224", "--input_size", "32", "--finetune", str(folder),
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_class_finetuning.main, run_class_finetuning.get_args_parser().parse_args(argv))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith("error: ") and error.count("\n") == 1
+    assert "would run code" in error and "refused" in error and not evidence.exists()
 
 
 @needs_transformers

@@ -10,6 +10,7 @@ run ends with a consolidated file of the model, ``checkpoint-{epoch}-consolidate
 import argparse
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -20,7 +21,7 @@ from training import hf_checkpoint
 from training import sharded_checkpoint
 from modeling_finetune import is_decoder_key, unwrap_state_dict
 from training.wrapping import is_sharded, unwrap_model
-from utils import UsageError, atomic_write, is_main_process
+from utils import RunFailure, UsageError, atomic_write, broadcast_from_main, is_main_process, raise_on_all_ranks
 
 LAST = "checkpoint-last.pth"
 BEST = "checkpoint-best.pth"
@@ -77,28 +78,72 @@ def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def save_atomic(payload: Mapping[str, Any], path: Path) -> None:
-    """``torch.save`` through ``utils.atomic_write``: a kill leaves the old file intact."""
-    with atomic_write(path) as tmp:
-        torch.save(dict(payload), tmp)
+    """``torch.save`` through ``utils.atomic_write``: a kill leaves the old file intact, and so
+    does a write that fails (a full disk, a quota, a permission), which is a ``RunFailure`` naming
+    the file and the cause, with no temporary file left behind."""
+    path = Path(path)
+    try:
+        with atomic_write(path) as tmp, open(tmp, "wb") as handle:  # a file object: torch passes on its OSError
+            torch.save(dict(payload), handle)
+    except (OSError, RuntimeError) as error:
+        cause = os_error_in(error)  # torch's zip writer may raise its own error while handling the OSError
+        if cause is None:
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise RunFailure(f"could not write checkpoint {path}: {cause.strerror or cause}; {kept}") from error
+
+
+def os_error_in(error: BaseException) -> Optional[OSError]:
+    """The ``OSError`` that ``error`` is or was raised while handling, if any."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 class CorruptCheckpointError(UsageError):
     """A checkpoint file that is truncated or damaged (a crash mid-copy, a full disk)."""
 
 
+# what torch's zip reader says of a truncated or damaged file; anything else (a MemoryError, an I/O
+# error of a network file system) says nothing about the file and must not send a resume elsewhere
+DAMAGE_MARKERS = ("PytorchStreamReader failed", "zip archive", "unexpected EOF", "file too short")
+LEGACY_FORMAT = "mmap can only be used with files saved with"
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether ``error``, raised while reading a checkpoint, means the file itself is damaged."""
+    if isinstance(error, (EOFError, zipfile.BadZipFile, sharded_checkpoint.IncompleteCheckpointError)):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in DAMAGE_MARKERS)
+
+
+def refused(path: Path, error: BaseException) -> UsageError:
+    """The one message for a checkpoint whose pickle would run code (``weights_only`` refused it)."""
+    return UsageError(
+        f"checkpoint {path} holds Python objects that would run code when unpickled "
+        f"({' '.join(str(error).split())[:200]}); refused: only tensors and plain values are accepted"
+    )
+
+
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """Load tensors and plain values only; refuse anything that would run code."""
+    """Load tensors and plain values only, memory-mapped (a rank's host memory holds only what it
+    copies out); refuse anything that would run code. A damaged file is a
+    ``CorruptCheckpointError``; other errors (memory, I/O) propagate as they are."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if LEGACY_FORMAT not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # torch's pre-1.6 format
     except pickle.UnpicklingError as error:  # weights_only refused a global: its code never ran
-        raise UsageError(
-            f"checkpoint {path} holds Python objects that would run code when unpickled "
-            f"({' '.join(str(error).split())[:200]}); refused: only tensors and plain values are accepted"
-        ) from error
-    except Exception as error:  # zip, EOF and storage errors all mean a damaged file
+        raise refused(path, error) from error
+    except Exception as error:
+        if not is_damage(error):
+            raise
         raise CorruptCheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
         ) from error
@@ -111,6 +156,8 @@ def read_weights(path: Path) -> Dict[str, Any]:
     if hf_checkpoint.hf_folder(path):
         try:
             return hf_checkpoint.read_hf(path)
+        except pickle.UnpicklingError as error:  # a pytorch_model.bin whose pickle would run code
+            raise refused(path, error) from error
         except (KeyError, ValueError, OSError) as error:
             raise UsageError(f"{path} is no ViTMAE checkpoint we can read: {error}") from error
     if path.is_dir():
@@ -182,19 +229,29 @@ def save_training_state(
         folders = [sharded_name(name) for name in names]
         sharded_checkpoint.save(state.model, state.optimizer, Path(output_dir), folders, meta)
         return Path(output_dir) / folders[0]
-    if not is_main_process():
-        return Path(output_dir) / names[0]
-    payload = {
-        "model": unwrap_model(state.model).state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "epoch": epoch,
-        "args": plain_args(args),
-        **extra,
-    }
-    for name in names:
-        save_atomic(payload, Path(output_dir) / name)
+    error = None
+    if is_main_process():
+        payload = {
+            "model": unwrap_model(state.model).state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(),
+            "epoch": epoch,
+            "args": plain_args(args),
+            **extra,
+        }
+        error = save_files(payload, [Path(output_dir) / name for name in names])
+    raise_on_all_ranks(error)  # rank 0's failure stops every rank, at once and with its cause
     return Path(output_dir) / names[0]
+
+
+def save_files(payload: Mapping[str, Any], paths: List[Path]) -> Optional[RunFailure]:
+    """``save_atomic`` to each of ``paths``; the failure, if one happened, to hand to the other ranks."""
+    try:
+        for path in paths:
+            save_atomic(payload, path)
+    except RunFailure as error:
+        return error
+    return None
 
 
 def sharded_name(name: str) -> str:
@@ -207,9 +264,12 @@ def save_consolidated(state: TrainingState, *, epoch: int, args: argparse.Namesp
     for finetuning, k-NN, the probe, pictures and other tools (collective; rank 0 writes)."""
     model = sharded_checkpoint.full_model_state(state.model)
     path = Path(args.output_dir) / consolidated_name(epoch)
+    error = None
     if is_main_process():
-        save_atomic({"model": model, "epoch": epoch, "args": plain_args(args)}, path)
-        print(f"wrote the whole model to {path}", flush=True)
+        error = save_files({"model": model, "epoch": epoch, "args": plain_args(args)}, [path])
+        if error is None:
+            print(f"wrote the whole model to {path}", flush=True)
+    raise_on_all_ranks(error)
     return path
 
 
@@ -267,33 +327,85 @@ def resume_candidates(output_dir: Path, sharded: bool) -> List[Path]:
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
-    """A file's whole checkpoint, or a sharded folder's plain values (its tensors are loaded into
-    the model later, by every rank): checked complete either way."""
+    """A file's whole checkpoint (memory-mapped), or a sharded folder's plain values (its tensors
+    are loaded into the model later, by every rank): checked complete either way."""
     if not sharded_checkpoint.is_sharded_checkpoint(path):
         return load_checkpoint(path)
     try:
         sharded_checkpoint.check_complete(path)
         return sharded_checkpoint.read_meta(path)
     except sharded_checkpoint.UnsafeMetadataError as error:
-        raise UsageError(f"checkpoint {path} holds Python objects that would run code when unpickled ({error}); "
-                         "refused: only tensors and plain values are accepted") from error
-    except Exception as error:  # a missing or cut-short file of the folder
+        raise refused(path, error) from error
+    except Exception as error:
+        if not (is_damage(error) or isinstance(error, (FileNotFoundError, pickle.UnpicklingError))):
+            raise
         raise CorruptCheckpointError(f"checkpoint {path} is incomplete or corrupt ({error})") from error
 
 
 def find_resume_checkpoint(args: argparse.Namespace) -> Tuple[Optional[Path], Dict[str, Any]]:
-    """``--resume``'s checkpoint, or with ``--auto_resume`` the newest readable one in output_dir
-    (a damaged one is reported and the next older one used)."""
-    if args.resume:
-        return Path(args.resume), read_checkpoint(Path(args.resume))
-    if not (args.auto_resume and args.output_dir):
+    """``--resume``'s checkpoint, or with ``--auto_resume`` the newest readable one in output_dir,
+    chosen by rank 0 and read by every rank (a collective): all continue from the same one, or all
+    stop with the same error."""
+    choice, error = None, None
+    if is_main_process():
+        try:
+            choice = choose_resume_checkpoint(args)
+        except Exception as raised:  # noqa: BLE001 - every rank must hear of it, whatever it is
+            error = raised
+    raise_on_all_ranks(error)
+    choice = broadcast_from_main(None if choice is None else str(choice))
+    if choice is None:
         return None, {}
+    checkpoint, error = {}, None
+    try:
+        checkpoint = read_checkpoint(Path(choice))
+    except CorruptCheckpointError as raised:
+        error = CorruptCheckpointError(f"{raised}, though rank 0 read it: do the ranks see the same file?")
+    except Exception as raised:  # noqa: BLE001
+        error = raised if isinstance(raised, UsageError) else RunFailure(reading_failure(Path(choice), raised))
+    raise_on_all_ranks(error)
+    return Path(choice), checkpoint
+
+
+def choose_resume_checkpoint(args: argparse.Namespace) -> Optional[Path]:
+    """Rank 0's choice: ``--resume``, or the newest checkpoint of this run's kind that reads (a
+    damaged one is reported and the next older one tried; any other error stops the run)."""
+    if args.resume:
+        read_checkpoint(Path(args.resume))
+        return Path(args.resume)
+    if not (args.auto_resume and args.output_dir):
+        return None
+    check_same_kind(Path(args.output_dir), sharded=args.fsdp)
     for path in resume_candidates(Path(args.output_dir), sharded=args.fsdp):
         try:
-            return path, read_checkpoint(path)
+            read_checkpoint(path)
+            return path
         except CorruptCheckpointError as error:
             print(f"warning: {error}; trying the next older checkpoint", file=sys.stderr, flush=True)
-    return None, {}
+        except UsageError:
+            raise
+        except Exception as error:
+            raise RunFailure(reading_failure(path, error)) from error
+    return None
+
+
+def reading_failure(path: Path, error: BaseException) -> str:
+    """Why a checkpoint that is not damaged could not be read, and that nothing else was tried."""
+    cause = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}".rstrip(": ")
+    return (f"checkpoint {path} could not be read ({cause}); the file does not look damaged, so no older "
+            "checkpoint was tried: fix the cause and relaunch")
+
+
+def check_same_kind(output_dir: Path, *, sharded: bool) -> None:
+    """Refuse to start afresh, or from an older checkpoint, where the newest checkpoint of the folder
+    was written with the other ``--fsdp`` setting."""
+    own, other = resume_candidates(output_dir, sharded), resume_candidates(output_dir, not sharded)
+    if not other or own and own[0].stat().st_mtime >= other[0].stat().st_mtime:
+        return
+    written = "with --fsdp (a folder of shards)" if not sharded else "without --fsdp (one file)"
+    relaunch = "with --fsdp" if not sharded else "without --fsdp"
+    raise UsageError(f"the newest checkpoint in {output_dir}, {other[0].name}, was written {written}: relaunch "
+                     f"{relaunch} to resume it, or pass another --output_dir to start afresh")
 
 
 OPTIMIZER_KERNEL_KEYS = ("fused", "foreach")

@@ -101,6 +101,9 @@ def add_device_args(group: argparse._ArgumentGroup) -> None:
                        help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
     group.add_argument("--local_rank", "--local-rank", default=None, type=int,
                        help="set by torch.distributed.launch; the environment wins")
+    group.add_argument("--dist_timeout", default=None, type=float, metavar="MINUTES",
+                       help="how long a collective waits for a rank that does not come before the run stops "
+                            "(default: torch's, 10 minutes on NCCL, 30 on gloo); README, 'Preemptible clusters'")
 
 
 def one_size(size: Union[int, Sequence[int]]) -> Union[int, List[int]]:
@@ -151,7 +154,7 @@ NUMBER_RANGES = {  # every numeric flag of the scripts that has it; None (unset)
     "print_freq": Range(1), "num_samples": Range(1), "num_workers": Range(0), "max_image_pixels": Range(1),
     "input_size": Range(1), "in_chans": Range(1), "patch_size": Range(1), "start_epoch": Range(0),
     "crop_scale": Range(0, 1, low_open=True, high_open=False), "hflip": PROBABILITY, "recount": Range(1),
-    "nb_classes": Range(1), "nb_knn": Range(1),
+    "nb_classes": Range(1), "nb_knn": Range(1), "dist_timeout": POSITIVE,
 }
 
 

@@ -40,11 +40,13 @@ from utils import (
     NonFiniteLossError,
     Timer,
     all_gather_floats,
+    all_reduce_min,
     all_reduce_sum,
     append_log,
     autocast,
     barrier,
     format_eta,
+    get_rank,
     get_world_size,
     is_main_process,
     seed_everything,
@@ -192,7 +194,7 @@ def train_epoch(
         watch.observe(loss, step)
         loss_total += loss.detach()
         if save_step is not None and (stop or update and step + 1 < steps and is_step_checkpoint(step, args)):
-            watch.raise_if_bad(epoch, steps, args, scaler)  # a bad loss never reaches a checkpoint
+            watch.raise_if_bad_on_any_rank(epoch, steps, args, scaler)  # a bad loss never reaches a checkpoint
             done = EpochStart(samples_done=start.samples_done + ran * global_batch,
                               samples_per_epoch=samples_per_epoch, loss_sums=tuple(all_gather_floats(loss_total)),
                               losses_counted=start.losses_counted + ran * world_size)
@@ -201,9 +203,9 @@ def train_epoch(
             barrier()  # rank 0 has written the checkpoint before any rank exits
             raise Preempted(stop, epoch, step + 1, steps, saved)
         if is_logging_step(step, steps, args):
-            watch.raise_if_bad(epoch, steps, args, scaler)
+            watch.raise_if_bad_on_any_rank(epoch, steps, args, scaler)
             progress.log(step, loss, grad_norm, optimizer, data_time)
-    watch.raise_if_bad(epoch, steps, args, scaler)
+    watch.raise_if_bad_on_any_rank(epoch, steps, args, scaler)
     counted = start.losses_counted + ran * world_size
     mean_loss = float(all_reduce_sum(loss_total)) / counted if counted else float("nan")
     return {"loss": mean_loss, "lr": max_lr(optimizer), **progress.metrics.averages()}
@@ -298,6 +300,7 @@ def optimizer_step(
 
 
 FP16_NONFINITE_PATIENCE = 10  # consecutive skipped fp16 steps before the run is called lost
+NO_BAD_STEP = 2**62  # what a rank whose losses are all finite contributes to the agreement
 
 
 class NonFiniteWatch:
@@ -320,16 +323,26 @@ class NonFiniteWatch:
         bad_now = (self.streak >= self.patience) & (self.first_bad < 0)
         self.first_bad = torch.where(bad_now, torch.full_like(self.first_bad, step), self.first_bad)
 
-    def raise_if_bad(self, epoch: int, steps_per_epoch: int, args: argparse.Namespace, scaler) -> None:
-        step = int(self.first_bad)
-        if step >= 0:
-            lr = lr_at(epoch + step / steps_per_epoch, args)
-            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-            raise NonFiniteLossError(
-                f"loss is not finite at epoch {epoch} step {step} (lr {lr:.3g}, loss scale {scale:g}); "
-                "stopping without saving, the last good checkpoint is untouched. Lower --blr, "
-                "raise --warmup_epochs or use --amp bf16"
-            )
+    def raise_if_bad_on_any_rank(self, epoch: int, steps_per_epoch: int, args: argparse.Namespace,
+                                 scaler: torch.amp.GradScaler) -> None:
+        """A collective: when any rank's loss went bad, every rank raises the same error, naming the
+        first bad step and its rank, so no rank goes on alone into the next collective (under NCCL
+        it would wait there for the watchdog) and no checkpoint is written from that step on."""
+        world_size = get_world_size()
+        first = int(self.first_bad)
+        code = first * world_size + get_rank() if first >= 0 else NO_BAD_STEP
+        code = all_reduce_min(code, self.first_bad.device)
+        if code == NO_BAD_STEP:
+            return
+        step, rank = divmod(code, world_size)
+        lr = lr_at(epoch + step / steps_per_epoch, args)
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        where = f" on rank {rank}" if world_size > 1 else ""
+        raise NonFiniteLossError(
+            f"loss is not finite{where} at epoch {epoch} step {step} (lr {lr:.3g}, loss scale {scale:g}); "
+            "stopping without saving, the last good checkpoint is untouched. Lower --blr, "
+            "raise --warmup_epochs or use --amp bf16"
+        )
 
 
 # ----------------------------------------------------------------------------- progress

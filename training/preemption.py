@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from utils import UsageError, get_world_size, is_main_process
+from utils import UsageError, get_world_size, is_main_process, process_group_timeout
 
 SIGNAL_EXIT_BASE = 128  # a shell reports a process killed by signal N as 128 + N
 
@@ -58,13 +58,13 @@ class PreemptionWatch:
     any rank got one. The agreement is one all-reduce of one integer on the host, over gloo (a gloo
     group of its own when the training runs on NCCL), so it never waits for the GPU."""
 
-    def __init__(self, signals: Sequence[signal.Signals]) -> None:
+    def __init__(self, signals: Sequence[signal.Signals], timeout_minutes: Optional[float] = None) -> None:
         self.signals = list(signals)
         self.received = 0
         self.previous: Dict[signal.Signals, object] = {}
         self.group = None
-        if get_world_size() > 1 and dist.get_backend() != dist.Backend.GLOO:
-            self.group = dist.new_group(backend="gloo")  # a collective: every rank builds it here
+        if get_world_size() > 1 and dist.get_backend() != dist.Backend.GLOO:  # a collective: every rank builds it
+            self.group = dist.new_group(backend="gloo", timeout=process_group_timeout(timeout_minutes))
 
     def install(self) -> None:
         for sig in self.signals:
@@ -99,10 +99,14 @@ def ignore_signals(signals: Sequence[int], worker_id: int) -> None:
 
 def kill_workers_left() -> None:
     """At interpreter exit, after a crash left a loader running, multiprocessing would terminate
-    its workers with SIGTERM, which they ignore, and wait for them forever: kill them first."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    its workers with SIGTERM, which they ignore, and wait for them forever: kill them first. The
+    loader's SIGCHLD handler would take those deaths for a worker's crash and print a second error
+    after the run's own, so it is put back to the default first."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,14 +144,19 @@ def preemptible(args: argparse.Namespace) -> Iterator[Optional[PreemptionWatch]]
     """Handle ``--preempt_signals`` while training; on ``Preempted``, print its line, requeue the
     SLURM job with ``--requeue`` (rank 0) and exit with 128 + the signal's number."""
     signals = parse_signals(args.preempt_signals)
-    watch = PreemptionWatch(signals) if signals else None
+    watch = PreemptionWatch(signals, args.dist_timeout) if signals else None
     if watch is None:
         yield None
         return
     watch.install()
     try:
         yield watch
-    except Preempted as stop:  # the handlers stay: a late signal cannot kill the process mid-exit
+    except Preempted as stop:
+        # from here on the signals are ignored, not handled: Python puts a handled signal back to
+        # its default action while the interpreter shuts down, and a late one would then kill the
+        # process after its checkpoint, with no exit code of its own
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
         if is_main_process():
             print(stop, flush=True)
             if args.requeue:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -30,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from training.wrapping import unwrap_model
-from utils import UsageError, atomic_write, barrier, is_main_process
+from utils import RunFailure, UsageError, atomic_write, barrier, is_main_process, raise_on_all_ranks
 
 META = "meta.json"
 MOVING = ("checkpoint-last", "checkpoint-best")  # names every save replaces: links to a folder
@@ -74,6 +75,10 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
+class IncompleteCheckpointError(OSError):
+    """A sharded checkpoint folder that was never completed or lost a file: damaged, not unreadable."""
+
+
 def is_sharded_checkpoint(path: Path) -> bool:
     return Path(path).is_dir()
 
@@ -83,7 +88,7 @@ def read_meta(path: Path) -> Dict[str, Any]:
     try:
         return json.loads((Path(path) / META).read_text())
     except (OSError, ValueError) as error:
-        raise OSError(f"{path} holds no complete sharded checkpoint ({error})") from error
+        raise IncompleteCheckpointError(f"{path} holds no complete sharded checkpoint ({error})") from error
 
 
 def read_metadata(path: Path) -> Metadata:
@@ -92,11 +97,11 @@ def read_metadata(path: Path) -> Metadata:
 
 def check_complete(path: Path) -> None:
     """Every shard the metadata names is there, as long as it says (a copy cut short, a lost
-    file): ``OSError`` if not."""
+    file): ``IncompleteCheckpointError`` if not."""
     for info in read_metadata(path).storage_data.values():
         shard = Path(path) / info.relative_path
         if not shard.is_file() or shard.stat().st_size < info.offset + info.length:
-            raise OSError(f"its shard {info.relative_path} is missing or cut short")
+            raise IncompleteCheckpointError(f"its shard {info.relative_path} is missing or cut short")
 
 
 def model_shapes(path: Path) -> Dict[str, torch.Size]:
@@ -126,16 +131,32 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, output_dir: P
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    dcp.save(tensors(model, optimizer), checkpoint_id=tmp)
-    if is_main_process():
-        with atomic_write(tmp / META) as meta_tmp:
-            meta_tmp.write_text(json.dumps(dict(meta)))
-        replace_folder(tmp, folder)
-        for name in names:
-            if name in MOVING:
-                point(output_dir / name, folder)
-    barrier()
+    error = None
+    try:
+        dcp.save(tensors(model, optimizer), checkpoint_id=tmp)
+    except (CheckpointException, OSError) as raised:  # DCP raises on every rank when any rank failed
+        error = write_failure(folder, raised)
+    if error is None and is_main_process():
+        try:
+            with atomic_write(tmp / META) as meta_tmp:
+                meta_tmp.write_text(json.dumps(dict(meta)))
+            replace_folder(tmp, folder)
+            for name in names:
+                if name in MOVING:
+                    point(output_dir / name, folder)
+        except OSError as raised:
+            error = write_failure(folder, raised)
+    if error is not None and is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise_on_all_ranks(error)
     return folder
+
+
+def write_failure(folder: Path, error: BaseException) -> RunFailure:
+    """A sharded checkpoint that could not be written (a full disk, a quota), and what is left."""
+    causes = [found for found in (error, error.__cause__, error.__context__) if isinstance(found, OSError)]
+    cause = causes[0].strerror if causes and causes[0].strerror else " ".join(str(error).split())[:200]
+    return RunFailure(f"could not write checkpoint {folder}: {cause}; the checkpoints written before it are intact")
 
 
 def replace_folder(new: Path, folder: Path) -> None:

@@ -1,0 +1,76 @@
+"""Run a training script under any launcher with one fault in one rank's process, as a cluster
+produces it, and record how each process ended. The product has no fault hooks: this wrapper
+patches the process of rank $FAULT_RANK before the script starts.
+
+$FAULT_SCRIPT: the script's module (run_mae_pretraining by default); $FAULT, one of:
+  nan_loss      the loss of this process's micro-step $FAULT_STEP (counted from 0) is NaN;
+  corrupt_read  reading checkpoint-last.pth fails as a truncated file does;
+  memory_error  reading any checkpoint file raises MemoryError.
+Every rank writes its exit code to $RECORD_DIR/exit_rank{RANK}.
+"""
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+import engine_for_pretraining
+import utils
+
+FAULT, RANK = os.environ.get("FAULT", ""), int(os.environ.get("RANK", "0"))
+FAULTED = RANK == int(os.environ.get("FAULT_RANK", "1"))
+
+
+def nan_at_step(step: int) -> None:
+    original = engine_for_pretraining.reconstruction_loss
+
+    def poisoned(*args, **kwargs):
+        loss_fn, calls = original(*args, **kwargs), []
+
+        def loss(batch):
+            calls.append(None)
+            value = loss_fn(batch)
+            return value * float("nan") if len(calls) - 1 == step else value
+
+        return loss
+
+    engine_for_pretraining.reconstruction_loss = poisoned
+
+
+def failing_reads(should_fail, error) -> None:
+    original = torch.load
+
+    def load(path, *args, **kwargs):
+        if isinstance(path, (str, Path)) and should_fail(Path(path)):
+            raise error
+        return original(path, *args, **kwargs)
+
+    torch.load = load
+
+
+if FAULTED and FAULT == "nan_loss":
+    nan_at_step(int(os.environ.get("FAULT_STEP", "0")))
+elif FAULTED and FAULT == "corrupt_read":
+    failing_reads(lambda path: path.name == "checkpoint-last.pth",
+                  RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory"))
+elif FAULTED and FAULT == "memory_error":
+    failing_reads(lambda path: path.suffix == ".pth", MemoryError("cannot allocate 9.6 GB"))
+
+
+def record_exit(code: int) -> None:
+    record = Path(os.environ["RECORD_DIR"])
+    record.mkdir(parents=True, exist_ok=True)
+    (record / f"exit_rank{RANK}").write_text(str(code))
+
+
+if __name__ == "__main__":
+    script = importlib.import_module(os.environ.get("FAULT_SCRIPT", "run_mae_pretraining"))
+    try:
+        utils.exit_on_usage_error(script.main, script.get_args_parser().parse_args())
+    except SystemExit as stop:
+        record_exit(stop.code if isinstance(stop.code, int) else 1)
+        raise
+    except BaseException:
+        record_exit(1)
+        raise
+    record_exit(0)
