@@ -275,16 +275,17 @@ def raise_on_all_ranks(error: Optional[Exception]) -> None:
     ranks it came from, so all stop together with the cause (a rank left alone in a collective
     under NCCL would wait for the watchdog). A ``UsageError`` when every failing rank had bad input,
     else a ``RunFailure``."""
+    if get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
     local = None if error is None else (isinstance(error, UsageError), str(error))
     failures = [(rank, found) for rank, found in enumerate(all_gather_objects(local)) if found is not None]
     if not failures:
         return
-    if get_world_size() == 1:
-        message = failures[0][1][1]
-    else:
-        messages = sorted({text for _, (_, text) in failures})
-        ranks = ", ".join(str(rank) for rank, _ in failures)
-        message = f"on rank{'s' if len(failures) > 1 else ''} {ranks}: {'; '.join(messages)}; every rank stops"
+    messages = sorted({text for _, (_, text) in failures})
+    ranks = ", ".join(str(rank) for rank, _ in failures)
+    message = f"on rank{'s' if len(failures) > 1 else ''} {ranks}: {'; '.join(messages)}; every rank stops"
     if all(usage for _, (usage, _) in failures):
         raise UsageError(message) from error
     raise RunFailure(message) from error
