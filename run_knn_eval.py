@@ -8,16 +8,15 @@ the synthetic dataset; without ``--finetune`` it evaluates a randomly initialize
 """
 import argparse
 import json
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
 from image_data.augmentation import eval_transform
 from training.cli import add_device_args
+from evaluation.features import extract_features
 from evaluation.setup import (
     add_data_args,
     add_encoder_args,
@@ -51,65 +50,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def unaugmented(args: argparse.Namespace, is_train: bool) -> Callable:
     """No augmentation for either split: each image's feature is computed once."""
     return eval_transform(args.input_size, args.in_chans)
-
-
-@torch.no_grad()
-def extract_features(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    amp: str,
-    batch_transform: Callable[[torch.Tensor], torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(N, D)`` float features and ``(N,)`` labels of the whole dataset, on every rank.
-
-    Rank r encodes samples r, r + world, ... (no padding, so each sample is encoded once) and
-    ``all_gather`` puts every feature back at its index.
-    """
-    model.eval()
-    indices = torch.tensor(utils.rank_shard(len(dataset)), dtype=torch.long)  # (n_r,) this rank's shard
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=num_workers)
-    features, labels = [], []
-    for imgs, targets in loader:
-        imgs = batch_transform(imgs.to(device, non_blocking=True))  # (B, 3, H, W) uint8 -> float
-        with utils.autocast(device, amp):
-            features.append(model(imgs).float())  # (B, D)
-        labels.append(targets.to(device))
-    if not features:  # more ranks than samples
-        features, labels = [torch.empty(0, model.num_features, device=device)], [indices.to(device)]
-    local_keys = torch.stack([indices.to(device), torch.cat(labels)], dim=1)  # (n_r, 2): index, label
-    return gather_by_index(torch.cat(features), local_keys, len(dataset))
-
-
-def gather_by_index(features: torch.Tensor, keys: torch.Tensor, num_samples: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Collect every rank's ``(n_r, D)`` features and ``(n_r, 2)`` (index, label) keys into
-    ``(N, D)`` features and ``(N,)`` labels in index order; fails unless each index came once."""
-    if utils.get_world_size() > 1:
-        features, keys = all_gather_padded(features), all_gather_padded(keys)
-    index = keys[:, 0]  # (N,)
-    counts = torch.bincount(index, minlength=num_samples)
-    if index.numel() != num_samples or not bool((counts == 1).all()):
-        raise RuntimeError(f"feature extraction saw {index.numel()} samples for {num_samples} in the dataset, "
-                           f"{int((counts == 0).sum())} missing and {int((counts > 1).sum())} repeated")
-    ordered = torch.empty_like(features).index_copy_(0, index, features)  # (N, D)
-    labels = torch.empty_like(index).index_copy_(0, index, keys[:, 1])  # (N,)
-    return ordered, labels
-
-
-def all_gather_padded(rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``(n_r, ...)`` rows; the shards differ by one row at most, so
-    each is padded to the largest for ``all_gather`` and cut back after."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(utils.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rows.device))
-    longest = int(max(sizes))
-    padded = torch.zeros(longest, *rows.shape[1:], dtype=rows.dtype, device=rows.device)  # (n_max, ...)
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([part[: int(size)] for part, size in zip(gathered, sizes)])  # (N, ...)
 
 
 def knn_predict(

@@ -1,13 +1,17 @@
-"""MAE linear probing: a BatchNorm + linear head on the frozen encoder, trained with LARS.
+"""MAE linear probing, two ways.
 
-``python run_linear_probe.py --model vit_tiny_patch16_224 --input_size 64 --finetune CKPT`` runs on
-the synthetic dataset anywhere; without ``--finetune`` it probes a randomly initialized encoder,
-the baseline. ``torchrun --nproc_per_node 8 run_linear_probe.py --data_path /imagenet --finetune
-mae_pretrain_vit_base.pth --batch_size 512 --accum_iter 4 --dist_eval`` is the paper's ImageNet
-recipe (effective batch 16384).
+``--protocol mae`` (the default) is the paper's: a BatchNorm + linear head on the frozen encoder,
+trained with LARS on augmented images; ``torchrun --nproc_per_node 8 run_linear_probe.py --data_path
+/imagenet --finetune mae_pretrain_vit_base.pth --batch_size 512 --accum_iter 4 --dist_eval`` is its
+ImageNet recipe (effective batch 16384). ``--protocol sweep`` extracts the features once and trains
+a grid of linear heads over them, chosen on a held-out tenth of the training split
+(``evaluation.linear_sweep``): what measures the features at any batch size and scale. Without
+``--finetune`` either probes a randomly initialized encoder, the baseline.
 """
 import argparse
-from typing import Callable, Dict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn as nn
@@ -16,6 +20,8 @@ from timm.layers import trunc_normal_
 import utils
 from datasets import build_train_loader
 from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
+from evaluation.features import FEATURES, cached_features, extract_features, token_features
+from evaluation.linear_sweep import LEARNING_RATES, MIN_STEPS, WEIGHT_DECAYS, sweep
 from evaluation.setup import (
     add_data_args,
     add_encoder_args,
@@ -33,6 +39,8 @@ from training.cli import add_crop_args, add_run_args, add_schedule_args
 from training.config import resolve_classification
 from training.output_dir import claim_output_dir
 from training.wrapping import wrap_model
+
+PROTOCOLS = ("mae", "sweep")
 
 
 class LinearProbe(nn.Module):
@@ -73,10 +81,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     optimizer.add_argument("--weight_decay", default=0.0, type=float, help="LARS weight decay of the head's weights")
     add_schedule_args(parser, blr=0.1, min_lr=0.0, warmup_epochs=10)
     add_crop_args(parser.add_argument_group("augmentation"), crop_scale=CLASSIFY_CROP_SCALE)
+    add_protocol_args(parser)
     add_data_args(parser)
     add_evaluation_args(parser)
     add_run_args(parser)
     return parser
+
+
+def add_protocol_args(parser: argparse.ArgumentParser) -> None:
+    """``--protocol`` and the fast probe's grid (README, "Linear probing")."""
+    group = parser.add_argument_group("protocol")
+    group.add_argument("--protocol", default="mae", choices=PROTOCOLS,
+                       help="mae: the paper's (LARS, augmented images, its batch of 16384); sweep: a grid of linear "
+                            "heads on features extracted once, chosen on a held-out tenth of the training split")
+    group.add_argument("--features", default=None, choices=FEATURES,
+                       help="sweep: the cls token, the average of the patch tokens, or both side by side "
+                            "(default: avgpool with --global_pool, else cls)")
+    group.add_argument("--sweep_lrs", default=list(LEARNING_RATES), type=float, nargs="+", metavar="LR",
+                       help="sweep: the heads' learning rates (SGD, momentum 0.9, cosine)")
+    group.add_argument("--sweep_weight_decays", default=list(WEIGHT_DECAYS), type=float, nargs="+", metavar="WD",
+                       help="sweep: the heads' weight decays; every pair with --sweep_lrs is a head")
+    group.add_argument("--sweep_epochs", default=10, type=float,
+                       help=f"sweep: passes over the features (at least {MIN_STEPS} steps)")
+    group.add_argument("--sweep_batch_size", default=1024, type=int, help="sweep: features per step")
+    group.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
+                       help="sweep: keep the features in output_dir/features and reuse them for the same encoder, "
+                            "weights and data")
 
 
 def probe_transform(args: argparse.Namespace, is_train: bool) -> Callable:
@@ -97,7 +127,10 @@ def build_probe(args: argparse.Namespace) -> LinearProbe:
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Probe (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
-    return utils.run_distributed(run, resolve_classification(args, fsdp=False, grad_checkpointing=False))
+    args = resolve_classification(args, fsdp=False, grad_checkpointing=False)
+    if args.protocol == "sweep":
+        return utils.run_distributed(run_sweep, args)
+    return utils.run_distributed(run, args)
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
@@ -113,8 +146,10 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         if args.eval:
             return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
                                        reduce=reduce_eval)
+        train_loader = build_train_loader(train_set, args)
+        warn_if_the_head_cannot_move(args, optimizer_steps=args.epochs * len(train_loader) // args.accum_iter)
         task = ClassificationTask(
-            criterion=nn.CrossEntropyLoss(), train_loader=build_train_loader(train_set, args), val_loader=val_loader,
+            criterion=nn.CrossEntropyLoss(), train_loader=train_loader, val_loader=val_loader,
             train_batch=normalizing_batch_transform(args), eval_batch=normalizing_batch_transform(args),
             reduce_eval=reduce_eval,
         )
@@ -125,6 +160,93 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
                   f"{len(train_set)} training and {len(val_set)} evaluation images, {args.nb_classes} classes; "
                   f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
         return train_and_evaluate(state, task, device=device, args=args)
+
+
+def head_movement(lr: float, optimizer_steps: int, momentum: float = 0.9) -> float:
+    """How far LARS can move the head over the run, in units of its own norm: each step changes a
+    weight matrix by at most trust coefficient (0.001) x lr of its norm, momentum multiplies that
+    by 1 / (1 - momentum), and warmup and cosine average it to about half."""
+    return 0.001 * lr / (1 - momentum) * 0.5 * optimizer_steps
+
+
+# the paper's probe: ImageNet's 1,281,167 images, batch 16384, lr 6.4, 90 epochs (7,020 steps)
+PAPER_HEAD_MOVEMENT = head_movement(6.4, 90 * (1_281_167 // 16384))
+
+
+def warn_if_the_head_cannot_move(args: argparse.Namespace, optimizer_steps: int) -> None:
+    """The paper's protocol is tuned for its batch of 16384 and about 7,000 steps; far from them
+    (a small batch scales the lr down, a small set gives few steps) the head stays near its
+    initialization and the probe reports little more than chance: say so once."""
+    movement = head_movement(args.lr, optimizer_steps)
+    if utils.is_main_process() and movement < PAPER_HEAD_MOVEMENT / 20:
+        print(f"warning: --protocol mae at lr {args.lr:.3g} for {optimizer_steps} optimizer steps lets LARS move "
+              f"the head by about {movement:.2g} times its norm, against {PAPER_HEAD_MOVEMENT:.0f} in the paper's "
+              "ImageNet probe (batch 16384, lr 6.4, 90 epochs): expect an accuracy near chance that says little "
+              "about the features. --protocol sweep measures them at any batch size (README, 'Linear probing')",
+              flush=True)
+
+
+def unaugmented(args: argparse.Namespace, is_train: bool) -> Callable:
+    """The sweep's transform for both splits: resize and center crop, so each image's feature is
+    computed once."""
+    return eval_transform(args.input_size, args.in_chans)
+
+
+def feature_kind(args: argparse.Namespace) -> str:
+    return args.features or ("avgpool" if args.global_pool else "cls")
+
+
+def weights_identity(path: str) -> Dict[str, Any]:
+    """What names the weights in the feature cache: the file, its size and time (a new
+    pretraining into the same folder makes new features), or the seed of a random encoder."""
+    if not path:
+        return {"random_init": True}
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def run_sweep(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """``--protocol sweep`` on every rank (a collective): features of both splits (cached), the grid
+    of heads, one log line whose ``test_acc1`` is the validation top-1 of the head chosen on the
+    held-out tenth."""
+    utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
+    train_set, val_set, _ = build_datasets(args, unaugmented, train=True)
+    encoder = build_encoder(args, num_classes=0)
+    if args.finetune:
+        load_finetune_weights(encoder, args)
+    with claim_output_dir(args.output_dir):
+        timer = utils.Timer()
+        encoder.to(device)
+        kind = feature_kind(args)
+        extracting = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
+                          batch_transform=normalizing_batch_transform(args), embed=token_features(kind))
+        describe = {"model": args.model, "weights": weights_identity(args.finetune), "seed": args.seed,
+                    "features": kind, "input_size": args.input_size, "patch_size": args.patch_size,
+                    "in_chans": args.in_chans, "mean": args.mean, "std": args.std, "data_set": args.data_set,
+                    "data_path": args.data_path, "eval_data_path": args.eval_data_path,
+                    "num_samples": args.num_samples, "amp": args.amp}
+        cache = Path(args.output_dir) / "features" if args.cache_features and args.output_dir else None
+        train, val = (cached_features(cache, {**describe, "split": split},
+                                      lambda dataset=dataset: extract_features(encoder, dataset, **extracting))
+                      for split, dataset in (("train", train_set), ("val", val_set)))
+        extracted = timer.elapsed()
+        chosen, heads = sweep(train, val, num_classes=args.nb_classes, lrs=args.sweep_lrs,
+                              weight_decays=args.sweep_weight_decays, epochs=args.sweep_epochs,
+                              batch_size=args.sweep_batch_size, seed=args.seed)
+        record = {"protocol": "sweep", "test_acc1": chosen.val_acc1, "test_acc5": chosen.val_acc5,
+                  "held_out_acc1": chosen.held_out_acc1, "lr": chosen.lr, "weight_decay": chosen.weight_decay,
+                  "test_acc1_best_on_val": max(head.val_acc1 for head in heads), "features": kind,
+                  "num_train": len(train_set), "num_val": len(val_set), "finetune": args.finetune,
+                  "extract_s": extracted, "sweep_s": timer.elapsed() - extracted,
+                  "heads": [asdict(head) for head in heads]}
+        utils.append_log(args.output_dir, record)
+        if utils.is_main_process():
+            print(f"chosen on the held-out tenth of the training split: lr {chosen.lr:g}, weight decay "
+                  f"{chosen.weight_decay:g} ({chosen.held_out_acc1:.2f}% there); top-1 {chosen.val_acc1:.2f}% on "
+                  f"{len(val_set)} validation images (the best head on them: {record['test_acc1_best_on_val']:.2f}%, "
+                  f"an optimistic bound); {extracted:.0f} s of features, {record['sweep_s']:.0f} s of heads",
+                  flush=True)
+    return {**record, "acc1": chosen.val_acc1}
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from typing import List, Tuple
 import torch
 from torch.utils.data import Dataset
 
-import run_knn_eval
 import utils
+from evaluation.features import extract_features
 
 
 class NumberedImages(Dataset):
@@ -39,8 +39,8 @@ class MeanFeature(torch.nn.Module):
 if __name__ == "__main__":
     device = utils.init_distributed("cpu")
     dataset = NumberedImages(7)
-    features, labels = run_knn_eval.extract_features(MeanFeature(), dataset, batch_size=2, num_workers=0, device=device,
-                                                     amp="none", batch_transform=lambda imgs: imgs)
+    features, labels = extract_features(MeanFeature(), dataset, batch_size=2, num_workers=0, device=device,
+                                        amp="none", batch_transform=lambda imgs: imgs)
     report = {"loaded": dataset.loaded, "features": features[:, 0].tolist(), "labels": labels.tolist()}
     with open(f"knn_rank{os.environ['RANK']}.json", "w") as handle:
         json.dump(report, handle)

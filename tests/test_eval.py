@@ -194,7 +194,7 @@ def test_results_script_runs_every_step_and_prints_the_table(tmp_path):
             "--pretrain_epochs", "1", "--probe_epochs", "1", "--finetune_epochs", "1", "--num_workers", "0"]
     report = run_synthetic_results.main(run_synthetic_results.get_args_parser().parse_args(argv))
     rows = [line for line in report.splitlines() if line.startswith("| ") and "`python run_" in line]
-    assert len(rows) == 7  # pretraining and six evaluations, each with its command
+    assert len(rows) == 9  # pretraining and eight evaluations (two of them the fast probe), each with its command
     assert (tmp_path / "results.md").read_text().strip() == report.strip()
     assert (tmp_path / "vis" / "synthetic_mask0.75_seed0.png").is_file()
     # Run again: the trained steps resume finished runs, only evaluate, and say so.
