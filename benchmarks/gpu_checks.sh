@@ -1,32 +1,57 @@
 #!/usr/bin/env bash
-# The GPU checks benchmarks/RESULTS.md waits for, on an H100/H200, in two calls that each fit in a
-# 10-minute limit (the machine stays warm between them if the second follows at once):
-#   PART=1 bash benchmarks/gpu_checks.sh   # at most 5.5 minutes
+# The GPU checks, on an H100/H200, in calls that each fit a 10-minute device call: parts 1 and 2
+# take at most 12 minutes together (each check's limit below plus about 10 s of start-up: 6 and
+# 6 minutes), part 3 is for the next GPU (10 minutes). Each check writes $OUT/NAME.log (default
+# gpu_checks/) and one line here; a check that fails or runs out of time does not stop the others.
+# benchmarks/RESULTS.md, "GPU checks", says which table each one fills.
+#   PART=1 bash benchmarks/gpu_checks.sh   # at most 6 minutes: what users run on a GPU, never checked on one
 #     env, tests: the versions, and the CUDA cases of the tests;
+#     fsdp_bf16: --fsdp pretraining in bf16 on one GPU (NCCL, world size 1): a few steps, finite
+#       losses, the sharded checkpoint written, then resumed by a relaunch;
+#     sigterm: SIGTERM mid-epoch on CUDA, exit 143, and the relaunch continuing from the step;
+#     max_batch_large, max_batch_huge: with --fsdp --grad_checkpointing in bf16 at 224 px, the largest
+#       batch one GPU holds for ViT-L/16 and ViT-H/14 (doubling, then bisection on out-of-memory),
+#       and images/s and peak memory at that batch.
+#   PART=2 bash benchmarks/gpu_checks.sh   # at most 6 minutes
+#     max_batch_giant, max_batch_2b: the same for ViT-g/14 and ViT-2B/14;
+#     compiled_plain, compiled_fsdp: the compiled pretraining step of ViT-B/16 unsharded and sharded
+#       (torchrun, one process), side by side.
+#   PART=3 bash benchmarks/gpu_checks.sh   # at most 10 minutes, the next GPU's: the older checks
 #     data: the pretraining input pipeline on the host's cores, every decode path, and the device
-#       decoder's share with nvJPEG (and how fast the host alone gets through it);
-#     epochs_pil, epochs_device: three real pretraining epochs on the same JPEGs with PIL workers
-#       and with the device decoder: does the pipeline keep up with the step?
-#   PART=2 bash benchmarks/gpu_checks.sh   # at most 6.5 minutes
-#     train_eager, train_compiled: ViT-B/16 steps at batch 256 in bf16, eager (pretraining and
-#       finetuning) and compiled (pretraining), side by side with ViTMAEForPreTraining, each stage
-#       then profiled (its 25 costliest operators: kernel time on the GPU, launch time on the host);
-#     data_finetune: finetuning's pipeline (RandAugment on PIL) through 16 workers.
-# Without PART both run, one after the other. One log per check goes to $OUT (default
-# gpu_checks/); a check that fails or runs out of time does not stop the others. The variables
-# below shrink it for a dry run on a CPU:
-#   DEVICE=cpu BATCH=2 IMAGES=8 WORKERS=2 MODEL=pretrain_mae_tiny_patch16_224 bash benchmarks/gpu_checks.sh
+#       decoder's share with nvJPEG; epochs_pil, epochs_device: three real pretraining epochs on the
+#       same JPEGs with PIL workers and with the device decoder; train_eager, train_compiled: ViT-B/16
+#       steps at batch 256 in bf16 beside ViTMAEForPreTraining, profiled; data_finetune: finetuning's
+#       pipeline (RandAugment on PIL) through 16 workers.
+# Without PART all three run, one after the other. The CPU dry run, which tests/test_gpu_checks.py
+# runs on every CI run (AMP=fp32 where the CPU has no bf16 units):
+#   OUT=/tmp/gc DEVICE=cpu AMP=bf16 BATCH=2 IMAGES=8 WORKERS=1 INPUT_SIZE=32 WARMUP=1 STEPS=2 \
+#     MODEL=pretrain_mae_tiny_patch16_224 BIG_MODELS=pretrain_mae_tiny_patch16_224 MAX_BATCH=4 \
+#     bash benchmarks/gpu_checks.sh
+# On a CPU the compiled checks run uncompiled (compiling takes minutes there), the tests check only
+# collects the CUDA cases, and the one-GPU checks run without torchrun (a process alone makes the same
+# process group of one; torchrun's own start-up is most of a dry-run check's time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_checks}
 part=${PART:-all}
 device=${DEVICE:-cuda}
+amp=${AMP:-bf16}
 batch=${BATCH:-256}
 images=${IMAGES:-2000}
 workers=${WORKERS:-16}
 model=${MODEL:-pretrain_mae_base_patch16_224}
+max_batch=${MAX_BATCH:-65536}
+size=${INPUT_SIZE:-224}
+warmup=${WARMUP:-5}
+steps=${STEPS:-20}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+out=$(cd "$out" && pwd)
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+compile=(--compile)
+if [ "$device" = cpu ]; then compile=(); fi
+big() {  # big NAME: the model to search, or the dry run's stand-in
+    echo "${BIG_MODELS:-$1}"
+}
 
 check() {  # check NAME SECONDS COMMAND...: run COMMAND with a time limit, its output to $out/NAME.log
     local name=$1 seconds=$2
@@ -36,37 +61,109 @@ check() {  # check NAME SECONDS COMMAND...: run COMMAND with a time limit, its o
     echo "   exit $?; last line: $(tail -n 1 "$out/$name.log" | cut -c 1-400)"
 }
 
+one_gpu() {  # one_gpu SCRIPT ARGS...: under torchrun with one process, so NCCL runs with world size 1
+    if [ "$device" = cpu ]; then  # the dry run: a process alone makes the same group of one, without torchrun
+        python3 "$@"
+    else
+        python3 -m torch.distributed.run --standalone --nproc_per_node 1 "$@"
+    fi
+}
+
+pretrain_args() {  # pretrain_args DIR EPOCHS: a short synthetic pretraining that saves every 5 steps
+    echo --model "$model" --input_size "$size" --num_samples $((batch * 10)) --batch_size "$batch" --epochs "$2" \
+        --device "$device" --amp "$amp" --num_workers "$workers" --print_freq 1 --save_ckpt_steps 5 --output_dir "$1"
+}
+
+fsdp_bf16() {  # two epochs of --fsdp pretraining, the second from the first's sharded checkpoint
+    local dir
+    dir=$(mktemp -d)
+    # shellcheck disable=SC2046
+    one_gpu run_mae_pretraining.py $(pretrain_args "$dir" 1) --fsdp || return 1
+    [ -d "$dir/checkpoint-0" ] && [ -f "$dir/checkpoint-0/meta.json" ] || { echo "no sharded checkpoint"; return 1; }
+    # shellcheck disable=SC2046
+    one_gpu run_mae_pretraining.py $(pretrain_args "$dir" 2) --fsdp | tee "$dir/second.log" || return 1
+    grep -q "resumed from .*checkpoint-last at epoch 1" "$dir/second.log" || { echo "did not resume"; return 1; }
+    python3 -c "import json, math, sys; losses = [json.loads(l)['train_loss'] for l in open(sys.argv[1])]
+print('losses', losses); sys.exit(not (len(losses) == 2 and all(map(math.isfinite, losses))))" "$dir/log.txt"
+    local code=$?
+    rm -rf "$dir"
+    return $code
+}
+
+sigterm() {  # SIGTERM at step 5 of the first epoch: exit 143, then the relaunch continues from that step
+    local dir
+    dir=$(mktemp -d)
+    # shellcheck disable=SC2046
+    python3 run_mae_pretraining.py $(pretrain_args "$dir" 1) >"$dir/first.log" 2>&1 &
+    local pid=$!
+    until grep -q "^epoch 0 \[5/" "$dir/first.log"; do
+        kill -0 "$pid" 2>/dev/null || { cat "$dir/first.log"; return 1; }
+        sleep 0.2
+    done
+    kill -TERM "$pid"
+    wait "$pid"
+    local code=$?
+    cat "$dir/first.log"
+    echo "first run: exit $code"
+    [ "$code" -eq 143 ] || return 1
+    # shellcheck disable=SC2046
+    python3 run_mae_pretraining.py $(pretrain_args "$dir" 1) | tee "$dir/second.log" || return 1
+    grep -q "resumed from .* at epoch 0 step" "$dir/second.log" || { echo "did not continue from the step"; return 1; }
+    rm -rf "$dir"
+}
+
+max_batch() {  # max_batch MODEL: the largest --fsdp --grad_checkpointing batch one device holds
+    one_gpu benchmarks/bench_max_batch.py --models "$1" --device "$device" --amp "$amp" --fsdp \
+        --grad_checkpointing --max_batch "$max_batch" --input_size "$size"
+}
+export -f one_gpu pretrain_args fsdp_bf16 sigterm max_batch big
+export model batch device amp workers max_batch size
+
 part_1() {
-    check env 20 python3 -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__,
+    check env 15 python3 -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__,
 timm.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
     check tests 45 python3 -m pytest -q tests -k cuda
-    check data 100 python3 benchmarks/bench_data.py --num_images "$images" --num_workers "$workers" \
-        --batch_size "$batch"
+    check fsdp_bf16 60 bash -c fsdp_bf16
+    check sigterm 50 bash -c sigterm
+    check max_batch_large 60 bash -c "max_batch $(big pretrain_mae_large_patch16_224)"
+    check max_batch_huge 70 bash -c "max_batch $(big pretrain_mae_huge_patch14_224)"
+}
+
+part_2() {
+    check max_batch_giant 85 bash -c "max_batch $(big pretrain_mae_giant_patch14_224)"
+    check max_batch_2b 100 bash -c "max_batch $(big pretrain_mae_2b_patch14_224)"
+    local train=(benchmarks/bench_train.py --model "$model" --input_size "$size" --batch_size "$batch" --amp "$amp"
+                 --device "$device" --stages pretrain --no-vitmae --warmup "$warmup" --steps "$steps" "${compile[@]}")
+    check compiled_plain 65 bash -c 'one_gpu "$@"' _ "${train[@]}"
+    check compiled_fsdp 65 bash -c 'one_gpu "$@"' _ "${train[@]}" --fsdp
+}
+
+part_3() {
+    check data 90 python3 benchmarks/bench_data.py --num_images "$images" --num_workers "$workers" \
+        --batch_size "$batch" --input_size "$size"
     local jpegs runs
     jpegs=$(mktemp -d)  # outside $OUT, whose files all travel back
     runs=$(mktemp -d)  # not under $jpegs, where a run's pictures would become training images
     python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_data, pathlib
 bench_data.write_jpegs(pathlib.Path('$jpegs'), $images)"
-    for decoder in pil device; do
-        check "epochs_$decoder" 60 python3 run_mae_pretraining.py --model "$model" --data_path "$jpegs" \
-            --decoder "$decoder" --batch_size "$batch" --epochs 3 --num_workers "$workers" --device "$device" \
-            --print_freq 1000 --output_dir "$runs/$decoder"
-    done
+    local epochs=(python3 run_mae_pretraining.py --model "$model" --input_size "$size" --data_path "$jpegs"
+                  --batch_size "$batch" --epochs 3 --num_workers "$workers" --device "$device" --amp "$amp"
+                  --print_freq 1000)
+    check epochs_pil 55 "${epochs[@]}" --decoder pil --output_dir "$runs/pil"
+    check epochs_device 55 "${epochs[@]}" --decoder device --output_dir "$runs/device"
     rm -rf "$jpegs" "$runs"
-}
-
-part_2() {
-    local train=(python3 benchmarks/bench_train.py --model "$model" --batch_size "$batch" --amp bf16
-                 --device "$device" --warmup 5 --steps 20 --profile 25)
-    check train_eager 80 "${train[@]}"
-    check train_compiled 240 "${train[@]}" --compile --stages pretrain
-    check data_finetune 70 python3 benchmarks/bench_data.py --stage finetune --num_images "$images" \
-        --num_workers "$workers" --batch_size "$batch"
+    local train=(python3 benchmarks/bench_train.py --model "$model" --input_size "$size" --batch_size "$batch"
+                 --amp "$amp" --device "$device" --warmup "$warmup" --steps "$steps" --profile 25)
+    check train_eager 75 "${train[@]}"
+    check train_compiled 190 "${train[@]}" "${compile[@]}" --stages pretrain
+    check data_finetune 65 python3 benchmarks/bench_data.py --stage finetune --num_images "$images" \
+        --num_workers "$workers" --batch_size "$batch" --input_size "$size"
 }
 
 case $part in
     1) part_1 ;;
     2) part_2 ;;
-    all) part_1; part_2 ;;
-    *) echo "PART must be 1, 2 or unset, not '$part'" >&2; exit 2 ;;
+    3) part_3 ;;
+    all) part_1; part_2; part_3 ;;
+    *) echo "PART must be 1, 2, 3 or unset, not '$part'" >&2; exit 2 ;;
 esac
