@@ -8,13 +8,12 @@ the synthetic dataset; without ``--finetune`` it evaluates a randomly initialize
 """
 import argparse
 import json
-from typing import Callable, Dict, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 
 import utils
-from image_data.augmentation import eval_transform
 from training.cli import add_device_args
 from evaluation.features import extract_features
 from evaluation.setup import (
@@ -24,6 +23,7 @@ from evaluation.setup import (
     build_encoder,
     load_finetune_weights,
     normalizing_batch_transform,
+    unaugmented,
 )
 from training.config import resolve_knn
 from training.output_dir import claim_output_dir
@@ -45,11 +45,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", default=0, type=int, help="initializes the encoder when there is no --finetune")
     add_device_args(run)
     return parser
-
-
-def unaugmented(args: argparse.Namespace, is_train: bool) -> Callable:
-    """No augmentation for either split: each image's feature is computed once."""
-    return eval_transform(args.input_size, args.in_chans)
 
 
 def knn_predict(

@@ -31,6 +31,7 @@ from evaluation.setup import (
     build_eval_loader,
     load_finetune_weights,
     normalizing_batch_transform,
+    unaugmented,
 )
 from image_data.augmentation import CLASSIFY_CROP_SCALE, Crops, build_pil_pretraining_transform, eval_transform
 from optim_factory import create_lars
@@ -184,12 +185,6 @@ def warn_if_the_head_cannot_move(args: argparse.Namespace, optimizer_steps: int)
               "ImageNet probe (batch 16384, lr 6.4, 90 epochs): expect an accuracy near chance that says little "
               "about the features. --protocol sweep measures them at any batch size (README, 'Linear probing')",
               flush=True)
-
-
-def unaugmented(args: argparse.Namespace, is_train: bool) -> Callable:
-    """The sweep's transform for both splits: resize and center crop, so each image's feature is
-    computed once."""
-    return eval_transform(args.input_size, args.in_chans)
 
 
 def feature_kind(args: argparse.Namespace) -> str:

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from image_data.augmentation import BatchTransform
+from image_data.augmentation import BatchTransform, eval_transform
 from training.checkpoint import read_weights
 from training.cli import add_loading_args, add_size_args, check_model_name, check_patch_grid, patch_size_kwargs
 from datasets import CLASSIFICATION_SETS, build_classification_dataset, check_readable
@@ -99,6 +99,12 @@ def load_finetune_weights(model: torch.nn.Module, args: argparse.Namespace) -> N
         raise UsageError(f"--finetune {args.finetune}: {error}") from error
     if is_main_process():
         print(f"loaded the encoder of {args.finetune}; new: {', '.join(missing)}")
+
+
+def unaugmented(args: argparse.Namespace, is_train: bool) -> Callable:
+    """Resize and center crop for either split, so each image's feature is computed once (k-NN and
+    the fast probe)."""
+    return eval_transform(args.input_size, args.in_chans)
 
 
 def normalizing_batch_transform(args: argparse.Namespace) -> BatchTransform:
