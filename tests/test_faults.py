@@ -127,6 +127,7 @@ def holder(**fields) -> dict:
     ({"pid": None}, "pid {pid} is gone"),
     ({"host": "elsewhere", "refreshed": time.time() - 11 * 60}, "not refreshed for over 10 minutes"),
     ({"host": "elsewhere", "job": "slurm:4242"}, "the same job (slurm:4242) relaunched"),
+    ({"pid": os.getpid()}, "is this process: a restarted container's"),
 ])
 def test_a_lock_is_taken_over_when_its_holder_is_gone_stale_or_this_job(fields, reason, tmp_path, monkeypatch,
                                                                          capsys):

@@ -3,7 +3,8 @@
 Rank 0 holds ``OUTPUT_DIR/.run.lock`` (host, pid, scheduler job id, start time), refreshed every
 minute while the run lives and removed when it ends, however it ends short of a kill. A second
 launch on the folder exits 2 at once, naming the holder. A lock is taken over, with one line, when
-its holder's pid is gone on this host, when it carries this launch's scheduler job id (a requeued
+its holder's pid is gone on this host (or is this process's own: a restarted container), when it
+carries this launch's scheduler job id (a requeued
 SLURM job, a torchrun restart), or when it has not been refreshed for ``STALE_MINUTES`` (a holder
 killed on another host). Every rank hears rank 0's decision, so all go on or all stop.
 """
@@ -55,6 +56,8 @@ def takeover_reason(holder: Optional[Dict[str, Any]], mine: Dict[str, Any], now:
         return "its lock file could not be read"
     if holder.get("host") == mine["host"] and not pid_is_alive(int(holder.get("pid", -1))):
         return f"pid {holder.get('pid')} is gone"
+    if holder.get("host") == mine["host"] and int(holder.get("pid", -1)) == mine["pid"]:
+        return f"pid {mine['pid']} is this process: a restarted container's, or a run this process ended"
     if mine["job"] and holder.get("job") == mine["job"]:
         return f"the same job ({mine['job']}) relaunched"
     if now - float(holder.get("refreshed", 0)) > STALE_MINUTES * 60:
