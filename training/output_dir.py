@@ -4,9 +4,9 @@ Rank 0 holds ``OUTPUT_DIR/.run.lock`` (host, pid, scheduler job id, start time),
 minute while the run lives and removed when it ends, however it ends short of a kill. A second
 launch on the folder exits 2 at once, naming the holder. A lock is taken over, with one line, when
 its holder's pid is gone on this host (or is this process's own: a restarted container), when it
-carries this launch's scheduler job id (a requeued
-SLURM job, a torchrun restart), or when it has not been refreshed for ``STALE_MINUTES`` (a holder
-killed on another host). Every rank hears rank 0's decision, so all go on or all stop.
+carries this launch's scheduler job id (a requeued SLURM job, a torchrun restart), or when it has
+not been refreshed for ``STALE_MINUTES`` (a holder killed on another host). Every rank hears rank
+0's decision, so all go on or all stop.
 """
 import json
 import os
