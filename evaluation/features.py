@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
-from training.checkpoint import save_atomic
+from training.checkpoint import save_files
 
 Embed = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (encoder, images) -> (B, D) features
 FEATURES = ("cls", "avgpool", "both")
@@ -112,15 +112,16 @@ def cached_features(
         return extract()
     key = hashlib.sha256(json.dumps(dict(describe), sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache) / f"features-{describe.get('split', 'data')}-{key}.pt"
-    if path.is_file():
+    if utils.broadcast_from_main(path.is_file()):  # rank 0's view: every rank reads, or every rank extracts
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if utils.is_main_process():
             print(f"features of the {describe.get('split', 'data')} split read from {path}", flush=True)
         return saved["features"], saved["labels"]
     features, labels = extract()
+    error = None
     if utils.is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({"features": features.cpu(), "labels": labels.cpu(), "describe": json.dumps(describe,
-                                                                                                default=str)}, path)
-    utils.barrier()
+        error = save_files({"features": features.cpu(), "labels": labels.cpu(),
+                            "describe": json.dumps(describe, default=str)}, [path])
+    utils.raise_on_all_ranks(error)  # rank 0 has written it, or every rank stops with its cause
     return features, labels

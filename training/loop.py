@@ -45,6 +45,7 @@ from utils import (
     append_log,
     autocast,
     barrier,
+    broadcast_from_main,
     format_eta,
     get_rank,
     get_world_size,
@@ -80,25 +81,28 @@ def fit(state: TrainingState, stage: Stage, *, loader: DataLoader, device: torch
     resume = resume_training_state(state, args)
     timer = Timer()
     max_accuracy = resume.checkpoint.get("max_accuracy", 0.0)
-    best = {"max_accuracy": max_accuracy} if stage.evaluate else {}
     n_parameters = sum(p.numel() for p in state.model.parameters())
     test_stats: Dict[str, float] = {}
     with preemptible(args) as preemption, training_writer(args.log_dir) as log_writer:
         for epoch in range(resume.epoch, args.epochs):
+            best = {"max_accuracy": max_accuracy} if stage.evaluate else {}  # what every checkpoint keeps
             start = epoch_start(resume.checkpoint, epoch)
             position_loader(loader, epoch, start.samples_done)
             train_stats = train_epoch(state, loader, stage.loss_fn, device=device, epoch=epoch, args=args,
                                       log_writer=log_writer, start=start, preemption=preemption,
                                       save_step=step_saver(state, epoch=epoch, args=args, **best))
             record = {f"train_{key}": value for key, value in train_stats.items()}
+            improved = False
             if stage.evaluate:
-                test_stats = stage.evaluate()
+                # rank 0's figures on every rank: each rank then takes the same save decisions below, which
+                # are collectives, even where unreduced evaluations differ in the last bit between devices
+                test_stats = broadcast_from_main(stage.evaluate())
                 improved = test_stats["acc1"] > max_accuracy
-                best = {"max_accuracy": max(max_accuracy, test_stats["acc1"])}
-                max_accuracy = best["max_accuracy"]
+                max_accuracy = max(max_accuracy, test_stats["acc1"])
+                best = {"max_accuracy": max_accuracy}
                 record.update({f"test_{key}": value for key, value in test_stats.items()})
             save_epoch(state, epoch=epoch, args=args, **best)
-            if stage.evaluate and improved and args.output_dir:
+            if improved and args.output_dir:
                 save_training_state(state, Path(args.output_dir), [BEST], epoch=epoch, args=args, **best)
             if stage.after_epoch:
                 stage.after_epoch(epoch, log_writer)
