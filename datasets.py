@@ -1,16 +1,17 @@
 """Which samples a command line means, and how they reach the training step: the pretraining and
-classification datasets (image folders, CIFAR, the synthetic set), per-sample seeding, the
-rank-sharded sampler that can resume part-way through an epoch, and the training loader.
+classification datasets (image folders, tar shards, CIFAR, the synthetic set), per-sample seeding,
+the rank-sharded sampler that can resume part-way through an epoch, and the training loader.
 
-Reading files is ``image_files``, the transforms ``augmentation``, the synthetic images
-``synthetic``, and the device decoder ``device_decoder``.
+Reading files is ``image_data.files``, shards ``image_data.shards``, the order of an epoch
+``image_data.epoch_order``, the transforms ``augmentation``, the synthetic images ``synthetic``,
+and the device decoder ``device_decoder``.
 """
 import functools
 import os
 import random
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,9 +20,11 @@ from torchvision.datasets import CIFAR10, CIFAR100
 
 from image_data.augmentation import RGB, Crops, build_pil_pretraining_transform, build_tensor_pretraining_transform
 from image_data.device_decoder import RandomCropBox, read_encoded
+from image_data.epoch_order import PermutationOrder, ShardWindowOrder
 from image_data.files import (
     DEFAULT_MAX_IMAGE_PIXELS,
     NoReadableImageError,
+    ReadErrors,
     SkipUnreadable,
     build_image_folder,
     class_folders,
@@ -29,6 +32,7 @@ from image_data.files import (
     labelled_folder,
     load_image,
 )
+from image_data.shards import ShardImages, catalog_shards, is_shard_spec
 from modeling_finetune import to_grid
 from training.preemption import worker_init_fn
 from image_data.synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
@@ -51,7 +55,7 @@ def first_samples(dataset: Dataset, num_samples: Optional[int]) -> Dataset:
     return dataset
 
 
-def file_loader(in_chans: int, max_pixels: int) -> Callable[[str], object]:
+def file_loader(in_chans: int, max_pixels: int) -> Callable[[object], object]:
     """``load_image`` for ``in_chans`` channels, skipping images over ``max_pixels`` pixels."""
     return functools.partial(load_image, in_chans=in_chans, max_pixels=max_pixels)
 
@@ -92,9 +96,11 @@ def build_pretraining_dataset(
     decoder: str = "pil",
     in_chans: int = RGB,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    index_dir: Optional[str] = None,
 ) -> Dataset:
     """``(image, label)`` samples, augmented (3, H, W) uint8 images; ``num_samples`` keeps only
-    the first N; the labels go unused.
+    the first N; the labels go unused. ``data_path`` is a folder or tar shards
+    (``image_data.shards``), whose indexes go under ``index_dir`` where their folder is read-only.
 
     Images stay uint8 until ``image_data.augmentation.normalize_on_device``; the synthetic set is its training
     split, the images finetuning also trains on, and is drawn, so it has no files to decode.
@@ -109,10 +115,19 @@ def build_pretraining_dataset(
     elif data_set == "image_folder":
         if not data_path:
             raise ValueError("data_set 'image_folder' needs a data_path")
+        if is_shard_spec(data_path):
+            return shard_images(data_path, transform, loader, index_dir=index_dir, num_samples=num_samples)
         dataset = build_image_folder(data_path, transform, loader)
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
     return first_samples(dataset, num_samples)
+
+
+def shard_images(spec: str, transform: Callable, loader: Callable, *, index_dir: Optional[str],
+                 num_samples: Optional[int]) -> SkipUnreadable:
+    """The samples of the tar shards ``spec`` names, unreadable ones skipped; ``index_dir`` takes
+    the indexes of shards whose folder cannot be written."""
+    return SkipUnreadable(ShardImages(catalog_shards(spec, index_dir), transform, ReadErrors(loader), num_samples))
 
 
 def check_readable(dataset: Dataset) -> None:
@@ -153,12 +168,15 @@ def build_classification_dataset(
     num_samples: Optional[int] = None,
     in_chans: int = RGB,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    index_dir: Optional[str] = None,
 ) -> Tuple[Dataset, int]:
-    """The train or evaluation split of a labelled dataset and its number of classes.
+    """The train or evaluation split of a labelled dataset and its number of classes (for tar
+    shards, the largest label + 1).
 
     IMNET reads ``data_path/train`` and ``data_path/val``; image_folder reads ``data_path`` for
-    training and ``eval_data_path`` for evaluation; CIFAR reads torchvision's files in data_path.
-    The synthetic set draws its images ``image_size`` pixels a side.
+    training and ``eval_data_path`` for evaluation, each a folder of class folders or labelled tar
+    shards; CIFAR reads torchvision's files in data_path. The synthetic set draws its images
+    ``image_size`` pixels a side.
     """
     if data_set == "synthetic":
         check_rgb(data_set, in_chans)
@@ -173,14 +191,20 @@ def build_classification_dataset(
     if data_set not in ("IMNET", "image_folder"):
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
     root = classification_root(data_set, is_train, data_path, eval_data_path)
+    if is_shard_spec(root):
+        catalog = catalog_shards(root, index_dir)
+        dataset = ShardImages(catalog, transform, ReadErrors(file_loader(in_chans, max_pixels)), num_samples)
+        return SkipUnreadable(dataset), catalog.num_classes(root)
     folder = labelled_folder(root, transform, file_loader(in_chans, max_pixels))
-    dataset = SkipUnreadable(folder, [path for path, _ in folder.samples])
-    return first_samples(dataset, num_samples), len(folder.classes)
+    return first_samples(SkipUnreadable(folder), num_samples), len(folder.classes)
 
 
 def classification_root(data_set: str, is_train: bool, data_path: str, eval_data_path: Optional[str]) -> str:
-    """The folder of a split: IMNET's ``train/``/``val/``, or image_folder's two paths."""
+    """The folder (or shards) of a split: IMNET's ``train/``/``val/``, or image_folder's two paths."""
     if data_set == "IMNET":
+        if is_shard_spec(data_path):
+            raise ValueError("--data_set IMNET reads the folders train/ and val/ of --data_path; for tar shards "
+                             "give --data_set image_folder --data_path TRAIN_SHARDS --eval_data_path VAL_SHARDS")
         return os.path.join(data_path, "train" if is_train else "val")
     root = data_path if is_train else eval_data_path
     if not root:
@@ -188,9 +212,11 @@ def classification_root(data_set: str, is_train: bool, data_path: str, eval_data
     return root
 
 
-def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], eval_data_path: Optional[str]) -> int:
+def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], eval_data_path: Optional[str],
+                  index_dir: Optional[str] = None) -> int:
     """A labelled split's number of classes from its class folders alone, without listing its
-    images; the same errors as ``build_classification_dataset`` for a missing folder."""
+    images (for tar shards, the largest label + 1, from their indexes); the same errors as
+    ``build_classification_dataset`` for a missing folder or a bad shard."""
     if data_set == "synthetic":
         return SYNTHETIC_NUM_CLASSES
     if data_set in CIFAR_FOLDERS:
@@ -199,7 +225,10 @@ def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], ev
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
     if not data_path:
         raise ValueError(f"data_set {data_set!r} needs a data_path")
-    return len(class_folders(classification_root(data_set, is_train, data_path, eval_data_path)))
+    root = classification_root(data_set, is_train, data_path, eval_data_path)
+    if is_shard_spec(root):
+        return catalog_shards(root, index_dir).num_classes(root)
+    return len(class_folders(root))
 
 
 # ----------------------------------------------------------------------------- seeding and sampling
@@ -241,41 +270,56 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+EpochOrder = Union[PermutationOrder, ShardWindowOrder]
+POSITIONS_PER_DRAW = 4096  # positions turned into indices at a time, so a rank's share is never held whole
+
+
 class EpochSampler(Sampler):
     """``(index, epoch)`` keys for ``SeededSamples``: rank r of W takes positions r, r + W, ... of
-    the epoch's global order, a permutation seeded by ``seed + epoch`` (``DistributedSampler``'s
-    draw and partition, with ``drop_last``).
+    the epoch's global order (``image_data.epoch_order``), with ``drop_last``.
 
     So the first S steps of B images per rank cover exactly positions [0, S * B * W) of the global
     order, whatever W is: an epoch resumed at ``samples_done`` continues with the positions after
     it, on any number of processes, none seen twice and none dropped but the tail that fills no
-    global batch, which every epoch drops.
+    global batch, which every epoch drops. The keys are computed a few thousand at a time.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        self.num_samples = len(dataset)
-        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+    def __init__(self, order: EpochOrder, num_replicas: int, rank: int) -> None:
+        self.order = order
+        self.num_samples = order.num_samples
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.samples_done = 0, 0
 
     def set_epoch(self, epoch: int, samples_done: int = 0) -> None:
         """The next pass is ``epoch``'s, from position ``samples_done`` of its global order."""
         self.epoch, self.samples_done = epoch, samples_done
 
-    def global_order(self) -> List[int]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
-
     def __len__(self) -> int:
         """A whole epoch's samples per rank."""
         return self.num_samples // self.num_replicas
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        remaining = self.global_order()[self.samples_done:]
-        per_rank = len(remaining) // self.num_replicas
-        indices = remaining[self.rank : per_rank * self.num_replicas : self.num_replicas]
+        epoch, start = self.epoch, self.samples_done
         self.samples_done = 0  # a resumed epoch's start applies to one pass only
-        return iter([(index, self.epoch) for index in indices])
+        return self.keys(epoch, start)
+
+    def keys(self, epoch: int, start: int) -> Iterator[Tuple[int, int]]:
+        per_rank = (self.num_samples - start) // self.num_replicas
+        for first in range(0, per_rank, POSITIONS_PER_DRAW):
+            steps = np.arange(first, min(per_rank, first + POSITIONS_PER_DRAW))  # this rank's k-th positions
+            positions = start + self.rank + steps * self.num_replicas
+            for index in self.order.indices(epoch, positions).tolist():
+                yield index, epoch
+
+
+def epoch_order(dataset: Dataset, seed: int, shuffle_window: int) -> EpochOrder:
+    """Windows of ``shuffle_window`` shards for tar shards, ``torch.randperm`` for the rest."""
+    shards = dataset
+    while shards is not None and not isinstance(shards, ShardImages):
+        shards = getattr(shards, "dataset", None)
+    if shards is None:
+        return PermutationOrder(len(dataset), seed)
+    return ShardWindowOrder(shards.shard_counts, shuffle_window, seed)
 
 
 def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = None) -> DataLoader:
@@ -288,10 +332,11 @@ def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = 
             f"{args.world_size} processes); lower --batch_size or add images"
         )
     seeded = SeededSamples(dataset, args.seed)
+    order = epoch_order(dataset, args.seed, args.shuffle_window)
     return DataLoader(
         seeded,
         batch_size=args.batch_size,
-        sampler=EpochSampler(seeded, args.world_size, args.rank, args.seed),
+        sampler=EpochSampler(order, args.world_size, args.rank),
         num_workers=args.num_workers,
         collate_fn=collate_fn,
         pin_memory=args.pin_mem and args.device != "cpu",

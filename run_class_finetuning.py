@@ -63,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
     add_crop_args(aug, crop_scale=CLASSIFY_CROP_SCALE)
 
-    add_data_args(parser)
+    add_data_args(parser, trains=True)
     add_evaluation_args(parser)
     add_memory_args(parser)
     add_run_args(parser)

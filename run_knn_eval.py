@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     knn.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+",
                      help="neighbour counts, all evaluated in one pass")
     knn.add_argument("--temperature", default=0.07, type=float, help="votes weigh exp(cosine similarity / T)")
-    add_data_args(parser)
+    add_data_args(parser, trains=False)
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="./output_dir", type=str, help="log.txt gets the result as a JSON line")
     run.add_argument("--seed", default=0, type=int, help="initializes the encoder when there is no --finetune")

@@ -83,7 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_schedule_args(parser, blr=0.1, min_lr=0.0, warmup_epochs=10)
     add_crop_args(parser.add_argument_group("augmentation"), crop_scale=CLASSIFY_CROP_SCALE)
     add_protocol_args(parser)
-    add_data_args(parser)
+    add_data_args(parser, trains=True)
     add_evaluation_args(parser)
     add_run_args(parser)
     return parser

@@ -23,6 +23,7 @@ from training.cli import (
     add_memory_args,
     add_run_args,
     add_schedule_args,
+    add_shuffle_arg,
     add_size_args,
     check_model_name,
     check_patch_grid,
@@ -56,14 +57,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_optimizer_args(parser, weight_decay=0.05, betas=(0.9, 0.95))
     add_schedule_args(parser, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
     data = add_loading_args(parser)
-    data.add_argument("--data_path", default=None, type=str, help="image folder (ImageFolder layout or flat)")
+    data.add_argument("--data_path", default=None, type=str,
+                      help="image folder (ImageFolder layout or flat) or WebDataset tar shards: a.tar, "
+                           "a-{000000..000099}.tar, a folder of .tar files, or a text file listing them")
     data.add_argument("--data_set", default=None, choices=["image_folder", "synthetic"],
                       help="default: image_folder with --data_path, synthetic without")
     data.add_argument("--decoder", default="pil", choices=DECODERS,
                       help="tensor: decode with torchcodec/torchvision.io and augment uint8 tensors in the workers, "
                            "about 2x PIL's images/s; device: the workers read JPEG bytes and draw the crops, the "
                            "training device decodes (nvJPEG on CUDA) and crops whole batches "
-                           "(benchmarks/RESULTS.md); both for image folders only")
+                           "(benchmarks/RESULTS.md); both for RGB images")
+    add_shuffle_arg(data)
     add_memory_args(parser)
     add_run_args(parser)
     return parser
@@ -86,7 +90,7 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
         dataset = build_pretraining_dataset(
             args.data_set, args.data_path, Crops(args.input_size, tuple(args.crop_scale), args.hflip),
             num_samples=args.num_samples, decoder=args.decoder, in_chans=args.in_chans,
-            max_pixels=args.max_image_pixels,
+            max_pixels=args.max_image_pixels, index_dir=args.output_dir,
         )
     except (FileNotFoundError, ValueError) as error:
         raise utils.UsageError(str(error)) from error

@@ -10,7 +10,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from image_data.augmentation import BatchTransform, eval_transform
 from training.checkpoint import read_weights
-from training.cli import add_loading_args, add_size_args, check_model_name, check_patch_grid, patch_size_kwargs
+from training.cli import (
+    add_loading_args,
+    add_shuffle_arg,
+    add_size_args,
+    check_model_name,
+    check_patch_grid,
+    patch_size_kwargs,
+)
 from datasets import CLASSIFICATION_SETS, build_classification_dataset, check_readable
 from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder, to_grid
 from training.preemption import worker_init_fn
@@ -36,14 +43,18 @@ def add_encoder_args(parser: argparse.ArgumentParser, *, global_pool: bool) -> a
     return model
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Which labelled dataset to read."""
+def add_data_args(parser: argparse.ArgumentParser, *, trains: bool) -> None:
+    """Which labelled dataset to read; ``trains``: the script trains on it (``--shuffle_window``)."""
     data = add_loading_args(parser)
     data.add_argument("--data_path", default=None, type=str,
-                      help="IMNET: folder with train/ and val/; image_folder: the training folder; CIFAR: its files")
-    data.add_argument("--eval_data_path", default=None, type=str, help="image_folder: the evaluation folder")
+                      help="IMNET: folder with train/ and val/; image_folder: the training folder or tar shards "
+                           "(a.tar, a-{000..099}.tar, a folder of .tar files or a file listing them); CIFAR: its files")
+    data.add_argument("--eval_data_path", default=None, type=str,
+                      help="image_folder: the evaluation folder or tar shards")
     data.add_argument("--data_set", default=None, choices=CLASSIFICATION_SETS,
-                      help="default: IMNET with --data_path, synthetic without")
+                      help="default: IMNET with a --data_path folder, image_folder with shards, synthetic without")
+    if trains:
+        add_shuffle_arg(data)
 
 
 def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
@@ -66,13 +77,14 @@ def build_datasets(
                 args.data_set, is_train, data_path=args.data_path, transform=make_transform(args, is_train),
                 image_size=max(to_grid(args.input_size)), eval_data_path=args.eval_data_path,
                 num_samples=args.num_samples, in_chans=args.in_chans, max_pixels=args.max_image_pixels,
+                index_dir=args.output_dir,
             )
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from error
         check_readable(dataset)
-        if nb_classes != args.nb_classes:  # the folders changed since the run started
+        if nb_classes > args.nb_classes or (nb_classes != args.nb_classes and not args.shards):
             raise UsageError(f"{'training' if is_train else 'evaluation'} data now has {nb_classes} classes, "
-                             f"{args.nb_classes} when the run started")
+                             f"{args.nb_classes} when the run started")  # the folders changed since then
         return dataset, nb_classes
 
     val_set, nb_classes = build(False)

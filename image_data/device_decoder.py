@@ -8,14 +8,21 @@ import io
 import warnings
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
 from image_data.augmentation import Crops, pretraining_augmentation
-from image_data.files import DEFAULT_MAX_IMAGE_PIXELS, UNREADABLE, check_image_size, load_rgb
+from image_data.files import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    UNREADABLE,
+    ImageSource,
+    check_image_size,
+    load_rgb,
+    source_bytes,
+    source_name,
+)
 from modeling_finetune import to_grid
 
 JPEG_END = (0xFF, 0xD9)  # the end-of-image marker that a complete JPEG file ends with
@@ -29,16 +36,17 @@ class EncodedImage(NamedTuple):
     width: int
 
 
-def read_encoded(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> EncodedImage:
-    """The bytes and size of a complete RGB or greyscale JPEG of at most ``max_pixels`` pixels,
-    read from its header without decoding it. Other files (PNG, CMYK, 16-bit, truncated JPEGs:
-    what nvJPEG cannot take or PIL must judge) are decoded here by ``load_rgb``, so an unreadable
-    one raises in the worker and ``SkipUnreadable`` skips it as for the other decoders."""
-    data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))  # (n,) bytes, the file read once
+def read_encoded(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> EncodedImage:
+    """The bytes and size of a complete RGB or greyscale JPEG (a file, or a shard's member) of at
+    most ``max_pixels`` pixels, read from its header without decoding it. Other files (PNG, CMYK,
+    16-bit, truncated JPEGs: what nvJPEG cannot take or PIL must judge) are decoded here by
+    ``load_rgb``, so an unreadable one raises in the worker and ``SkipUnreadable`` skips it as for
+    the other decoders."""
+    data = torch.from_numpy(source_bytes(source))  # (n,) bytes, the file read once
     try:
         image = Image.open(io.BytesIO(data.numpy()))
     except UNREADABLE as error:
-        raise OSError(f"cannot read {path}: {error}") from error
+        raise OSError(f"cannot read {source_name(source)}: {error}") from error
     with image:
         check_image_size(image, max_pixels)
         if image.format == "JPEG" and image.mode in ("RGB", "L") and tuple(data[-2:].tolist()) == JPEG_END:

@@ -8,10 +8,11 @@ twice that, which would stop a run) is replaced on import by ``check_image_size`
 limit, every decoder, a skip, and a message that names the file and ``--max_image_pixels``.
 """
 import functools
+import io
 import multiprocessing
 import os
 import warnings
-from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,6 +28,33 @@ Image.MAX_IMAGE_PIXELS = None  # check_image_size does it, for every decoder
 
 
 # ----------------------------------------------------------------------------- reading one file
+
+
+class MemberBytes(NamedTuple):
+    """An image read into memory (a tar shard's member), which every loader takes in place of a
+    path: nothing is extracted to disk."""
+
+    name: str  # "SHARD.tar:KEY.jpg": for messages, and the extension picks the reader
+    data: bytes
+
+
+ImageSource = Union[str, MemberBytes]
+
+
+def source_name(source: ImageSource) -> str:
+    return source if isinstance(source, str) else source.name
+
+
+def opened(source: ImageSource) -> Union[str, BinaryIO]:
+    """What ``Image.open`` and ``np.load`` read: the path, or the bytes as a file."""
+    return source if isinstance(source, str) else io.BytesIO(source.data)
+
+
+def source_bytes(source: ImageSource) -> np.ndarray:
+    """(n,) uint8: the file's bytes, read once, in a writable array (as ``torch.from_numpy`` wants)."""
+    if isinstance(source, str):
+        return np.fromfile(source, dtype=np.uint8)
+    return np.frombuffer(bytearray(source.data), dtype=np.uint8)
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -60,18 +88,19 @@ def load_rgb(path: Union[str, BinaryIO], max_pixels: int = DEFAULT_MAX_IMAGE_PIX
 
 
 @functools.lru_cache(maxsize=None)
-def file_decoder() -> Callable[[str], torch.Tensor]:
+def file_decoder() -> Callable[[torch.Tensor], torch.Tensor]:
     """torchcodec's image decoder where it is installed (torchvision 0.29 deprecates its own),
-    else ``torchvision.io``'s; both give (3, H, W) RGB. Chosen once per process, since a failed
-    import is retried, and searched for on disk, every time it runs."""
+    else ``torchvision.io``'s; both take the (n,) uint8 bytes of a file and give (3, H, W) RGB.
+    Chosen once per process, since a failed import is retried, and searched for on disk, every
+    time it runs."""
     try:
         from torchcodec.decoders import decode_image
     except ImportError:
-        from torchvision.io import ImageReadMode, read_file
+        from torchvision.io import ImageReadMode
         from torchvision.io import decode_image as decode_bytes
 
-        return lambda path: decode_bytes(read_file(path), mode=ImageReadMode.RGB)
-    return lambda path: decode_image(path, mode="RGB")
+        return lambda data: decode_bytes(data, mode=ImageReadMode.RGB)
+    return lambda data: decode_image(data, mode="RGB")
 
 
 ARRAY_EXTENSIONS = (".npy",)
@@ -80,16 +109,16 @@ FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}  # what 1
 
 
 def load_image(
-    path: str, in_chans: int = RGB, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    source: ImageSource, in_chans: int = RGB, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> Union[Image.Image, torch.Tensor]:
     """An image of ``in_chans`` channels: RGB as an 8-bit PIL image (``load_rgb``), any other
     channel count as a (C, H, W) float32 tensor in [0, 1], which keeps 16-bit precision. Image
     files give 1 channel (grayscale, 16-bit included) or 4 (RGBA); ``.npy`` arrays give any."""
-    if path.lower().endswith(ARRAY_EXTENSIONS):
-        return load_array(path, in_chans, max_pixels)
+    if source_name(source).lower().endswith(ARRAY_EXTENSIONS):
+        return load_array(opened(source), in_chans, max_pixels)
     if in_chans == RGB:
-        return load_rgb(path, max_pixels)
-    with Image.open(path) as image:
+        return load_rgb(opened(source), max_pixels)
+    with Image.open(opened(source)) as image:
         check_image_size(image, max_pixels)
         if in_chans == 1 and (image.mode == "I" or image.mode.startswith("I;16")):
             pixels = np.clip(np.asarray(image).astype(np.float32), 0, 65535) / 65535.0  # (H, W)
@@ -104,7 +133,7 @@ def load_image(
     return torch.from_numpy(np.ascontiguousarray(pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1)))
 
 
-def load_array(path: str, in_chans: int, max_pixels: int) -> Union[Image.Image, torch.Tensor]:
+def load_array(path: Union[str, BinaryIO], in_chans: int, max_pixels: int) -> Union[Image.Image, torch.Tensor]:
     """A ``.npy`` image: (H, W), (C, H, W) or (H, W, C); channels first wins when both ends have
     ``in_chans`` entries. uint8 and uint16 are scaled to [0, 1], floats taken as they are. RGB
     arrays must be uint8 and become PIL images, for the RGB pipeline (RandAugment included)."""
@@ -142,23 +171,25 @@ def check_finite(pixels: np.ndarray) -> None:
         raise NonFiniteImageError(f"{bad} of its {pixels.size} values are NaN or infinite")
 
 
-def decode_rgb(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+def decode_rgb(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Any image file of at most ``max_pixels`` pixels as a (3, H, W) RGB tensor (uint8; uint16 for
     16-bit PNGs), decoded without PIL, which only reads the size from the header first. Formats
     the tensor decoder does not take (BMP, TIFF, ...) are decoded by PIL instead; a file neither
     can decode raises ``OSError``, so ``SkipUnreadable`` skips it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(opened(source)) as image:
             check_image_size(image, max_pixels)
     except (OSError, SyntaxError):  # PIL cannot read it: the decoder below judges the file
         pass
+    data = torch.from_numpy(source_bytes(source))  # (n,) uint8
     try:
-        return file_decoder()(path)
+        return file_decoder()(data)
     except (RuntimeError, ValueError) as error:
         try:
-            return torch.from_numpy(np.array(load_rgb(path, max_pixels))).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+            rgb = np.array(load_rgb(opened(source), max_pixels))  # (H, W, 3)
+            return torch.from_numpy(rgb).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         except (OSError, SyntaxError, ValueError):
-            raise OSError(f"cannot decode {path}: {error}") from error
+            raise OSError(f"cannot decode {source_name(source)}: {error}") from error
 
 
 # ----------------------------------------------------------------------------- unreadable files
@@ -184,28 +215,30 @@ class UnreadableImageError(Exception):
 
 
 class ReadErrors:
-    """A file loader whose read and decode errors become ``UnreadableImageError``."""
+    """A loader (of a path or a ``MemberBytes``) whose read and decode errors become
+    ``UnreadableImageError``."""
 
-    def __init__(self, loader: Callable[[str], object]) -> None:
+    def __init__(self, loader: Callable[[ImageSource], object]) -> None:
         self.loader = loader
 
-    def __call__(self, path: str) -> object:
+    def __call__(self, source: ImageSource) -> object:
         try:
-            return self.loader(path)
+            return self.loader(source)
         except UNREADABLE as error:
-            raise UnreadableImageError(path, error) from error
+            raise UnreadableImageError(source_name(source), error) from error
 
 
 class SkipUnreadable(Dataset):
-    """Replaces a sample whose file cannot be read or decoded (its loader is wrapped in
-    ``ReadErrors``) by the next readable one, with a warning naming the file, and marks the file in
-    a byte map shared with the data-loader workers, so the logs can count distinct unreadable files
-    however often they are read."""
+    """Replaces a sample whose image cannot be read or decoded (its loader is wrapped in
+    ``ReadErrors``) by the next readable one, with a warning naming the file.
 
-    def __init__(self, dataset: Dataset, paths: Sequence[str]) -> None:
+    The samples whose own read failed are counted in one integer shared with the data-loader
+    workers: an epoch reads each sample once as itself, so the count since ``reset_count`` is the
+    epoch's unreadable samples, in memory that does not grow with the data set."""
+
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
-        self.paths = paths
-        self.unreadable = multiprocessing.Array("b", len(paths), lock=False)  # (N,) 0/1 flags
+        self.unreadable = multiprocessing.Value("q", 0)  # samples whose own read failed since reset_count
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -216,29 +249,47 @@ class SkipUnreadable(Dataset):
             try:
                 return self.dataset[candidate]
             except UnreadableImageError as error:
-                self.unreadable[candidate] = 1
+                if offset == 0:
+                    with self.unreadable.get_lock():
+                        self.unreadable.value += 1
                 kind = "oversized" if isinstance(error.cause, ImageTooLargeError) else "unreadable"
                 warnings.warn(f"skipping {kind} image {error.path}: {error.cause}", stacklevel=2)
                 last = str(error)
         raise NoReadableImageError(f"none of the {len(self.dataset)} images can be read; the last: {last}")
 
     def count(self) -> int:
-        return int(np.frombuffer(self.unreadable, dtype=np.int8).sum())
+        return int(self.unreadable.value)
+
+    def reset_count(self) -> None:
+        with self.unreadable.get_lock():
+            self.unreadable.value = 0
+
+
+def skipping(dataset: Optional[Dataset]) -> Optional[SkipUnreadable]:
+    """The ``SkipUnreadable`` in ``dataset``'s wrapper chain, if any."""
+    while dataset is not None:
+        if isinstance(dataset, SkipUnreadable):
+            return dataset
+        dataset = getattr(dataset, "dataset", None)
+    return None
 
 
 def count_skipped(dataset: Dataset) -> int:
-    """Unreadable files met so far by this rank's ``SkipUnreadable`` (anywhere in the wrapper
-    chain), else 0."""
-    while dataset is not None:
-        if isinstance(dataset, SkipUnreadable):
-            return dataset.count()
-        dataset = getattr(dataset, "dataset", None)
-    return 0
+    """Unreadable samples this rank met since the epoch began (``reset_skipped``), else 0."""
+    found = skipping(dataset)
+    return 0 if found is None else found.count()
+
+
+def reset_skipped(dataset: Dataset) -> None:
+    """Start counting a new epoch's unreadable samples."""
+    found = skipping(dataset)
+    if found is not None:
+        found.reset_count()
 
 
 def count_skipped_all_ranks(dataset: Dataset, device: torch.device) -> int:
-    """Distinct unreadable files met so far, summed over ranks (a collective; ranks read disjoint
-    shards each epoch, so a file is counted by every rank that met it)."""
+    """The epoch's unreadable samples, summed over ranks (a collective; ranks read disjoint
+    positions, so each sample is counted once)."""
     return int(all_reduce_sum(torch.tensor(count_skipped(dataset), device=device)))
 
 
@@ -297,9 +348,8 @@ def build_image_folder(root: str, transform: Optional[Callable] = None, loader: 
         # allow_empty: an empty class folder is harmless for pretraining, which ignores labels
         folder = ImageFolder(root, transform=transform, loader=ReadErrors(loader), is_valid_file=is_image_file,
                              allow_empty=True)
-        return SkipUnreadable(folder, [path for path, _ in folder.samples])
-    files = ImageFiles(root, transform=transform, loader=ReadErrors(loader))
-    return SkipUnreadable(files, files.samples)
+        return SkipUnreadable(folder)
+    return SkipUnreadable(ImageFiles(root, transform=transform, loader=ReadErrors(loader)))
 
 
 def class_folders(root: str) -> List[str]:

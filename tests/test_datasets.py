@@ -14,6 +14,7 @@ from torchvision import transforms
 
 from image_data.augmentation import Crops, normalize_on_device
 from datasets import EpochSampler, SeededSamples, build_pretraining_dataset
+from image_data.epoch_order import PermutationOrder
 from image_data.device_decoder import batch_images, collate_encoded, decode_on_device, read_encoded
 from image_data.files import ImageFiles, build_image_folder, count_skipped, decode_rgb, load_image, load_rgb
 from image_data.synthetic import SyntheticShapes
@@ -201,7 +202,7 @@ def epoch_crops(loader: DataLoader, sampler: EpochSampler, epoch: int) -> torch.
 def test_samples_depend_on_epoch_and_index_only_not_on_workers():
     """The random crops and flips: the same for a sample in any worker, new each epoch."""
     dataset = SeededSamples(build_pretraining_dataset("synthetic", None, Crops(16), num_samples=8), seed=3)
-    sampler = EpochSampler(dataset, num_replicas=1, rank=0, seed=3)
+    sampler = EpochSampler(PermutationOrder(len(dataset), seed=3), num_replicas=1, rank=0)
     in_process = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=0)
     in_workers = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2)
     first = epoch_crops(in_process, sampler, 0)
@@ -227,7 +228,7 @@ def test_drawing_a_sample_leaves_the_training_rngs_untouched():
 
 
 def test_sampler_skips_what_a_resumed_epoch_has_already_seen():
-    sampler = EpochSampler(list(range(10)), num_replicas=2, rank=1, seed=0)
+    sampler = EpochSampler(PermutationOrder(10, seed=0), num_replicas=2, rank=1)
     sampler.set_epoch(4)
     full = list(sampler)
     assert len(full) == 5 and all(epoch == 4 for _, epoch in full)
@@ -240,7 +241,7 @@ def test_sampler_partitions_as_torchs_distributed_sampler_does():
     """A fresh epoch is ``DistributedSampler(shuffle=True, drop_last=True)``'s, rank by rank."""
     for world in (1, 2, 3):
         for rank in range(world):
-            ours, torchs = EpochSampler(range(11), world, rank, seed=5), DistributedSampler(
+            ours, torchs = EpochSampler(PermutationOrder(11, seed=5), world, rank), DistributedSampler(
                 range(11), num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
             ours.set_epoch(2)
             torchs.set_epoch(2)
@@ -253,7 +254,7 @@ def test_an_epoch_resumed_on_another_world_size_sees_every_position_once():
     def steps(world: int, batch: int, samples_done: int):
         ranks = []
         for rank in range(world):
-            sampler = EpochSampler(range(30), world, rank, seed=1)
+            sampler = EpochSampler(PermutationOrder(30, seed=1), world, rank)
             sampler.set_epoch(0, samples_done)
             keys = [index for index, _ in sampler]
             ranks.append([keys[i:i + batch] for i in range(0, len(keys) - batch + 1, batch)])  # drop_last
@@ -419,7 +420,7 @@ def test_a_jpeg_no_decoder_reads_gives_its_place_in_the_batch_to_a_readable_one(
     (tmp_path / "images" / "rgb1.jpg").write_bytes(whole[:400] + b"\xff\xc4\x00\x02" + whole[404:])
     samples = SeededSamples(build_pretraining_dataset("image_folder", str(tmp_path / "images"), Crops(32),
                                                       decoder="device"), seed=0)
-    names = [Path(path).name for path in samples.dataset.paths]  # the flat folder, sorted
+    names = [Path(path).name for path in samples.dataset.dataset.samples]  # the flat folder, sorted
     batch = collate_encoded([samples[(names.index(name), 0)] for name in ("rgb0.jpg", "rgb1.jpg", "rgb2.jpg")])
     with pytest.warns(UserWarning) as caught:
         crops = batch_images(batch, torch.device("cpu"))

@@ -44,6 +44,16 @@ def add_loading_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     return group
 
 
+DEFAULT_SHUFFLE_WINDOW = 16  # shards; benchmarks/RESULTS.md, "Tar shards"
+
+
+def add_shuffle_arg(group: argparse._ArgumentGroup) -> None:
+    """``--shuffle_window``, for the scripts that train on shuffled data."""
+    group.add_argument("--shuffle_window", default=DEFAULT_SHUFFLE_WINDOW, type=int,
+                       help="tar shards: each stretch of an epoch reads this many shards, its samples shuffled "
+                            "across them (image folders shuffle over all images)")
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Output, device, precision, seeding, resuming and launcher flags shared by both stages."""
     group = parser.add_argument_group("run")
@@ -154,7 +164,7 @@ NUMBER_RANGES = {  # every numeric flag of the scripts that has it; None (unset)
     "print_freq": Range(1), "num_samples": Range(1), "num_workers": Range(0), "max_image_pixels": Range(1),
     "input_size": Range(1), "in_chans": Range(1), "patch_size": Range(1), "start_epoch": Range(0),
     "crop_scale": Range(0, 1, low_open=True, high_open=False), "hflip": PROBABILITY, "recount": Range(1),
-    "nb_classes": Range(1), "nb_knn": Range(1), "dist_timeout": POSITIVE,
+    "nb_classes": Range(1), "nb_knn": Range(1), "dist_timeout": POSITIVE, "shuffle_window": Range(1),
 }
 
 

@@ -19,6 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import utils
 from datasets import count_classes
 from image_data.augmentation import RGB
+from image_data.shards import is_shard_spec, shard_paths
 from masking_generator import check_mask_ratio
 from training.checkpoint import read_args
 from training.cli import POSITIVE, one_size, validate_numbers
@@ -105,32 +106,52 @@ def training_settings(args: argparse.Namespace, world_size: int) -> Dict[str, An
             "log_dir": log_dir}
 
 
+def check_data_path(path: str, flag: str) -> bool:
+    """A folder, or tar shards that all exist (``image_data.shards``); True for shards."""
+    if is_shard_spec(path):
+        shard_paths(path)
+        return True
+    if not Path(path).is_dir():
+        raise UsageError(f"{flag} {path} is neither a directory nor tar shards")
+    return False
+
+
 def labelled_data_settings(args: argparse.Namespace, *, train: bool) -> Dict[str, Any]:
-    """The data set (IMNET with ``--data_path``, synthetic without), its paths, and ``--nb_classes``,
-    which defaults to the evaluation data's count and must match it when given; with ``train`` the
-    training data must have as many classes."""
-    data_set = args.data_set or ("IMNET" if args.data_path else "synthetic")
+    """The data set (IMNET with a ``--data_path`` folder, image_folder with shards, synthetic
+    without), its paths, and ``--nb_classes``. For folders it defaults to the evaluation data's
+    count and must match it when given, and with ``train`` the training data must have as many
+    classes; for tar shards, whose labels are numbers, it defaults to the largest label + 1 of
+    either split and may be larger."""
+    shards = bool(args.data_path) and check_data_path(args.data_path, "--data_path")
+    data_set = args.data_set or ("image_folder" if shards else "IMNET" if args.data_path else "synthetic")
     if data_set != "synthetic" and not args.data_path:
         raise UsageError(f"--data_set {data_set} needs --data_path; omit both for the synthetic dataset")
     if data_set == "image_folder" and not args.eval_data_path:
         raise UsageError("--data_set image_folder trains on --data_path and evaluates on --eval_data_path, which is "
                          "missing; for a folder that holds train/ and val/, use --data_set IMNET")
-    if args.data_path and not Path(args.data_path).is_dir():
-        raise UsageError(f"--data_path {args.data_path} is not a directory")
+    if data_set == "image_folder":
+        shards = check_data_path(args.eval_data_path, "--eval_data_path") or shards
     if args.finetune and not Path(args.finetune).exists():
         raise UsageError(f"--finetune {args.finetune} does not exist; check the path")
     try:
         nb_classes, train_classes = (count_classes(data_set, is_train, data_path=args.data_path,
-                                                   eval_data_path=args.eval_data_path) for is_train in (False, train))
+                                                   eval_data_path=args.eval_data_path, index_dir=args.output_dir)
+                                     for is_train in (False, train))
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from error
+    if shards:
+        nb_classes = max(nb_classes, train_classes)
+        if args.nb_classes is not None and args.nb_classes < nb_classes:
+            raise UsageError(f"--nb_classes {args.nb_classes}, but the shards hold labels up to {nb_classes - 1}; "
+                             f"pass --nb_classes {nb_classes} or more, or leave it out")
+        return {"data_set": data_set, "nb_classes": args.nb_classes or nb_classes, "shards": True}
     if train_classes != nb_classes:
         raise UsageError(f"the training data has {train_classes} classes but the evaluation data {nb_classes}; "
                          "both need the same class folders")
     if args.nb_classes is not None and args.nb_classes != nb_classes:
         raise UsageError(f"--nb_classes {args.nb_classes} does not match the {nb_classes} classes of --data_set "
                          f"{data_set}; pass --nb_classes {nb_classes} or leave it out")
-    return {"data_set": data_set, "nb_classes": nb_classes}
+    return {"data_set": data_set, "nb_classes": nb_classes, "shards": False}
 
 
 def resolved(args: argparse.Namespace, *parts: Mapping[str, Any], **fixed: Any) -> ResolvedArgs:
@@ -161,8 +182,8 @@ def resolve_pretraining(args: argparse.Namespace) -> ResolvedArgs:
     data_set = args.data_set or ("image_folder" if args.data_path else "synthetic")
     if data_set == "image_folder" and not args.data_path:
         raise UsageError("--data_set image_folder needs --data_path; omit both for the synthetic dataset")
-    if args.data_path and not Path(args.data_path).is_dir():
-        raise UsageError(f"--data_path {args.data_path} is not a directory")
+    if args.data_path:
+        check_data_path(args.data_path, "--data_path")
     if args.init_from and not Path(args.init_from).exists():
         raise UsageError(f"--init_from {args.init_from} does not exist; check the path")
     return resolved(args, launch, images, training, {"data_set": data_set})

@@ -22,7 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-from image_data.files import count_skipped_all_ranks
+from image_data.files import count_skipped_all_ranks, reset_skipped
 from training.checkpoint import (
     BEST,
     EpochStart,
@@ -121,8 +121,10 @@ def fit(state: TrainingState, stage: Stage, *, loader: DataLoader, device: torch
 
 def position_loader(loader: DataLoader, epoch: int, samples_done: int) -> None:
     """Point the loader's sampler (``datasets.EpochSampler``) at ``epoch``, leaving out the
-    ``samples_done`` positions of its global order that a resumed epoch has already trained on."""
+    ``samples_done`` positions of its global order that a resumed epoch has already trained on,
+    and start counting the epoch's unreadable samples."""
     loader.sampler.set_epoch(epoch, samples_done)
+    reset_skipped(loader.dataset)
 
 
 def log_epoch(record: Dict[str, Any], test_stats: Dict[str, float], log_writer: Optional[Any],
