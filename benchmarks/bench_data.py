@@ -13,15 +13,29 @@ times finetuning's PIL pipeline instead (crop, flip, RandAugment; normalization 
 run on the device). Prints the fastest path that decodes in the workers; the last line is one
 JSON object.
 
+``--shards`` compares the same JPEGs as a folder and as tar shards (``make_shards.py``) through the
+pretraining loader as ``run_mae_pretraining.py`` builds it: images/s warm (page cache full) and
+cold (every file's pages evicted with ``posix_fadvise(DONTNEED)`` before the epoch), for several
+``--shuffle_window``s, the files opened per 1,000 samples, and the time and memory of indexing a
+large synthetic set of shards.
+
     python benchmarks/bench_data.py --num_images 200
+    python benchmarks/bench_data.py --shards --num_images 2000 --num_workers 2
 """
 import argparse
+import builtins
 import importlib.util
+import io
 import json
+import os
 import sys
+import tarfile
 import tempfile
 import time
+import tracemalloc
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,6 +48,8 @@ from image_data import augmentation  # noqa: E402
 import datasets  # noqa: E402
 from image_data import device_decoder  # noqa: E402
 from image_data import files as image_files  # noqa: E402
+from image_data import shards as image_shards  # noqa: E402
+import make_shards  # noqa: E402
 
 Decode = Callable[[str], Any]
 Sample = Tuple[Any, int]
@@ -51,6 +67,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", default=256, type=int, help="loader and GPU-decode batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda adds batched nvJPEG decoding on the GPU")
+    parser.add_argument("--shards", action="store_true", help="compare a folder with tar shards of the same JPEGs")
+    parser.add_argument("--samples_per_shard", default=250, type=int, help="--shards: the shards' size")
+    parser.add_argument("--windows", default=[1, 4, 16], type=int, nargs="+", help="--shards: windows to time")
+    parser.add_argument("--index_shards", default=200, type=int, help="--shards: shards in the indexing test")
+    parser.add_argument("--index_members", default=2000, type=int, help="--shards: samples per indexing shard")
     return parser.parse_args(argv)
 
 
@@ -199,7 +220,131 @@ def best_time(work: Callable[[], Any], repeats: int, device: torch.device, inclu
     return best
 
 
+# ----------------------------------------------------------------------------- folder vs shards
+
+
+def evict(paths: Sequence[str]) -> None:
+    """Drop the files' pages from the page cache (without root: clean pages of unmapped files)."""
+    for path in paths:
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(handle)
+            os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(handle)
+
+
+@contextmanager
+def counting_opens() -> Any:
+    """Count the files this process opens (``open``, ``os.open``): a list holding the count."""
+    count = [0]
+    original_open, original_os_open = builtins.open, os.open
+
+    def counted_open(*args, **kwargs):
+        count[0] += 1
+        return original_open(*args, **kwargs)
+
+    def counted_os_open(*args, **kwargs):
+        count[0] += 1
+        return original_os_open(*args, **kwargs)
+
+    builtins.open, os.open = counted_open, counted_os_open
+    try:
+        yield count
+    finally:
+        builtins.open, os.open = original_open, original_os_open
+
+
+def pretraining_loader(data_path: str, args: argparse.Namespace, num_workers: int, window: int) -> DataLoader:
+    """The loader ``run_mae_pretraining.py`` builds (PIL decoder, one process)."""
+    dataset = datasets.build_pretraining_dataset("image_folder", data_path, augmentation.Crops(args.input_size))
+    settings = SimpleNamespace(batch_size=args.batch_size, world_size=1, rank=0, seed=0, num_workers=num_workers,
+                               pin_mem=False, device="cpu", shuffle_window=window, preempt_signals=["none"])
+    return datasets.build_train_loader(dataset, settings)
+
+
+def epoch_rate(loader: DataLoader, epoch: int, evicted: Sequence[str] = ()) -> float:
+    evict(evicted)
+    loader.sampler.set_epoch(epoch)
+    start = time.perf_counter()
+    batches = sum(1 for _ in loader)
+    return batches * loader.batch_size / (time.perf_counter() - start)
+
+
+def opens_per_1000(data_path: str, args: argparse.Namespace, window: int) -> float:
+    """Files opened per 1,000 samples of an epoch read in this process (a worker's view)."""
+    loader = pretraining_loader(data_path, args, num_workers=0, window=window)
+    with counting_opens() as count:
+        samples = sum(len(images) for images, _ in loader)
+    return 1000 * count[0] / samples
+
+
+def folder_vs_shards(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
+    (root / "images").mkdir()
+    files = write_jpegs(root / "images", args.num_images)
+    converted = make_shards.main(make_shards.get_args_parser().parse_args(
+        ["--data_path", str(root / "images"), "--output_dir", str(root / "shards"), "--samples_per_shard",
+         str(args.samples_per_shard)]))
+    shards = [str(root / "shards" / shard["path"]) for shard in converted["shards"]]
+    sources = {"folder": (str(root / "images"), files, [1])}
+    sources["shards"] = (converted["pattern"], shards, args.windows)
+    report: Dict[str, Any] = {"num_images": args.num_images, "samples_per_shard": args.samples_per_shard,
+                              "num_workers": args.num_workers, "batch_size": args.batch_size}
+    for name, (data_path, paths, windows) in sources.items():
+        for window in windows:
+            label = name if name == "folder" else f"shards_window_{window}"
+            loader = pretraining_loader(data_path, args, args.num_workers, window)
+            epoch_rate(loader, 0)  # starts the workers and fills the page cache
+            report[label] = {"warm_images_per_s": max(epoch_rate(loader, epoch) for epoch in (1, 2)),
+                             "cold_images_per_s": max(epoch_rate(loader, epoch, paths) for epoch in (3, 4)),
+                             "files_opened_per_1000_samples": opens_per_1000(data_path, args, window)}
+            print(f"{label:>18}: {report[label]}", flush=True)
+    return report
+
+
+def fake_shard(path: Path, members: int, rng: np.random.Generator) -> None:
+    """A shard of ``members`` samples (1-3 KiB of bytes named .jpg, and a .cls): the headers are what
+    indexing reads."""
+    with tarfile.open(path, "w") as tar:
+        for index in range(members):
+            for name, data in ((f"{index:08d}.jpg", bytes(int(rng.integers(1024, 3072)))),
+                               (f"{index:08d}.cls", str(index % 1000).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def indexing_cost(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
+    """Index ``--index_shards`` shards of ``--index_members`` samples: first (building) and again
+    (cached), with the peak Python memory of each and what the catalog keeps."""
+    rng = np.random.default_rng(0)
+    folder = root / "index_test"
+    folder.mkdir()
+    for shard in range(args.index_shards):
+        fake_shard(folder / f"s-{shard:06d}.tar", args.index_members, rng)
+    spec = str(folder / f"s-{{000000..{args.index_shards - 1:06d}}}.tar")
+    report = {"shards": args.index_shards, "samples": args.index_shards * args.index_members}
+    for run in ("build", "cached"):
+        tracemalloc.start()
+        start = time.perf_counter()
+        catalog = image_shards.catalog_shards(spec, None)
+        seconds = time.perf_counter() - start
+        report[f"{run}_seconds"] = seconds
+        report[f"{run}_peak_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    report["build_samples_per_s"] = report["samples"] / report["build_seconds"]
+    report["index_bytes_per_sample"] = sum(os.path.getsize(path) for path in catalog.index_paths) / report["samples"]
+    print(f"indexing: {report}", flush=True)
+    return report
+
+
 def main(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.shards:
+        with tempfile.TemporaryDirectory() as folder:
+            report = {"folder_vs_shards": folder_vs_shards(args, Path(folder)),
+                      "indexing": indexing_cost(args, Path(folder))}
+        print(json.dumps(report))
+        return report
     device = torch.device(args.device)
     report: Dict[str, Any] = {"stage": args.stage, "num_images": args.num_images, "per_worker_images_per_s": {}}
     with tempfile.TemporaryDirectory() as folder:

@@ -151,7 +151,7 @@ PRETRAIN_ERRORS = [
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--clip_grad", "-1"], "--clip_grad must be a positive norm"),
     (["--model", "pretrain_mae_bas_patch16_224"], "did you mean pretrain_mae_base_patch16_224"),
-    (["--data_path", "/no/such/folder"], "--data_path /no/such/folder is not a directory"),
+    (["--data_path", "/no/such/folder"], "--data_path /no/such/folder is neither a directory nor tar shards"),
     (["--resume", "/no/such/checkpoint.pth"], "does not exist"),
 ]
 FINETUNE_ERRORS = [
