@@ -85,16 +85,21 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def build_loader(args: argparse.Namespace) -> DataLoader:
-    """Shuffled, rank-sharded batches of uint8 images; see ``datasets.build_train_loader``."""
+    """Shuffled, rank-sharded batches of uint8 images (``datasets.build_train_loader``); a
+    collective: a dataset (a tar shard, say) that one rank cannot read stops every rank."""
+    dataset, error = None, None
     try:
         dataset = build_pretraining_dataset(
             args.data_set, args.data_path, Crops(args.input_size, tuple(args.crop_scale), args.hflip),
             num_samples=args.num_samples, decoder=args.decoder, in_chans=args.in_chans,
             max_pixels=args.max_image_pixels, index_dir=args.output_dir,
         )
-    except (FileNotFoundError, ValueError) as error:
-        raise utils.UsageError(str(error)) from error
-    check_readable(dataset)
+        check_readable(dataset)
+    except (FileNotFoundError, ValueError) as found:
+        error = utils.UsageError(str(found))
+    except utils.UsageError as found:
+        error = found
+    utils.raise_on_all_ranks(error)
     return build_train_loader(dataset, args, collate_encoded if args.decoder == "device" else None)
 
 

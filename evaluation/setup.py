@@ -21,7 +21,7 @@ from training.cli import (
 from datasets import CLASSIFICATION_SETS, build_classification_dataset, check_readable
 from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder, to_grid
 from training.preemption import worker_init_fn
-from utils import UsageError, is_main_process, rank_shard
+from utils import UsageError, is_main_process, raise_on_all_ranks, rank_shard
 
 TransformFactory = Callable[[argparse.Namespace, bool], Callable]  # (args, is_train) -> the workers' transform
 
@@ -70,7 +70,7 @@ def build_datasets(
 ) -> Tuple[Optional[Dataset], Dataset, int]:
     """The training set (None unless ``train``), the evaluation set and their number of classes,
     which ``training.config`` counted as ``args.nb_classes``; ``make_transform(args, is_train)``
-    gives each split's transform."""
+    gives each split's transform. A collective: data that one rank cannot read stops every rank."""
     def build(is_train: bool) -> Tuple[Dataset, int]:
         try:
             dataset, nb_classes = build_classification_dataset(
@@ -87,9 +87,14 @@ def build_datasets(
                              f"{args.nb_classes} when the run started")  # the folders changed since then
         return dataset, nb_classes
 
-    val_set, nb_classes = build(False)
-    train_set = build(True)[0] if train else None
-    return train_set, val_set, nb_classes
+    built, error = None, None
+    try:
+        val_set, nb_classes = build(False)
+        built = (build(True)[0] if train else None, val_set, nb_classes)
+    except UsageError as found:
+        error = found
+    raise_on_all_ranks(error)
+    return built
 
 
 def build_encoder(args: argparse.Namespace, *, num_classes: int, drop_path: float = 0.0) -> torch.nn.Module:

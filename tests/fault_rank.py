@@ -5,7 +5,8 @@ patches the process of rank $FAULT_RANK before the script starts.
 $FAULT_SCRIPT: the script's module (run_mae_pretraining by default); $FAULT, one of:
   nan_loss      the loss of this process's micro-step $FAULT_STEP (counted from 0) is NaN;
   corrupt_read  reading checkpoint-last.pth fails as a truncated file does;
-  memory_error  reading any checkpoint file raises MemoryError.
+  memory_error  reading any checkpoint file raises MemoryError;
+  bad_shard     this rank finds a tar shard truncated (a node whose copy stopped short).
 Every rank writes its exit code to $RECORD_DIR/exit_rank{RANK}.
 """
 import importlib
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import datasets
 import engine_for_pretraining
 import utils
 
@@ -55,6 +57,11 @@ elif FAULTED and FAULT == "corrupt_read":
                   RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory"))
 elif FAULTED and FAULT == "memory_error":
     failing_reads(lambda path: path.suffix == ".pth", MemoryError("cannot allocate 9.6 GB"))
+elif FAULTED and FAULT == "bad_shard":
+    def truncated(spec, index_dir):
+        raise utils.UsageError(f"shard {spec} is truncated: it ends inside a member")
+
+    datasets.catalog_shards = truncated
 
 
 def record_exit(code: int) -> None:

@@ -2,6 +2,7 @@
 (``tests/fault_rank.py``, no hooks in the product) on gloo, and the tests assert what every rank
 printed and how it exited: on NCCL a rank that leaves alone would leave the others waiting in their
 next collective, so every rank must stop at the same point with the cause, not a connection error."""
+import io
 import json
 import os
 import shutil
@@ -9,11 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from helpers import (
     PRETRAIN,
@@ -49,6 +52,22 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_any_checkpoint_holds_it(
     checkpoint = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 1)  # the update before the bad one
     assert all(bool(torch.isfinite(tensor).all()) for tensor in checkpoint["model"].values())
+
+
+def test_a_shard_one_rank_cannot_read_stops_every_rank_with_exit_2_before_anything_is_written(tmp_path):
+    shard = tmp_path / "s0.tar"
+    with tarfile.open(shard, "w") as tar:
+        for index in range(32):
+            buffer = io.BytesIO()
+            Image.new("RGB", (36, 36), (index * 7, 40, 90)).save(buffer, format="JPEG")
+            info = tarfile.TarInfo(f"{index:03d}.jpg")
+            info.size = len(buffer.getvalue())
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
+    run_faulted(torchrun_logged([*PRETRAIN, "--data_path", str(shard), "--output_dir", str(out)], logs), records,
+                "bad_shard")
+    assert_every_rank(rank_outputs(logs, records), 2, f"error: on rank 1: shard {shard} is truncated")
+    assert not out.exists()
 
 
 @pytest.fixture
