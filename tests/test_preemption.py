@@ -28,7 +28,6 @@ from helpers import (
     single,
     start,
     torchrun,
-    trained_keys,
     wait_for_step,
 )
 
@@ -69,24 +68,6 @@ def test_a_worker_killed_under_torchrun_max_restarts_resumes_from_the_step_check
     assert "resumed from" in output and "at epoch 1 step" in output, output[-3000:]
     for straight, resumed in zip(final_state(uninterrupted / "out"), final_state(tmp_path / "out")):
         assert_bitwise_equal(straight, resumed)
-
-
-def test_stopped_on_two_processes_and_resumed_on_one_every_sample_of_the_epoch_is_trained_once(tmp_path):
-    process = start(torchrun(tmp_path / "out"), tmp_path / "two")
-    seen: List[str] = []
-    wait_for_step(process, epoch=0, step=1, seen=seen)
-    process.send_signal(signal.SIGTERM)
-    output = finish(process, seen)
-    checkpoint = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=True)
-    assert checkpoint["epoch"] == 0 and 0 < checkpoint["samples_done"] < 32, output[-3000:]
-    before = [key for key in trained_keys(tmp_path / "two") if key[0] == 0]
-    assert len(before) == checkpoint["samples_done"]  # what was trained is what the checkpoint counts
-    output = run(single(tmp_path / "out"), tmp_path / "one")
-    assert "effective batch 8 in the checkpoint, 4 now (1 process x 4 x 1 accumulation steps): lr = blr" in output
-    after = [key for key in trained_keys(tmp_path / "one") if key[0] == 0]
-    assert sorted(index for _, index in before + after) == list(range(32))  # each exactly once
-    for epoch in (1, 2):
-        assert sorted(index for seen, index in trained_keys(tmp_path / "one") if seen == epoch) == list(range(32))
 
 
 def test_signals_during_the_save_change_nothing_and_usr1_exits_138(tmp_path):

@@ -304,7 +304,8 @@ def test_a_shard_run_stopped_on_two_processes_and_resumed_on_one_trains_every_sa
     assert checkpoint["epoch"] == 0 and 0 < checkpoint["samples_done"] < 32, output[-3000:]
     before = [index for epoch, index in trained_keys(tmp_path / "two") if epoch == 0]
     assert len(before) == checkpoint["samples_done"]
-    run(single(tmp_path / "out", extra), tmp_path / "one")
+    output = run(single(tmp_path / "out", extra), tmp_path / "one")
+    assert "effective batch 8 in the checkpoint, 4 now (1 process x 4 x 1 accumulation steps): lr = blr" in output
     after = trained_keys(tmp_path / "one")
     assert sorted(before + [index for epoch, index in after if epoch == 0]) == list(range(32))  # each once
     for epoch in (1, 2):
