@@ -10,6 +10,7 @@ import tarfile
 import time
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List
 
 import numpy as np
@@ -23,11 +24,11 @@ import run_knn_eval
 import run_linear_probe
 import run_mae_pretraining
 import utils
-from datasets import EpochSampler, build_classification_dataset
+from datasets import EpochSampler, build_classification_dataset, shard_images
 from helpers import finish, run, single, start, torchrun, trained_keys, wait_for_step
 from image_data.device_decoder import read_encoded
 from image_data.epoch_order import ShardWindowOrder
-from image_data.files import MemberBytes, decode_rgb, load_image
+from image_data.files import MemberBytes, count_skipped, decode_rgb, load_image, reset_skipped
 from image_data.shards import (
     INDEX_SUFFIX,
     ShardImages,
@@ -37,6 +38,7 @@ from image_data.shards import (
     fallback_index_path,
     shard_paths,
 )
+from training.checkpoint import order_change
 
 TINY = ["--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--epochs", "1",
         "--warmup_epochs", "0"]
@@ -324,3 +326,27 @@ def test_shard_images_hold_per_shard_state_only(tmp_path):
     assert dataset.reader.opened == 2 and len(shards) == 3
     with pytest.raises(IndexError):
         dataset[7]
+
+
+def test_a_member_that_does_not_decode_is_skipped_named_and_counted_once_an_epoch(tmp_path):
+    members = {"a.jpg": jpeg_bytes((200, 0, 0)), "b.jpg": jpeg_bytes((0, 200, 0))[:300], "c.jpg": b"not a jpeg",
+               "d.jpg": jpeg_bytes((0, 0, 200))}
+    write_tar(tmp_path / "s.tar", members)
+    dataset = shard_images(str(tmp_path / "s.tar"), None, load_image, index_dir=None, num_samples=None)
+    for _ in range(2):  # two epochs
+        reset_skipped(dataset)
+        with pytest.warns(UserWarning) as caught:
+            images = [dataset[index][0] for index in range(len(dataset))]
+        assert count_skipped(dataset) == 2
+    named = " ".join(str(warning.message) for warning in caught)
+    assert f"{tmp_path / 's.tar'}:b.jpg" in named and f"{tmp_path / 's.tar'}:c.jpg" in named
+    assert [image.getpixel((0, 0)) for image in images][1:3] == [images[3].getpixel((0, 0))] * 2  # d takes their place
+
+
+def test_resuming_mid_epoch_under_another_order_says_that_epoch_is_no_longer_exact():
+    args = SimpleNamespace(seed=0, data_path="a-{0..9}.tar", num_samples=None, shuffle_window=4)
+    written = {"seed": 0, "data_path": "a-{0..9}.tar", "num_samples": None, "shuffle_window": 16}
+    line = order_change({"epoch": 3, "step": 5, "args": written}, args)
+    assert line.startswith("warning: the order of epoch 3 changed (--shuffle_window 16 then, 4 now)")
+    assert order_change({"epoch": 3, "args": written}, args) == ""  # at an epoch's end the next starts afresh
+    assert order_change({"epoch": 3, "step": 5, "args": {**written, "shuffle_window": 4}}, args) == ""

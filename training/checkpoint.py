@@ -483,10 +483,26 @@ def resume_training_state(state: TrainingState, args: argparse.Namespace) -> Res
     if is_main_process():
         where = f"epoch {epoch}" + (f" step {checkpoint['step']}" if "step" in checkpoint else "")
         print(f"resumed from {path} at {where}")
-        change = batch_change(checkpoint.get("args", {}), args)
-        if change:
-            print(change)
+        for change in (batch_change(checkpoint.get("args", {}), args), order_change(checkpoint, args)):
+            if change:
+                print(change)
     return Resume(checkpoint, epoch)
+
+
+ORDER_FLAGS = ("seed", "data_path", "num_samples", "shuffle_window")  # what the order of an epoch follows
+
+
+def order_change(checkpoint: Mapping[str, Any], args: argparse.Namespace) -> str:
+    """One line when a checkpoint written mid-epoch was made under another order of the epoch: the
+    positions it counts as done then name other samples, so that epoch is no longer exact."""
+    written_by = checkpoint.get("args", {})
+    changed = [flag for flag in ORDER_FLAGS
+               if flag in written_by and written_by[flag] != getattr(args, flag, written_by[flag])]
+    if "step" not in checkpoint or not changed:
+        return ""
+    flags = ", ".join(f"--{flag} {written_by[flag]} then, {getattr(args, flag)} now" for flag in changed)
+    return (f"warning: the order of epoch {checkpoint['epoch']} changed ({flags}): the rest of it follows the new "
+            "order, so some of its samples may be trained twice and others not at all; later epochs are exact")
 
 
 def batch_change(written_by: Mapping[str, Any], args: argparse.Namespace) -> str:
