@@ -31,8 +31,9 @@ from image_data.files import (
     decode_rgb,
     labelled_folder,
     load_image,
+    wrapped,
 )
-from image_data.shards import ShardImages, catalog_shards, is_shard_spec
+from image_data.shards import ShardCatalog, ShardImages, catalog_shards, is_shard_spec
 from modeling_finetune import to_grid
 from training.preemption import worker_init_fn
 from image_data.synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
@@ -116,18 +117,17 @@ def build_pretraining_dataset(
         if not data_path:
             raise ValueError("data_set 'image_folder' needs a data_path")
         if is_shard_spec(data_path):
-            return shard_images(data_path, transform, loader, index_dir=index_dir, num_samples=num_samples)
+            return shard_images(catalog_shards(data_path, index_dir), transform, loader, num_samples)
         dataset = build_image_folder(data_path, transform, loader)
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
     return first_samples(dataset, num_samples)
 
 
-def shard_images(spec: str, transform: Callable, loader: Callable, *, index_dir: Optional[str],
+def shard_images(catalog: ShardCatalog, transform: Callable, loader: Callable,
                  num_samples: Optional[int]) -> SkipUnreadable:
-    """The samples of the tar shards ``spec`` names, unreadable ones skipped; ``index_dir`` takes
-    the indexes of shards whose folder cannot be written."""
-    return SkipUnreadable(ShardImages(catalog_shards(spec, index_dir), transform, ReadErrors(loader), num_samples))
+    """The samples of the catalogued tar shards, unreadable ones skipped."""
+    return SkipUnreadable(ShardImages(catalog, transform, ReadErrors(loader), num_samples))
 
 
 def check_readable(dataset: Dataset) -> None:
@@ -193,8 +193,7 @@ def build_classification_dataset(
     root = classification_root(data_set, is_train, data_path, eval_data_path)
     if is_shard_spec(root):
         catalog = catalog_shards(root, index_dir)
-        dataset = ShardImages(catalog, transform, ReadErrors(file_loader(in_chans, max_pixels)), num_samples)
-        return SkipUnreadable(dataset), catalog.num_classes(root)
+        return shard_images(catalog, transform, file_loader(in_chans, max_pixels), num_samples), catalog.num_classes(root)
     folder = labelled_folder(root, transform, file_loader(in_chans, max_pixels))
     return first_samples(SkipUnreadable(folder), num_samples), len(folder.classes)
 
@@ -314,9 +313,7 @@ class EpochSampler(Sampler):
 
 def epoch_order(dataset: Dataset, seed: int, shuffle_window: int) -> EpochOrder:
     """Windows of ``shuffle_window`` shards for tar shards, ``torch.randperm`` for the rest."""
-    shards = dataset
-    while shards is not None and not isinstance(shards, ShardImages):
-        shards = getattr(shards, "dataset", None)
+    shards = wrapped(dataset, ShardImages)
     if shards is None:
         return PermutationOrder(len(dataset), seed)
     return ShardWindowOrder(shards.shard_counts, shuffle_window, seed)

@@ -9,7 +9,7 @@ A stretch of the order then reads one window's shards, each about once an epoch,
 per shard however many samples there are.
 """
 import functools
-from typing import Dict, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -74,7 +74,6 @@ class ShardWindowOrder:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])  # (S + 1,): each shard's first index
         self.num_samples = int(self.starts[-1])
         self.window, self.seed = window, seed
-        self.keys: Dict[Tuple[int, int], np.ndarray] = {}
 
     @functools.lru_cache(maxsize=1)
     def layout(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,13 +84,10 @@ class ShardWindowOrder:
         window_begins = begins[np.append(np.arange(0, len(shards), self.window), len(shards))]  # (windows + 1,)
         return shards, begins, window_begins
 
+    @functools.lru_cache(maxsize=64)
     def window_keys(self, epoch: int, window: int) -> np.ndarray:
-        if (epoch, window) not in self.keys:
-            if len(self.keys) > 64:
-                self.keys.clear()
-            seeds = np.random.SeedSequence([self.seed, epoch, window]).generate_state(FEISTEL_ROUNDS, dtype=np.uint64)
-            self.keys[(epoch, window)] = seeds
-        return self.keys[(epoch, window)]
+        """The Feistel round keys of one window of one epoch."""
+        return np.random.SeedSequence([self.seed, epoch, window]).generate_state(FEISTEL_ROUNDS, dtype=np.uint64)
 
     def indices(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         """The sample index at each of ``positions`` (< num_samples) of ``epoch``'s order."""

@@ -265,10 +265,10 @@ class SkipUnreadable(Dataset):
             self.unreadable.value = 0
 
 
-def skipping(dataset: Optional[Dataset]) -> Optional[SkipUnreadable]:
-    """The ``SkipUnreadable`` in ``dataset``'s wrapper chain, if any."""
+def wrapped(dataset: Optional[Dataset], kind: type) -> Optional[Dataset]:
+    """The ``kind`` dataset in ``dataset``'s wrapper chain (each wrapper's ``.dataset``), if any."""
     while dataset is not None:
-        if isinstance(dataset, SkipUnreadable):
+        if isinstance(dataset, kind):
             return dataset
         dataset = getattr(dataset, "dataset", None)
     return None
@@ -276,13 +276,13 @@ def skipping(dataset: Optional[Dataset]) -> Optional[SkipUnreadable]:
 
 def count_skipped(dataset: Dataset) -> int:
     """Unreadable samples this rank met since the epoch began (``reset_skipped``), else 0."""
-    found = skipping(dataset)
+    found = wrapped(dataset, SkipUnreadable)
     return 0 if found is None else found.count()
 
 
 def reset_skipped(dataset: Dataset) -> None:
     """Start counting a new epoch's unreadable samples."""
-    found = skipping(dataset)
+    found = wrapped(dataset, SkipUnreadable)
     if found is not None:
         found.reset_count()
 

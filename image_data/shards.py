@@ -23,7 +23,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from image_data.files import ARRAY_EXTENSIONS, MemberBytes
+from image_data.files import ARRAY_EXTENSIONS, UNREADABLE, MemberBytes, UnreadableImageError
 from utils import UsageError
 
 SHARD_SUFFIX = ".tar"
@@ -352,10 +352,11 @@ class ShardReader:
     def index(self, shard: int) -> ShardIndex:
         self.own()
         if shard not in self.indexes:
-            self.indexes[shard] = load_index(self.catalog.index_paths[shard])
-            if len(self.indexes[shard].offsets) != self.catalog.counts[shard]:
-                raise RuntimeError(f"shard {self.catalog.paths[shard]} changed since the run started; start the "
-                                   "run again to index it again")
+            index = load_index(self.catalog.index_paths[shard])
+            if len(index.offsets) != self.catalog.counts[shard]:
+                raise OSError(f"shard {self.catalog.paths[shard]} changed since the run started; its samples are "
+                              "skipped until the run starts again and indexes it again")
+            self.indexes[shard] = index
             if len(self.indexes) > MAX_OPEN_SHARDS:
                 self.indexes.popitem(last=False)
         self.indexes.move_to_end(shard)
@@ -402,7 +403,11 @@ class ShardImages(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} of {len(self)}")
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        source, label = self.reader.member(shard, index - int(self.starts[shard]))
+        position = index - int(self.starts[shard])
+        try:
+            source, label = self.reader.member(shard, position)
+        except UNREADABLE as error:  # the shard or its index gone or changed since the start: a skip, not a stop
+            raise UnreadableImageError(f"{self.reader.catalog.paths[shard]} sample {position}", error) from error
         image = self.loader(source)
         if self.transform is not None:
             image = self.transform(image)

@@ -332,7 +332,7 @@ def test_a_member_that_does_not_decode_is_skipped_named_and_counted_once_an_epoc
     members = {"a.jpg": jpeg_bytes((200, 0, 0)), "b.jpg": jpeg_bytes((0, 200, 0))[:300], "c.jpg": b"not a jpeg",
                "d.jpg": jpeg_bytes((0, 0, 200))}
     write_tar(tmp_path / "s.tar", members)
-    dataset = shard_images(str(tmp_path / "s.tar"), None, load_image, index_dir=None, num_samples=None)
+    dataset = shard_images(catalog_shards(str(tmp_path / "s.tar"), None), None, load_image, num_samples=None)
     for _ in range(2):  # two epochs
         reset_skipped(dataset)
         with pytest.warns(UserWarning) as caught:
@@ -350,3 +350,16 @@ def test_resuming_mid_epoch_under_another_order_says_that_epoch_is_no_longer_exa
     assert line.startswith("warning: the order of epoch 3 changed (--shuffle_window 16 then, 4 now)")
     assert order_change({"epoch": 3, "args": written}, args) == ""  # at an epoch's end the next starts afresh
     assert order_change({"epoch": 3, "step": 5, "args": {**written, "shuffle_window": 4}}, args) == ""
+
+
+def test_a_shard_that_changes_during_the_run_is_skipped_on_the_rank_that_meets_it_not_a_stop(tmp_path):
+    """A stop on one rank alone would leave the others waiting in their next collective."""
+    write_tar(tmp_path / "s0.tar", {"a.jpg": jpeg_bytes((200, 0, 0)), "b.jpg": jpeg_bytes((0, 200, 0))})
+    write_tar(tmp_path / "s1.tar", {"c.jpg": jpeg_bytes((0, 0, 200))})
+    dataset = shard_images(catalog_shards(str(tmp_path / "s{0..1}.tar"), None), None, load_image, num_samples=None)
+    write_tar(tmp_path / "s0.tar", {"a.jpg": jpeg_bytes((200, 0, 0))})  # rewritten, and indexed again
+    catalog_shards(str(tmp_path / "s0.tar"), None)
+    with pytest.warns(UserWarning, match=r"s0.tar sample [01]: shard .*s0.tar changed since the run started"):
+        image, _ = dataset[0]
+    assert image.getpixel((0, 0))[2] > 150  # s1's image, past both of s0's
+    assert count_skipped(dataset) == 1  # sample 0 itself; sample 1 is counted when its own turn comes
