@@ -309,6 +309,21 @@ def seed_everything(*key: int) -> None:
 # ----------------------------------------------------------------------------- precision
 
 
+AMP_CHOICES = ("bf16", "fp16", "none")  # the one precision vocabulary of every script, benchmark and check
+AMP_SYNONYMS = {"fp32": "none"}  # full precision, as benchmarks and papers often say it
+
+
+def amp_choice(value: str) -> str:
+    """The ``type`` of every ``--amp`` flag: a synonym becomes its name, so ``choices`` stays the three."""
+    return AMP_SYNONYMS.get(value.lower(), value.lower())
+
+
+def add_amp_arg(parser: Any, default: Optional[str], help: str) -> None:
+    """``--amp`` as every entry point takes it: bf16, fp16 or none (fp32 is read as none)."""
+    parser.add_argument("--amp", default=default, type=amp_choice, choices=AMP_CHOICES,
+                        help=f"{help}; fp32 is accepted for none")
+
+
 def resolve_amp(amp: Optional[str], device: torch.device) -> str:
     """bf16 by default on GPUs that have it; full precision on CPU unless asked."""
     if amp is not None:

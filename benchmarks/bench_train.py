@@ -13,7 +13,7 @@ or with ``--fsdp`` sharded, and the peak memory of every rank is reported. The l
 
     python benchmarks/bench_train.py --model pretrain_mae_base_patch16_224 --batch_size 8 --amp bf16 --device cpu
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/bench_train.py --model pretrain_mae_large_patch16_224 \
-        --batch_size 2 --amp fp32 --device cpu --stages pretrain --fsdp --grad_checkpointing
+        --batch_size 2 --amp none --device cpu --stages pretrain --fsdp --grad_checkpointing
 """
 import argparse
 import importlib.util
@@ -49,8 +49,7 @@ from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
 from training.performance import fused_attention_is_faster, use_fastest_attention  # noqa: E402
 from training.wrapping import unwrap_model, wrap_model  # noqa: E402
 
-AMP_MODES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # our names -> utils.autocast's
-MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MATMUL_DTYPES = {"none": torch.float32, **utils.AMP_DTYPES}  # the step's dtype under each --amp
 STAGES = ("pretrain", "finetune")
 HF_STAGE = "vitmae_pretrain"
 PROBE = "matmul"  # the peak-rate probe, timed before and between the training steps
@@ -64,7 +63,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", default="pretrain_mae_base_patch16_224",
                         help="pretraining model; finetuning times the ViT of the same size (vit_*)")
     parser.add_argument("--batch_size", default=8, type=int, help="images per step")
-    parser.add_argument("--amp", default="bf16", choices=list(AMP_MODES), help="precision of the step")
+    utils.add_amp_arg(parser, default="bf16", help="precision of the step")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the model (the same switch the run_* scripts have)")
     parser.add_argument("--fsdp", action="store_true", help="shard the model over the processes (FSDP2)")
@@ -235,18 +234,17 @@ def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     """FLOPs from one eager step, then the (compiled) model's warm-up steps."""
     before = allocated_bytes(device)
     model.to(device).train()
-    amp = AMP_MODES[args.amp]
-    use_fastest_attention(model, device, amp)
+    use_fastest_attention(model, device, args.amp)
     if args.grad_checkpointing:  # timm's switch, or transformers' for ViTMAE
         enable = getattr(model, "set_grad_checkpointing", None) or model.activation_checkpointing_enable
         enable()
-    wrapping = argparse.Namespace(fsdp=args.fsdp, compile=args.compile, amp=amp,
+    wrapping = argparse.Namespace(fsdp=args.fsdp, compile=args.compile, amp=args.amp,
                                   distributed=utils.get_world_size() > 1)
     wrapped = wrap_model(model, device, wrapping)
-    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, amp))
+    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
     eager = TrainingState(unwrap_model(wrapped), state.optimizer, state.scaler)  # FLOPs are counted uncompiled
-    flops = count_flops(train_step(eager, loss_fn, device, amp))
-    step = train_step(state, loss_fn, device, amp)
+    flops = count_flops(train_step(eager, loss_fn, device, args.amp))
+    step = train_step(state, loss_fn, device, args.amp)
     for _ in range(args.warmup):
         step()
     torch.get_device_module(device).synchronize(device)
@@ -284,7 +282,7 @@ def build_stages(args: argparse.Namespace, device: torch.device) -> Dict[str, St
         stages["pretrain"] = prepare_stage(mae, pretrain_loss(imgs, masks), args, device)
     if "pretrain" in args.stages and args.vitmae and utils.get_world_size() == 1 and not args.fsdp \
             and importlib.util.find_spec("transformers"):
-        hf_model = vitmae_like(mae, args.mask_ratio, vitmae_attention(device, AMP_MODES[args.amp]))
+        hf_model = vitmae_like(mae, args.mask_ratio, vitmae_attention(device, args.amp))
         stages[HF_STAGE] = prepare_stage(hf_model, vitmae_loss(imgs), args, device)
     if "finetune" in args.stages:
         vit = create_finetune_model(finetune_name(args.model), args.num_classes, args.input_size)
@@ -325,7 +323,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         "model": args.model, "batch_size": args.batch_size, "amp": args.amp, "compile": args.compile,
         "world_size": utils.get_world_size(), "fsdp": args.fsdp, "grad_checkpointing": args.grad_checkpointing,
         "device": device_name(device), "torch": torch.__version__,
-        "fused_attention": fused_attention_is_faster(device, AMP_MODES[args.amp]),
+        "fused_attention": fused_attention_is_faster(device, args.amp),
         "peak_matmul_tflops": peak_flops / 1e12, "results": results,
     }
     if HF_STAGE in results:

@@ -22,14 +22,17 @@
 #       same JPEGs with PIL workers and with the device decoder; train_eager, train_compiled: ViT-B/16
 #       steps at batch 256 in bf16 beside ViTMAEForPreTraining, profiled; data_finetune: finetuning's
 #       pipeline (RandAugment on PIL) through 16 workers.
-# Without PART all three run, one after the other. The CPU dry run, which tests/test_gpu_checks.py
-# runs on every CI run (AMP=fp32 where the CPU has no bf16 units):
+# Without PART all three run, one after the other. The CPU dry run, to run by hand after changing a
+# script the checks call (AMP=none where the CPU has no bf16 units: emulated bf16 takes minutes a step):
 #   OUT=/tmp/gc DEVICE=cpu AMP=bf16 BATCH=2 IMAGES=8 WORKERS=1 INPUT_SIZE=32 WARMUP=1 STEPS=2 \
 #     MODEL=pretrain_mae_tiny_patch16_224 BIG_MODELS=pretrain_mae_tiny_patch16_224 MAX_BATCH=4 \
 #     bash benchmarks/gpu_checks.sh
 # On a CPU the compiled checks run uncompiled (compiling takes minutes there), the tests check only
 # collects the CUDA cases, and the one-GPU checks run without torchrun (a process alone makes the same
 # process group of one; torchrun's own start-up is most of a dry-run check's time).
+# PLAN=1 runs nothing: it writes every Python command each check would start to $OUT/plan.txt (fields
+# ended by 0x1f, commands by 0x1e), and takes each check's own verdicts as passed; tests/test_gpu_checks.py
+# hands each planned command, GPU and dry-run settings alike, to its script's own parser on every CI run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_checks}
@@ -47,6 +50,20 @@ steps=${STEPS:-20}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+planning=${PLAN:+1}
+if [ -n "$planning" ]; then  # record each Python command a check starts, with the check's name; run none
+    plan=$out/plan.txt
+    : >"$plan"
+    python3() {
+        printf '%s\x1f' "$CHECK" "$@" >>"$plan"
+        printf '\x1e' >>"$plan"
+    }
+    export -f python3
+    export plan
+fi
+verify() {  # verify COMMAND...: a check's test of what its run left behind; passed in the plan, which ran nothing
+    [ -n "$planning" ] || "$@"
+}
 compile=(--compile)
 if [ "$device" = cpu ]; then compile=(); fi
 big() {  # big NAME: the model to search, or the dry run's stand-in
@@ -56,8 +73,13 @@ big() {  # big NAME: the model to search, or the dry run's stand-in
 check() {  # check NAME SECONDS COMMAND...: run COMMAND with a time limit, its output to $out/NAME.log
     local name=$1 seconds=$2
     shift 2
+    export CHECK=$name
     echo "== $name ($(date -u +%H:%M:%S), at most ${seconds}s): $*"
-    timeout "$seconds" "$@" >"$out/$name.log" 2>&1
+    if [ -n "$planning" ]; then  # timeout would start the real python3, not the recording function
+        "$@" >"$out/$name.log" 2>&1
+    else
+        timeout "$seconds" "$@" >"$out/$name.log" 2>&1
+    fi
     echo "   exit $?; last line: $(tail -n 1 "$out/$name.log" | cut -c 1-400)"
 }
 
@@ -79,10 +101,10 @@ fsdp_bf16() {  # two epochs of --fsdp pretraining, the second from the first's s
     dir=$(mktemp -d)
     # shellcheck disable=SC2046
     one_gpu run_mae_pretraining.py $(pretrain_args "$dir" 1) --fsdp || return 1
-    [ -d "$dir/checkpoint-0" ] && [ -f "$dir/checkpoint-0/meta.json" ] || { echo "no sharded checkpoint"; return 1; }
+    verify test -f "$dir/checkpoint-0/meta.json" || { echo "no sharded checkpoint"; return 1; }
     # shellcheck disable=SC2046
     one_gpu run_mae_pretraining.py $(pretrain_args "$dir" 2) --fsdp | tee "$dir/second.log" || return 1
-    grep -q "resumed from .*checkpoint-last at epoch 1" "$dir/second.log" || { echo "did not resume"; return 1; }
+    verify grep -q "resumed from .*checkpoint-last at epoch 1" "$dir/second.log" || { echo "did not resume"; return 1; }
     python3 -c "import json, math, sys; losses = [json.loads(l)['train_loss'] for l in open(sys.argv[1])]
 print('losses', losses); sys.exit(not (len(losses) == 2 and all(map(math.isfinite, losses))))" "$dir/log.txt"
     local code=$?
@@ -90,25 +112,24 @@ print('losses', losses); sys.exit(not (len(losses) == 2 and all(map(math.isfinit
     return $code
 }
 
-sigterm() {  # SIGTERM at step 5 of the first epoch: exit 143, then the relaunch continues from that step
-    local dir
+sigterm() {  # SIGTERM once step 5 of the first epoch is printed: exit 143, then the relaunch continues from that step
+    local dir line
     dir=$(mktemp -d)
     # shellcheck disable=SC2046
-    python3 run_mae_pretraining.py $(pretrain_args "$dir" 1) >"$dir/first.log" 2>&1 &
+    python3 run_mae_pretraining.py $(pretrain_args "$dir" 2) >"$dir/first.log" 2>&1 &
     local pid=$!
-    until grep -q "^epoch 0 \[5/" "$dir/first.log"; do
-        kill -0 "$pid" 2>/dev/null || { cat "$dir/first.log"; return 1; }
-        sleep 0.2
-    done
-    kill -TERM "$pid"
+    while IFS= read -r line; do  # line by line as written: a poll could miss a fast device's first epoch
+        [[ $line == "epoch 0 [5/"* ]] && break
+    done < <(tail -s 0.05 -f --pid "$pid" "$dir/first.log")
+    verify kill -TERM "$pid"
     wait "$pid"
     local code=$?
     cat "$dir/first.log"
     echo "first run: exit $code"
-    [ "$code" -eq 143 ] || return 1
+    verify [ "$code" -eq 143 ] || return 1
     # shellcheck disable=SC2046
-    python3 run_mae_pretraining.py $(pretrain_args "$dir" 1) | tee "$dir/second.log" || return 1
-    grep -q "resumed from .* at epoch 0 step" "$dir/second.log" || { echo "did not continue from the step"; return 1; }
+    python3 run_mae_pretraining.py $(pretrain_args "$dir" 2) | tee "$dir/second.log" || return 1
+    verify grep -q "resumed from .* at epoch 0 step" "$dir/second.log" || { echo "did not continue from the step"; return 1; }
     rm -rf "$dir"
 }
 
@@ -116,8 +137,8 @@ max_batch() {  # max_batch MODEL: the largest --fsdp --grad_checkpointing batch 
     one_gpu benchmarks/bench_max_batch.py --models "$1" --device "$device" --amp "$amp" --fsdp \
         --grad_checkpointing --max_batch "$max_batch" --input_size "$size"
 }
-export -f one_gpu pretrain_args fsdp_bf16 sigterm max_batch big
-export model batch device amp workers max_batch size
+export -f one_gpu pretrain_args fsdp_bf16 sigterm max_batch big verify
+export model batch device amp workers max_batch size planning
 
 part_1() {
     check env 15 python3 -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__,

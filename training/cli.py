@@ -11,7 +11,7 @@ import torch
 
 from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_finetune import to_grid
-from utils import UsageError
+from utils import UsageError, add_amp_arg
 
 
 def add_schedule_args(parser: argparse.ArgumentParser, *, blr: float, min_lr: float, warmup_epochs: float) -> None:
@@ -107,8 +107,7 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
 def add_device_args(group: argparse._ArgumentGroup) -> None:
     """Device, precision and launcher flags: all that a script which only runs a model needs."""
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                       help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
+    add_amp_arg(group, default=None, help="mixed precision (default: bf16 on GPUs that support it, none on CPU)")
     group.add_argument("--local_rank", "--local-rank", default=None, type=int,
                        help="set by torch.distributed.launch; the environment wins")
     group.add_argument("--dist_timeout", default=None, type=float, metavar="MINUTES",
