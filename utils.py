@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from training.performance import reuse_freed_memory
 
 USAGE_EXIT_CODE = 2  # bad input: the command line or the files it names
 FAILURE_EXIT_CODE = 1  # the run itself failed (a non-finite loss, a checkpoint that cannot be written)
+INTERRUPT_EXIT_CODE = 128 + signal.SIGINT  # 130, as a shell reports a process Ctrl-C ended
 
 
 class UsageError(Exception):
@@ -45,7 +47,8 @@ class NonFiniteLossError(RunFailure):
 
 def exit_on_usage_error(main_fn: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
     """Run ``main_fn(args)``; a ``UsageError`` becomes one clear line on stderr and exit 2, a
-    ``RunFailure`` one line and exit 1."""
+    ``RunFailure`` one line and exit 1, Ctrl-C outside a training step one line and exit 130 (in a
+    step the loop finishes and saves it first: ``training.preemption``)."""
     try:
         main_fn(args)
     except UsageError as error:
@@ -54,6 +57,19 @@ def exit_on_usage_error(main_fn: Callable[[argparse.Namespace], Any], args: argp
     except RunFailure as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(FAILURE_EXIT_CODE)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # every process of the run got the terminal's SIGINT
+            print(f"error: {interrupted(getattr(args, 'output_dir', None), getattr(args, 'auto_resume', False))}",
+                  file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT_CODE)
+
+
+def interrupted(output_dir: Optional[str], auto_resume: bool) -> str:
+    """What Ctrl-C outside a training step leaves: no file half-written (every write is atomic)."""
+    line = "interrupted (Ctrl-C) outside a training step; nothing is half-written"
+    if output_dir and auto_resume:
+        line += f"; the same command resumes from the newest checkpoint in {output_dir}, if there is one"
+    return line
 
 
 # ----------------------------------------------------------------------------- files

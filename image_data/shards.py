@@ -86,6 +86,9 @@ def shard_paths(spec: str) -> List[str]:
     elif BRACES.search(spec) or spec.endswith(SHARD_SUFFIX):
         paths = expand_braces(spec)
     elif os.path.isfile(spec):
+        if Path(spec).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+            raise UsageError(f"{spec} is one image file; name the folder that holds the images "
+                             f"({Path(spec).parent}), or tar shards")
         paths = listed_shards(spec)
     else:
         raise UsageError(f"{spec} is neither an image folder nor tar shards")

@@ -23,9 +23,23 @@ def device(request) -> torch.device:
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory) -> Path:
     """The 2-process (DDP) pretraining run that interrupted and sharded 2-process runs are
-    compared with, and its recorded steps (``helpers.records``)."""
+    compared with, its recorded steps (``helpers.records``) and each rank's final weights."""
     from helpers import run, torchrun
 
     out = tmp_path_factory.mktemp("straight")
     run(torchrun(out / "out"), out / "records")
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_mae(tmp_path_factory) -> Path:
+    """The one tiny MAE checkpoint the tests finetune, probe, picture and convert: four short
+    epochs of norm-pixel pretraining on 256 synthetic images at 32 px, as a user's run leaves it."""
+    import run_mae_pretraining
+    from helpers import TINY_MAE
+
+    out = tmp_path_factory.mktemp("pretrained_mae")
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(
+        [*TINY_MAE, "--num_samples", "256", "--batch_size", "64", "--epochs", "4", "--warmup_epochs", "1",
+         "--blr", "1.5e-3", "--norm_pix_loss", "--print_freq", "1000", "--output_dir", str(out)]))
+    return out / "checkpoint-last.pth"

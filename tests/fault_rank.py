@@ -18,6 +18,7 @@ import torch
 import datasets
 import engine_for_pretraining
 import utils
+from helpers import exit_code_recorded
 
 FAULT, RANK = os.environ.get("FAULT", ""), int(os.environ.get("RANK", "0"))
 FAULTED = RANK == int(os.environ.get("FAULT_RANK", "1"))
@@ -64,20 +65,7 @@ elif FAULTED and FAULT == "bad_shard":
     datasets.catalog_shards = truncated
 
 
-def record_exit(code: int) -> None:
-    record = Path(os.environ["RECORD_DIR"])
-    record.mkdir(parents=True, exist_ok=True)
-    (record / f"exit_rank{RANK}").write_text(str(code))
-
-
 if __name__ == "__main__":
     script = importlib.import_module(os.environ.get("FAULT_SCRIPT", "run_mae_pretraining"))
-    try:
+    with exit_code_recorded():
         utils.exit_on_usage_error(script.main, script.get_args_parser().parse_args())
-    except SystemExit as stop:
-        record_exit(stop.code if isinstance(stop.code, int) else 1)
-        raise
-    except BaseException:
-        record_exit(1)
-        raise
-    record_exit(0)

@@ -1,7 +1,8 @@
-"""What the tests share (tests import this module, never each other): launching tiny pretraining
-runs, one process or two under torchrun, and reading what they did (every step's (epoch, index)
-keys and loss, recorded by ``pretrain_record_samples.py``); comparing checkpoints; a malicious
-pickle."""
+"""What the tests share (tests import this module, never each other): the tiny runs' flags;
+launching tiny pretraining runs, one process or two under torchrun, and reading what they did
+(every step's (epoch, index) keys and loss, recorded by ``pretrain_record_samples.py``); comparing
+checkpoints; a malicious pickle."""
+import contextlib
 import json
 import os
 import re
@@ -9,12 +10,16 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDER = REPO / "tests" / "pretrain_record_samples.py"
+# what every in-process run of a test builds on: tiny models at 32 pixels (a 2 x 2 grid of 16-pixel
+# patches), on the CPU, no loader workers; a test adds its images, batch and epochs
+TINY_MAE = ["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
+TINY_VIT = ["--model", "vit_tiny_patch16_224", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
 # 32 images, 4 per process: 4 steps an epoch on 2 processes, 8 on one; clipping to 0.5 clips every
 # step's gradients (their norms are near 1), so the clipping is exercised too
 PRETRAIN = ["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--num_samples", "32",
@@ -53,9 +58,11 @@ def run(command: List[str], record_dir: Path) -> str:
 
 
 def start(command: List[str], record_dir: Path, env: dict = None) -> subprocess.Popen:
+    """The command in a session of its own, as a terminal starts one: ``os.killpg`` then signals
+    all its processes (loader workers included), as Ctrl-C does."""
     record_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(command, env=env or environment(record_dir), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for_step(process: subprocess.Popen, epoch: int, step: int, seen: List[str]) -> None:
@@ -83,6 +90,14 @@ def trained_keys(record_dir: Path) -> List[Tuple[int, int]]:
     """The (epoch, index) of every sample every rank trained on."""
     return [tuple(key) for path in sorted(record_dir.glob("samples_rank*.jsonl"))
             for line in path.read_text().splitlines() for key in json.loads(line)["keys"]]
+
+
+def launched_pids(launcher_pid: int) -> List[int]:
+    """The launcher's children: torchrun starts each worker as a process of its own."""
+    children = []
+    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children
 
 
 def final_state(out: Path):
@@ -126,11 +141,32 @@ def run_faulted(command: List[str], record_dir: Path, fault: str = "", rank: int
     return subprocess.run(command, env=environment_, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@contextlib.contextmanager
+def exit_code_recorded() -> Iterator[None]:
+    """For a launched script: write how this process ends (its exit code) to
+    $RECORD_DIR/exit_rank{RANK}, which torchrun does not report when a signal stopped it."""
+    record = Path(os.environ["RECORD_DIR"])
+    record.mkdir(parents=True, exist_ok=True)
+    path = record / f"exit_rank{os.environ.get('RANK', '0')}"
+    try:
+        yield
+    except SystemExit as stop:
+        path.write_text(str(stop.code if isinstance(stop.code, int) else 1))
+        raise
+    except BaseException:
+        path.write_text("1")
+        raise
+    path.write_text("0")
+
+
+def exit_codes(record_dir: Path, nproc: int = 2) -> List[int]:
+    return [int((record_dir / f"exit_rank{rank}").read_text()) for rank in range(nproc)]
+
+
 def rank_outputs(log_dir: Path, record_dir: Path, nproc: int = 2) -> List[Tuple[int, str]]:
     """Every rank's (exit code, stdout + stderr) from ``torchrun_logged`` and ``fault_rank.py``."""
     outputs = []
-    for rank in range(nproc):
+    for rank, code in enumerate(exit_codes(record_dir, nproc)):
         [folder] = list(log_dir.glob(f"*/attempt_0/{rank}"))
-        text = (folder / "stdout.log").read_text() + (folder / "stderr.log").read_text()
-        outputs.append((int((record_dir / f"exit_rank{rank}").read_text()), text))
+        outputs.append((code, (folder / "stdout.log").read_text() + (folder / "stderr.log").read_text()))
     return outputs

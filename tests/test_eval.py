@@ -19,21 +19,9 @@ import run_mae_vis
 import run_synthetic_results
 import utils
 from optim_factory import create_lars
-from helpers import free_port
+from helpers import TINY_VIT, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ["--model", "vit_tiny_patch16_224", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def mae_checkpoint(tmp_path_factory) -> Path:
-    """An untrained tiny norm-pixel MAE at 32 px, saved as pretraining saves it."""
-    torch.manual_seed(0)
-    model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, norm_pix_loss=True)
-    path = tmp_path_factory.mktemp("mae") / "checkpoint.pth"
-    args = {"model": "pretrain_mae_tiny_patch16_224", "input_size": 32, "norm_pix_loss": True}
-    torch.save({"model": model.state_dict(), "args": args}, path)
-    return path
 
 
 def test_knn_votes_weigh_exp_similarity_over_temperature():
@@ -75,7 +63,7 @@ def test_features_of_an_odd_dataset_are_extracted_once_on_two_processes(tmp_path
 
 
 def test_knn_eval_of_a_random_encoder_clips_k_to_the_training_set(tmp_path, capsys):
-    argv = COMMON + ["--num_samples", "21", "--batch_size", "8", "--output_dir", str(tmp_path)]
+    argv = TINY_VIT + ["--num_samples", "21", "--batch_size", "8", "--output_dir", str(tmp_path)]
     record = run_knn_eval.main(run_knn_eval.get_args_parser().parse_args(argv))
     assert set(record["knn_acc1"]) == {"10", "20", "21"}  # 100 and 200 become all 21 images
     assert all(0 <= value <= 100 for value in record["knn_acc1"].values())
@@ -120,15 +108,15 @@ def test_lars_with_weight_decay_takes_maes_step():
 
 
 def probe_argv(out: Path, *extra: str) -> list:
-    return COMMON + ["--num_samples", "32", "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "1",
+    return TINY_VIT + ["--num_samples", "32", "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "1",
                      "--lr", "6.4", "--print_freq", "1", "--output_dir", str(out), *extra]
 
 
-def test_linear_probe_trains_only_the_head(mae_checkpoint, tmp_path):
-    args = run_linear_probe.get_args_parser().parse_args(probe_argv(tmp_path, "--finetune", str(mae_checkpoint)))
+def test_linear_probe_trains_only_the_head(pretrained_mae, tmp_path):
+    args = run_linear_probe.get_args_parser().parse_args(probe_argv(tmp_path, "--finetune", str(pretrained_mae)))
     assert not args.global_pool and args.weight_decay == 0 and args.blr == 0.1
     run_linear_probe.main(args)
-    pretrained = torch.load(mae_checkpoint, weights_only=True)["model"]
+    pretrained = torch.load(pretrained_mae, weights_only=True)["model"]
     probed = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["model"]
     encoder = {key[len("encoder."):]: value for key, value in probed.items() if key.startswith("encoder.")}
     assert encoder.keys() == {key for key in pretrained if not key.startswith(("decoder", "mask_token"))}
@@ -152,11 +140,11 @@ def test_probe_keeps_the_encoder_in_eval_mode():
     torch.testing.assert_close(probe.encoder(imgs), probe.encoder(imgs))  # drop path is off
 
 
-def test_mae_vis_keeps_visible_patches_and_says_norm_pix(mae_checkpoint, tmp_path):
+def test_mae_vis_keeps_visible_patches_and_says_norm_pix(pretrained_mae, tmp_path):
     """A 48 px image through a 32 px norm-pixel checkpoint: a 3x3 grid, 2 patches visible."""
     pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photo.png")
-    argv = [str(tmp_path / "photo.png"), str(tmp_path / "out"), "--model_path", str(mae_checkpoint),
+    argv = [str(tmp_path / "photo.png"), str(tmp_path / "out"), "--model_path", str(pretrained_mae),
             "--input_size", "48", "--seed", "3", "--device", "cpu"]
     [path] = run_mae_vis.main(run_mae_vis.get_args_parser().parse_args(argv))
     assert path.name == "photo_mask0.75_seed3.png"
@@ -181,8 +169,8 @@ def test_mae_vis_keeps_visible_patches_and_says_norm_pix(mae_checkpoint, tmp_pat
             assert (masked_input[patch] == 128).all()  # hidden patches are grey
 
 
-def test_mae_vis_refuses_a_missing_image_before_writing(mae_checkpoint, tmp_path, capsys):
-    argv = [str(tmp_path / "nothing"), str(tmp_path / "out"), "--model_path", str(mae_checkpoint), "--device", "cpu"]
+def test_mae_vis_refuses_a_missing_image_before_writing(pretrained_mae, tmp_path, capsys):
+    argv = [str(tmp_path / "nothing"), str(tmp_path / "out"), "--model_path", str(pretrained_mae), "--device", "cpu"]
     with pytest.raises(SystemExit) as exit_info:
         utils.exit_on_usage_error(run_mae_vis.main, run_mae_vis.get_args_parser().parse_args(argv))
     assert exit_info.value.code == 2 and "no image" in capsys.readouterr().err
@@ -204,8 +192,8 @@ def test_results_script_runs_every_step_and_prints_the_table(tmp_path):
     assert sum("(resumed)" in row for row in rerun) == 5  # pretraining, two probes, two finetunings
 
 
-def test_mae_vis_refuses_an_encoder_only_checkpoint(mae_checkpoint, tmp_path, capsys):
-    state = torch.load(mae_checkpoint, weights_only=True)["model"]
+def test_mae_vis_refuses_an_encoder_only_checkpoint(pretrained_mae, tmp_path, capsys):
+    state = torch.load(pretrained_mae, weights_only=True)["model"]
     encoder_only = tmp_path / "encoder.pth"
     torch.save({"model": {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}}, encoder_only)
     argv = ["synthetic", str(tmp_path / "out"), "--model_path", str(encoder_only), "--model",

@@ -2,7 +2,6 @@
 regression on the same features, heads that never interact, a held-out split that never touches
 the validation set, and on the synthetic images an MAE encoder's probe at least its k-NN accuracy."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +9,8 @@ import torch
 
 import run_knn_eval
 import run_linear_probe
-import run_mae_pretraining
 from evaluation.linear_sweep import held_out_split, sweep, train_heads
-
-COMMON = ["--model", "vit_tiny_patch16_224", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
-
+from helpers import TINY_VIT
 
 def gaussian_classes(num_samples: int, rng: np.random.Generator, centers: np.ndarray):
     labels = rng.integers(0, len(centers), num_samples)
@@ -66,25 +62,14 @@ def test_the_paper_protocol_warns_once_far_from_its_regime_and_not_in_it():
 
 def test_a_small_paper_protocol_run_warns_and_names_the_sweep(tmp_path, capsys):
     run_linear_probe.main(run_linear_probe.get_args_parser().parse_args(
-        COMMON + ["--num_samples", "32", "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "1",
+        TINY_VIT + ["--num_samples", "32", "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "1",
                   "--output_dir", str(tmp_path)]))
     out = capsys.readouterr().out
     assert out.count("warning: --protocol mae") == 1 and "--protocol sweep" in out
 
 
-@pytest.fixture(scope="module")
-def short_mae(tmp_path_factory) -> Path:
-    """A tiny MAE pretrained briefly on 256 synthetic images at 32 px."""
-    out = tmp_path_factory.mktemp("short_mae")
-    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(
-        ["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--num_samples", "256",
-         "--batch_size", "64", "--epochs", "4", "--warmup_epochs", "1", "--blr", "1.5e-3", "--norm_pix_loss",
-         "--num_workers", "0", "--device", "cpu", "--print_freq", "1000", "--output_dir", str(out)]))
-    return out / "checkpoint-last.pth"
-
-
-def test_an_mae_encoders_sweep_reaches_at_least_its_knn_accuracy_and_reuses_its_features(short_mae, tmp_path):
-    data = COMMON + ["--num_samples", "256", "--finetune", str(short_mae)]
+def test_an_mae_encoders_sweep_reaches_at_least_its_knn_accuracy_and_reuses_its_features(pretrained_mae, tmp_path):
+    data = TINY_VIT + ["--num_samples", "256", "--finetune", str(pretrained_mae)]
     knn = run_knn_eval.main(run_knn_eval.get_args_parser().parse_args(data + ["--output_dir", str(tmp_path / "k")]))
     probe_args = data + ["--protocol", "sweep", "--output_dir", str(tmp_path / "p")]
     probe = run_linear_probe.main(run_linear_probe.get_args_parser().parse_args(probe_args))

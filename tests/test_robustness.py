@@ -1,11 +1,12 @@
 """Nothing lost, nothing let in: kill-and-resume, atomic writes, bad files, bad input, pickles."""
 import json
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
+import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,31 +20,29 @@ import utils
 from training.checkpoint import TrainingState, load_checkpoint, save_atomic
 from training.config import resolve_pretraining
 from training.loop import NonFiniteWatch, train_epoch
-from helpers import WritesAFile, assert_bitwise_equal, final_state
+from datasets import DECODERS, build_pretraining_dataset
+from helpers import TINY_MAE, TINY_VIT, WritesAFile, assert_bitwise_equal, final_state
+from image_data.augmentation import Crops
+from image_data.files import count_skipped
 from modeling_finetune import create_finetune_model
 from optim_factory import create_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(r"^epoch \d+ \[\d+/\d+\]")
-COMMON = ["--input_size", "32", "--num_workers", "0", "--device", "cpu", "--print_freq", "1", "--warmup_epochs", "1"]
-PRETRAIN = ["--model", "pretrain_mae_tiny_patch16_224", "--num_samples", "24", "--batch_size", "4",
-            "--epochs", "2", "--blr", "1e-3", "--save_ckpt_steps", "2", *COMMON]
-FINETUNE = ["--model", "vit_tiny_patch16_224", "--num_samples", "24", "--batch_size", "4", "--epochs", "2",
-            "--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1", "--save_ckpt_steps", "2", *COMMON]
-SCRIPTS = {"pretraining": ("run_mae_pretraining.py", PRETRAIN), "finetuning": ("run_class_finetuning.py", FINETUNE)}
+COMMON = ["--print_freq", "1", "--warmup_epochs", "1"]
+PRETRAIN = [*TINY_MAE, "--num_samples", "24", "--batch_size", "4", "--epochs", "2", "--blr", "1e-3",
+            "--save_ckpt_steps", "2", *COMMON]
+FINETUNE = [*TINY_VIT, "--num_samples", "24", "--batch_size", "4", "--epochs", "2", "--mixup", "0.8", "--cutmix", "1.0",
+            "--drop_path", "0.1", "--save_ckpt_steps", "2", *COMMON]
+# 12 steps in all, 2 epochs of 6 with a step checkpoint after steps 2 and 4 of each: the kill lands
+# after epoch 1's step 3, so the relaunch crosses an epoch's end and replays from a step checkpoint
+KILL_AFTER_STEPS = 9
 
 
 def start(script: str, argv, out: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")  # the threads of this process (conftest)
     return subprocess.Popen([sys.executable, str(REPO / script), *argv, "--output_dir", str(out)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def run_to_end(script: str, argv, out: Path) -> str:
-    process = start(script, argv, out)
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, output[-3000:]
-    return output
 
 
 def run_and_kill(script: str, argv, out: Path, after_steps: int) -> None:
@@ -59,14 +58,16 @@ def run_and_kill(script: str, argv, out: Path, after_steps: int) -> None:
     assert process.returncode == -signal.SIGKILL, f"the run ended before step {after_steps}"
 
 
-@pytest.mark.parametrize("stage", ["pretraining", "finetuning"])
-def test_killed_at_a_random_step_and_restarted_ends_bitwise_equal(stage, tmp_path):
-    script, argv = SCRIPTS[stage]
-    run_to_end(script, argv, tmp_path / "straight")
-    after_steps = random.Random().randint(1, 11)  # 12 steps in all: 2 epochs of 6
-    run_and_kill(script, argv, tmp_path / "killed", after_steps)
-    output = run_to_end(script, argv, tmp_path / "killed")
-    assert "resumed from" in output or after_steps == 1, output[-2000:]
+def test_finetuning_killed_between_step_checkpoints_and_relaunched_ends_bitwise_equal(tmp_path, capsys):
+    """The file checkpoints' proof (pretraining's shares the loop, and its sharded ones are killed
+    under an elastic torchrun in test_sharding); finetuning brings mixup, cutmix and drop path,
+    whose draws must resume too. The uninterrupted run runs in this process, with its threads."""
+    run_class_finetuning.main(run_class_finetuning.get_args_parser().parse_args(
+        FINETUNE + ["--output_dir", str(tmp_path / "straight")]))
+    run_and_kill("run_class_finetuning.py", FINETUNE, tmp_path / "killed", KILL_AFTER_STEPS)
+    process = start("run_class_finetuning.py", FINETUNE, tmp_path / "killed")
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0 and "resumed from" in output and "at epoch 1 step" in output, output[-2000:]
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
     assert_bitwise_equal(straight[0], resumed[0])
     assert_bitwise_equal(straight[1], resumed[1])
@@ -106,25 +107,58 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_older_one_used(tmp_path
 
 
 def write_broken_images(folder: Path) -> None:
+    """Five good JPEGs, three that do not decode, and a decompression bomb."""
     folder.mkdir()
     for index in range(5):
         Image.new("RGB", (48, 40), (index * 40, 90, 200)).save(folder / f"good{index}.jpg", quality=90)
     (folder / "truncated.jpg").write_bytes((folder / "good0.jpg").read_bytes()[:400])
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.jpg").write_text("this is text, not a JPEG")
+    bomb_png(folder / "bomb.png")
 
 
-@pytest.mark.parametrize("decoder", ["pil", "tensor", "device"])
-def test_a_folder_with_broken_files_trains_to_the_end(tmp_path, decoder):
+def bomb_png(path: Path, side: int = 14000) -> None:
+    """A valid 1-bit PNG of side x side black pixels, over PIL's decompression-bomb limit, written
+    without ever holding the image: a few kilobytes that decode to 196 million pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # width, height, 1 bit, greyscale
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + side // 8)  # filter byte, then the packed pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_skips_names_and_counts_each_unreadable_and_oversized_file(tmp_path, decoder):
+    """What a data-loader worker does with each file, for every ``--decoder``: an unreadable or
+    oversized file gives way to the next readable one, with a warning naming it, counted once."""
+    write_broken_images(tmp_path / "images")
+    with Image.open(tmp_path / "images" / "bomb.png") as image:
+        assert image.size == (14000, 14000)  # a real image, PIL would decode it were it allowed
+    dataset = build_pretraining_dataset("image_folder", str(tmp_path / "images"), Crops(32), decoder=decoder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = [dataset[index] for index in range(len(dataset))]
+    said = sorted({str(warning.message).split(":")[0] for warning in caught  # met again as a stand-in: once
+                   if str(warning.message).startswith("skipping")})
+    assert said == [f"skipping oversized image {tmp_path / 'images' / 'bomb.png'}",
+                    *(f"skipping unreadable image {tmp_path / 'images' / name}"
+                      for name in ("empty.jpg", "notes.jpg", "truncated.jpg"))], said
+    assert "14000 x 14000 pixels is over --max_image_pixels 178956970" in " ".join(map(str, caught))
+    assert len(samples) == 9 and count_skipped(dataset) == 4
+
+
+def test_a_folder_with_unreadable_and_oversized_files_trains_to_the_end_and_logs_the_count(tmp_path):
     data = tmp_path / "images"
     write_broken_images(data)
     out = tmp_path / "out"
-    argv = PRETRAIN + ["--data_path", str(data), "--num_samples", "8", "--epochs", "1", "--output_dir", str(out),
-                       "--decoder", decoder]
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
+    argv = PRETRAIN + ["--data_path", str(data), "--num_samples", "9", "--epochs", "1", "--output_dir", str(out)]
+    with pytest.warns(UserWarning, match="skipping (unreadable|oversized) image"):
         run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(argv))
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
-    assert record["epoch"] == 0 and record["skipped_images"] == 3  # distinct files, not reads
+    assert record["epoch"] == 0 and record["skipped_images"] == 4  # distinct files, not reads
 
 
 def usage_error(main, parser, argv, capsys) -> str:
@@ -179,6 +213,32 @@ def test_bad_finetuning_command_lines_exit_2_and_write_nothing(extra, message, m
     error = usage_error(run_class_finetuning.main, parser, FINETUNE + extra + ["--output_dir", str(out)], capsys)
     assert message in error and error.count("\n") == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_folder_with_no_readable_image_exits_2_and_writes_nothing(tmp_path, capsys):
+    data = tmp_path / "images"
+    data.mkdir()
+    (data / "empty.jpg").write_bytes(b"")
+    (data / "notes.png").write_text("not an image")
+    bomb_png(data / "bomb.png")
+    out = tmp_path / "out"
+    error = usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser(),
+                        [*PRETRAIN, "--data_path", str(data), "--batch_size", "1", "--output_dir", str(out)], capsys)
+    assert error.startswith("error: none of the 3 images can be read; the last: ") and error.count("\n") == 1
+    assert not out.exists()
+
+
+def test_an_image_file_as_data_path_is_one_line_asking_for_its_folder(tmp_path, capsys):
+    image = tmp_path / "photos" / "cat.JPG"
+    image.parent.mkdir()
+    Image.new("RGB", (40, 40), (200, 90, 10)).save(image, format="JPEG")
+    out = tmp_path / "out"
+    parser = run_mae_pretraining.get_args_parser()
+    error = usage_error(run_mae_pretraining.main, parser, PRETRAIN + ["--data_path", str(image), "--output_dir",
+                                                                      str(out)], capsys)
+    assert error == f"error: {image} is one image file; name the folder that holds the images ({image.parent}), " \
+                    "or tar shards\n"
+    assert not out.exists()
 
 
 def test_an_unwritable_output_dir_exits_2(tmp_path, capsys):

@@ -73,7 +73,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
     group.add_argument("--preempt_signals", default=["TERM", "USR1"], nargs="+", metavar="SIGNAL",
                        help="on these signals finish the step, write checkpoint-last.pth and exit with 128 + the "
-                            "signal's number ('none': die at once, as without handling)")
+                            "signal's number ('none': die at once, as without handling); Ctrl-C (SIGINT) always "
+                            "does the same")
     group.add_argument("--requeue", action="store_true",
                        help="after a preemption signal, rank 0 requeues the SLURM job (scontrol requeue)")
 

@@ -1,9 +1,9 @@
-"""Stopping when the cluster says so: schedulers send SIGTERM (or the signal of SLURM's
-``--signal=USR1@120``) a while before they kill a job. Every rank then finishes its optimizer
-step, the ranks agree at that step boundary, ``checkpoint-last.pth`` is written with the position
-in the epoch, and the process exits with 128 + the signal's number (143 for SIGTERM, 138 for
-SIGUSR1), as a process killed by it would, so schedulers and launchers treat it as preempted.
-Relaunching the same command continues where it stopped.
+"""Stopping when the cluster or the user says so: schedulers send SIGTERM (or the signal of SLURM's
+``--signal=USR1@120``) a while before they kill a job, and Ctrl-C sends SIGINT. Every rank then
+finishes its optimizer step, the ranks agree at that step boundary, ``checkpoint-last.pth`` is
+written with the position in the epoch, and the process exits with 128 + the signal's number (143
+for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C), as a process killed by it would, so schedulers and
+launchers treat it as preempted. Relaunching the same command continues where it stopped.
 """
 import argparse
 import atexit
@@ -39,13 +39,25 @@ def parse_signals(names: Sequence[str]) -> List[signal.Signals]:
     return found
 
 
+def stop_signals(names: Sequence[str]) -> List[signal.Signals]:
+    """``--preempt_signals`` and Ctrl-C's SIGINT: a user's Ctrl-C ends the step and saves it too,
+    rather than breaking into a checkpoint write."""
+    found = parse_signals(names)
+    return found if signal.SIGINT in found else [*found, signal.SIGINT]
+
+
+def signal_name(signum: int) -> str:
+    name = signal.Signals(signum).name
+    return f"{name} (Ctrl-C)" if signum == signal.SIGINT else name
+
+
 class Preempted(Exception):
     """Raised by the training loop once the agreed step is saved: the run stops here."""
 
     def __init__(self, signum: int, epoch: int, step: int, steps: int, saved: Optional[Path]) -> None:
         self.signum, self.epoch, self.step, self.steps, self.saved = signum, epoch, step, steps, saved
         where = f"saved {saved}" if saved else "nothing saved (no --output_dir)"
-        super().__init__(f"stopping on {signal.Signals(signum).name} after epoch {epoch} step {step}/{steps}: "
+        super().__init__(f"stopping on {signal_name(signum)} after epoch {epoch} step {step}/{steps}: "
                          f"{where}; relaunch the same command to continue")
 
     @property
@@ -115,13 +127,12 @@ def kill_workers_at_exit() -> None:
     atexit.register(kill_workers_left)
 
 
-def worker_init_fn(args: argparse.Namespace) -> Optional[functools.partial]:
-    """``ignore_signals`` for the run's preemption signals, or None when there are none."""
-    signals = [int(sig) for sig in parse_signals(getattr(args, "preempt_signals", ["none"]))]
-    if not signals:
-        return None
+def worker_init_fn(args: argparse.Namespace) -> functools.partial:
+    """``ignore_signals`` for the run's stop signals (Ctrl-C's at least, which a terminal sends to
+    every process of the run; a script without a training loop stops in its main process)."""
     kill_workers_at_exit()
-    return functools.partial(ignore_signals, signals)
+    return functools.partial(ignore_signals, [int(sig) for sig in stop_signals(getattr(args, "preempt_signals",
+                                                                                         ["none"]))])
 
 
 def check_requeue(args: argparse.Namespace) -> None:
@@ -140,14 +151,11 @@ def requeue_slurm_job() -> None:
 
 
 @contextmanager
-def preemptible(args: argparse.Namespace) -> Iterator[Optional[PreemptionWatch]]:
-    """Handle ``--preempt_signals`` while training; on ``Preempted``, print its line, requeue the
-    SLURM job with ``--requeue`` (rank 0) and exit with 128 + the signal's number."""
-    signals = parse_signals(args.preempt_signals)
-    watch = PreemptionWatch(signals, args.dist_timeout) if signals else None
-    if watch is None:
-        yield None
-        return
+def preemptible(args: argparse.Namespace) -> Iterator[PreemptionWatch]:
+    """Handle ``--preempt_signals`` and Ctrl-C while training; on ``Preempted``, print its line,
+    requeue the SLURM job with ``--requeue`` (rank 0) and exit with 128 + the signal's number."""
+    signals = stop_signals(args.preempt_signals)
+    watch = PreemptionWatch(signals, args.dist_timeout)
     watch.install()
     try:
         yield watch
