@@ -1,7 +1,7 @@
 """What the tests share (tests import this module, never each other): the tiny runs' flags;
 launching tiny pretraining runs, one process or two under torchrun, and reading what they did
-(every step's (epoch, index) keys and loss, recorded by ``pretrain_record_samples.py``); comparing
-checkpoints; a malicious pickle."""
+(every step's (epoch, index) keys and loss, ``recording``; exit codes); comparing checkpoints; a
+malicious pickle."""
 import contextlib
 import json
 import os
@@ -20,11 +20,11 @@ RECORDER = REPO / "tests" / "pretrain_record_samples.py"
 # patches), on the CPU, no loader workers; a test adds its images, batch and epochs
 TINY_MAE = ["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
-# 32 images, 4 per process: 4 steps an epoch on 2 processes, 8 on one; clipping to 0.5 clips every
-# step's gradients (their norms are near 1), so the clipping is exercised too
-PRETRAIN = ["--model", "pretrain_mae_tiny_patch16_224", "--input_size", "32", "--num_samples", "32",
-            "--batch_size", "4", "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-3", "--num_workers", "1",
-            "--device", "cpu", "--print_freq", "1", "--save_ckpt_steps", "3", "--clip_grad", "0.5"]
+# the launched runs: 32 images, 4 per process: 4 steps an epoch on 2 processes, 8 on one, two epochs,
+# a step checkpoint after every third update; clipping to 0.5 clips every step's gradients (their
+# norms are near 1), so the clipping is exercised too
+PRETRAIN = [*TINY_MAE, "--num_samples", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1",
+            "--blr", "1e-3", "--num_workers", "1", "--print_freq", "1", "--save_ckpt_steps", "3", "--clip_grad", "0.5"]
 PROGRESS = re.compile(r"^epoch (\d+) \[(\d+)/\d+\]")
 
 
@@ -78,6 +78,45 @@ def wait_for_step(process: subprocess.Popen, epoch: int, step: int, seen: List[s
 def finish(process: subprocess.Popen, seen: List[str]) -> str:
     seen.append(process.communicate(timeout=120)[0])
     return "".join(seen)
+
+
+KEY = 10**6  # label = epoch * KEY + index: pretraining ignores labels, so they can carry the key
+
+
+@contextlib.contextmanager
+def recording(record_dir: Path, rank: int = 0) -> Iterator[None]:
+    """While inside, pretraining appends the (epoch, index) of every sample each training step
+    trains on, and the step's loss, to ``record_dir/samples_rank{rank}.jsonl``, one JSON line a
+    step (``records``); in this process or in a launched one (``pretrain_record_samples.py``)."""
+    import datasets
+    import engine_for_pretraining
+
+    original_item, original_loss = datasets.SeededSamples.__getitem__, engine_for_pretraining.reconstruction_loss
+    record = record_dir / f"samples_rank{rank}.jsonl"
+    record_dir.mkdir(parents=True, exist_ok=True)
+
+    def keyed_item(self, key):
+        index, epoch = key
+        image, _ = original_item(self, key)
+        return image, epoch * KEY + index
+
+    def recording_loss(*args, **kwargs):
+        loss_fn = original_loss(*args, **kwargs)
+
+        def loss(batch):
+            keys = [divmod(int(label), KEY) for label in batch[1]]  # (epoch, index) pairs
+            value = loss_fn(batch)
+            with open(record, "a") as handle:
+                handle.write(json.dumps({"keys": keys, "loss": float(value.detach())}) + "\n")
+            return value
+
+        return loss
+
+    datasets.SeededSamples.__getitem__, engine_for_pretraining.reconstruction_loss = keyed_item, recording_loss
+    try:
+        yield
+    finally:
+        datasets.SeededSamples.__getitem__, engine_for_pretraining.reconstruction_loss = original_item, original_loss
 
 
 def records(record_dir: Path, rank: int) -> List[dict]:

@@ -1,7 +1,9 @@
 """One rank's trouble is every rank's decision. Each fault is injected into one rank's process
 (``tests/fault_rank.py``, no hooks in the product) on gloo, and the tests assert what every rank
 printed and how it exited: on NCCL a rank that leaves alone would leave the others waiting in their
-next collective, so every rank must stop at the same point with the cause, not a connection error."""
+next collective, so every rank must stop at the same point with the cause, not a connection error.
+And the troubles of one process: a folder in use, Ctrl-C, a full disk, memory that runs out."""
+import contextlib
 import io
 import json
 import os
@@ -18,13 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
+import run_mae_pretraining
+import utils
 from helpers import (
     PRETRAIN,
-    REPO,
-    environment,
     finish,
     rank_outputs,
-    run,
     run_faulted,
     single,
     start,
@@ -72,7 +73,7 @@ def test_a_shard_one_rank_cannot_read_stops_every_rank_with_exit_2_before_anythi
 
 @pytest.fixture
 def trained(uninterrupted, tmp_path) -> Path:
-    """A copy of the 2-process run's folder: ``checkpoint-last.pth`` at the end of epoch 2."""
+    """A copy of the 2-process run's folder: ``checkpoint-last.pth`` at the end of epoch 1."""
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(uninterrupted / "out" / "checkpoint-last.pth", out)
@@ -89,45 +90,75 @@ def test_a_checkpoint_one_rank_sees_damaged_stops_every_rank(trained, tmp_path):
     assert all("do the ranks see the same file?" in text and "epoch 3" not in text for _, text in outputs)
 
 
-def test_a_memory_error_while_reading_a_checkpoint_stops_every_rank_without_trying_an_older_one(trained, tmp_path):
-    logs, records = tmp_path / "logs", tmp_path / "records"
+def test_a_memory_error_while_reading_a_checkpoint_is_no_damage_and_no_older_one_is_tried(trained, monkeypatch,
+                                                                                          capsys):
+    """Only a damaged file makes ``--auto_resume`` fall back to an older checkpoint; any other
+    failure to read stops the run with its cause (one process here: the choice is rank 0's, and a
+    failure on one rank stopping all is the damaged file's test above)."""
     shutil.copy(trained / "checkpoint-last.pth", trained / "checkpoint-1.pth")  # an older one it must not pick
-    run_faulted(torchrun_logged([*PRETRAIN, "--epochs", "4", "--output_dir", str(trained)], logs), records,
-                "memory_error")
-    outputs = rank_outputs(logs, records)
-    assert_every_rank(outputs, 1, f"error: on rank 1: checkpoint {trained / 'checkpoint-last.pth'} could not "
-                                  "be read (MemoryError: cannot allocate 9.6 GB)")
-    assert all("older" not in text.split("error:")[0] and "resumed" not in text for _, text in outputs)
+    load = torch.load
+
+    def out_of_memory(path, *args, **kwargs):
+        if str(path).endswith(".pth"):
+            raise MemoryError("cannot allocate 9.6 GB")
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(
+            [*PRETRAIN, "--num_workers", "0", "--epochs", "4", "--output_dir", str(trained)]))
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1 and captured.err.count("\n") == 1, captured.err  # no "trying the next older"
+    assert captured.err.startswith(f"error: checkpoint {trained / 'checkpoint-last.pth'} could not be read "
+                                   "(MemoryError: cannot allocate 9.6 GB)")
+    assert "resumed" not in captured.out
 
 
-def test_fsdp_with_dist_eval_runs_as_many_passes_on_every_rank_and_counts_each_image_once(tmp_path):
-    """17 evaluation images on 2 processes, 4 a batch: 3 batches on rank 0, 2 on rank 1, whose
-    sharded model must still join rank 0's third all-gather."""
-    out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
-    argv = ["--model", "vit_tiny_patch16_224", "--input_size", "32", "--num_samples", "17", "--batch_size", "4",
-            "--epochs", "1", "--num_workers", "0", "--device", "cpu", "--fsdp", "--dist_eval", "--output_dir", str(out)]
-    run_faulted(torchrun_logged(argv, logs), records, timeout=240, FAULT_SCRIPT="run_class_finetuning")
-    assert_every_rank(rank_outputs(logs, records), 0, "")
-    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
-    assert record["test_num_samples"] == 17
-
-
-def test_a_second_launch_on_a_folder_in_use_exits_2_naming_the_holder_and_a_preempted_one_hands_it_on(tmp_path):
+def test_a_second_launch_on_a_folder_in_use_exits_2_naming_the_holder_and_ctrl_c_hands_it_on(tmp_path, capsys):
+    """One writer per output folder; and Ctrl-C pressed again and again (SIGINT to every process of
+    the run, loader workers too) while the run finishes its step and writes: one line, exit 130,
+    nothing half-written, the folder free, and the relaunch goes on from the saved step."""
     out, seen = tmp_path / "out", []
-    first = start(single(out, ["--epochs", "50"]), tmp_path / "r1")
+    first = start(single(out, ["--epochs", "50", "--save_ckpt_steps", "1"]), tmp_path / "r1")
     wait_for_step(first, epoch=0, step=1, seen=seen)
-    began = time.monotonic()
-    second = subprocess.run(single(out), cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env=environment(tmp_path / "r2"))
-    assert second.returncode == 2 and time.monotonic() - began < 60, second.stderr[-2000:]
-    assert f"is in use by another run (host {socket.gethostname()}, pid {first.pid}" in second.stderr
-    first.send_signal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(
+            [*PRETRAIN, "--num_workers", "0", "--output_dir", str(out)]))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"is in use by another run (host {socket.gethostname()}, pid {first.pid}" in error
+    for _ in range(30):  # through the step's end, the save and the exit
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGINT)
+        time.sleep(0.01)
     output = finish(first, seen)
-    assert first.returncode == 143 and not (out / output_dir.LOCK_NAME).exists(), output[-2000:]
-    done = len((out / "log.txt").read_text().splitlines())  # epochs finished before the signal
-    assert "resumed from" in run(single(out, ["--epochs", str(done + 1)]), tmp_path / "r3")
-    epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    assert first.returncode == 130 and not (out / output_dir.LOCK_NAME).exists(), output[-2000:]
+    assert output.count("stopping on SIGINT (Ctrl-C) after epoch") == 1 and "Traceback" not in output, output[-2000:]
+    assert not list(out.glob(".*.tmp"))
+    log = out / "log.txt"
+    done = len(log.read_text().splitlines()) if log.exists() else 0  # epochs finished before the signal
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(
+        [*PRETRAIN, "--num_workers", "0", "--epochs", str(done + 1), "--output_dir", str(out)]))
+    assert "resumed from" in capsys.readouterr().out
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert epochs == list(range(done + 1))  # one writer: each epoch's line once
+
+
+def test_ctrl_c_outside_a_training_step_is_one_line_and_exit_130_with_nothing_written(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Before the loop (here while the data is read) no step can finish first: the run ends at once."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mae_pretraining, "build_pretraining_dataset", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(
+            [*PRETRAIN, "--num_workers", "0", "--output_dir", str(out)]))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("error: interrupted (Ctrl-C) outside a training step; nothing is half-written; "
+                                       f"the same command resumes from the newest checkpoint in {out}, if there is "
+                                       "one\n")
+    assert not out.exists()
 
 
 def dead_pid() -> int:
@@ -179,15 +210,15 @@ def small_disk(tmp_path) -> Path:
 
 
 def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(small_disk,
-                                                                                              tmp_path):
+                                                                                              capsys):
     out = small_disk / "out"
-    (tmp_path / "r").mkdir()
-    result = subprocess.run(single(out), cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=environment(tmp_path / "r"))
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(
+            [*PRETRAIN, "--num_workers", "0", "--output_dir", str(out)]))
     last = out / "checkpoint-last.pth"
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert (f"error: could not write checkpoint {last}: No space left on device; the previous checkpoint-last.pth "
-            "is intact") in result.stderr and "Traceback" not in result.stderr
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (f"error: could not write checkpoint {last}: No space left on device; the "
+                                       "previous checkpoint-last.pth is intact\n")
     assert not list(out.glob(".*.tmp"))
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, 3)  # the first step checkpoint, whole

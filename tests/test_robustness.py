@@ -61,13 +61,15 @@ def run_and_kill(script: str, argv, out: Path, after_steps: int) -> None:
 def test_finetuning_killed_between_step_checkpoints_and_relaunched_ends_bitwise_equal(tmp_path, capsys):
     """The file checkpoints' proof (pretraining's shares the loop, and its sharded ones are killed
     under an elastic torchrun in test_sharding); finetuning brings mixup, cutmix and drop path,
-    whose draws must resume too. The uninterrupted run runs in this process, with its threads."""
-    run_class_finetuning.main(run_class_finetuning.get_args_parser().parse_args(
-        FINETUNE + ["--output_dir", str(tmp_path / "straight")]))
+    whose draws must resume too. The uninterrupted run and the relaunch run in this process, with
+    its threads; only the killed run needs a process of its own."""
+    parse = run_class_finetuning.get_args_parser().parse_args
+    run_class_finetuning.main(parse(FINETUNE + ["--output_dir", str(tmp_path / "straight")]))
     run_and_kill("run_class_finetuning.py", FINETUNE, tmp_path / "killed", KILL_AFTER_STEPS)
-    process = start("run_class_finetuning.py", FINETUNE, tmp_path / "killed")
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 0 and "resumed from" in output and "at epoch 1 step" in output, output[-2000:]
+    capsys.readouterr()
+    run_class_finetuning.main(parse(FINETUNE + ["--output_dir", str(tmp_path / "killed")]))
+    output = capsys.readouterr().out
+    assert "resumed from" in output and "at epoch 1 step" in output, output[-2000:]
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
     assert_bitwise_equal(straight[0], resumed[0])
     assert_bitwise_equal(straight[1], resumed[1])

@@ -1,11 +1,11 @@
-"""Beyond one GPU's memory: FSDP2 against DDP, sharded checkpoints (resume, reshard, consolidate,
-refusing pickled code) and layer decay on sharded weights. Tiny models, gloo on CPU."""
+"""Beyond one GPU's memory: FSDP2 against DDP, sharded checkpoints (a kill and an elastic restart,
+resume on another number of processes, consolidate, refusing pickled code), layer decay on sharded
+weights and the sharded evaluation. Tiny models, gloo on CPU."""
 import json
 import os
 import pickle
 import shutil
 import signal
-import sys
 import warnings
 from pathlib import Path
 from typing import Dict
@@ -19,9 +19,24 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import consolidate_checkpoint
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
+import run_class_finetuning
 import run_mae_pretraining
 import utils
-from helpers import PRETRAIN, REPO, WritesAFile, finish, free_port, records, run, start, torchrun, wait_for_step
+from helpers import (
+    PRETRAIN,
+    TINY_VIT,
+    WritesAFile,
+    finish,
+    launched_pids,
+    rank_outputs,
+    records,
+    run,
+    run_faulted,
+    start,
+    torchrun,
+    torchrun_logged,
+    wait_for_step,
+)
 from modeling_finetune import create_finetune_model, load_pretrained_encoder
 from optim_factory import create_optimizer
 from training.sharded_checkpoint import SafeReader
@@ -60,33 +75,36 @@ def every_tensor(folder: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
-def test_a_sharded_run_killed_after_a_step_checkpoint_resumes_bitwise_equal(sharded, tmp_path):
+def test_a_worker_killed_under_an_elastic_torchrun_resumes_the_sharded_step_checkpoint_bitwise(sharded, tmp_path):
+    """SIGKILL to one worker after epoch 1's step 3 is in the sharded checkpoint-last; torchrun
+    (``--max-restarts 1``) starts both again, and the run goes on from that step to the end an
+    uninterrupted sharded run reaches, every tensor of model and optimizer equal. The one proof
+    that a kill loses nothing but the steps since the last checkpoint for sharded checkpoints and
+    elastic restarts (the file checkpoints': test_robustness)."""
     out = tmp_path / "out"
-    process = start(torchrun(out, SHARDED), tmp_path / "records")
+    process = start(torchrun(out, SHARDED, launcher=["--max-restarts", "1"]), tmp_path / "records")
     seen = []
-    wait_for_step(process, epoch=1, step=3, seen=seen)  # update 3 of epoch 1 is in checkpoint-last
-    for task in Path(f"/proc/{process.pid}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            os.kill(int(pid), signal.SIGKILL)
-    finish(process, seen)
-    output = run(torchrun(out, SHARDED), tmp_path / "records")
-    assert f"resumed from {out / 'checkpoint-last'} at epoch 1 step 3" in output
+    wait_for_step(process, epoch=1, step=3, seen=seen)
+    os.kill(launched_pids(process.pid)[-1], signal.SIGKILL)
+    output = finish(process, seen)
+    assert process.returncode == 0, output[-3000:]
+    assert f"resumed from {out / 'checkpoint-last'} at epoch 1 step 3" in output, output[-3000:]
     expected, resumed = every_tensor(sharded / "out" / "checkpoint-last"), every_tensor(out / "checkpoint-last")
     assert expected.keys() == resumed.keys() and any(key.startswith("optimizer.state.") for key in expected)
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
 
-def test_a_sharded_checkpoint_resumes_on_one_process_and_consolidates_into_one_file(sharded, tmp_path):
-    folder = sharded / "out" / "checkpoint-2"  # the last epoch's, with its consolidated file beside it
-    output = run([sys.executable, str(REPO / "tests" / "pretrain_record_samples.py"), *PRETRAIN,
-                  "--fsdp", "--epochs", "4", "--resume", str(folder), "--output_dir", str(tmp_path / "one")],
-                 tmp_path / "records")
-    assert "resumed from" in output and (tmp_path / "one" / "checkpoint-3-consolidated.pth").is_file()
+def test_a_sharded_checkpoint_resumes_on_one_process_and_consolidates_into_one_file(sharded, tmp_path, capsys):
+    folder = sharded / "out" / "checkpoint-1"  # the last epoch's, with its consolidated file beside it
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(
+        [*PRETRAIN, "--num_workers", "0", "--fsdp", "--epochs", "3", "--resume", str(folder), "--output_dir",
+         str(tmp_path / "one")]))
+    assert "resumed from" in capsys.readouterr().out and (tmp_path / "one" / "checkpoint-2-consolidated.pth").is_file()
     made = consolidate_checkpoint.main(consolidate_checkpoint.get_args_parser().parse_args(
         [str(folder), "--output", str(tmp_path / "whole.pth")]))
     whole = torch.load(made, map_location="cpu", weights_only=True)
-    at_the_end = torch.load(sharded / "out" / "checkpoint-2-consolidated.pth", map_location="cpu", weights_only=True)
-    assert whole["epoch"] == at_the_end["epoch"] == 2 and whole["args"]["fsdp"] is True
+    at_the_end = torch.load(sharded / "out" / "checkpoint-1-consolidated.pth", map_location="cpu", weights_only=True)
+    assert whole["epoch"] == at_the_end["epoch"] == 1 and whole["args"]["fsdp"] is True
     assert all(torch.equal(whole["model"][key], at_the_end["model"][key]) for key in at_the_end["model"])
     timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32).load_state_dict(whole["model"], strict=True)
     vit = create_finetune_model("vit_tiny_patch16_224", 10, img_size=32)
@@ -96,7 +114,7 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_consolidates_into_one_f
 def test_a_sharded_checkpoint_that_would_unpickle_code_is_refused_and_the_code_never_runs(sharded, tmp_path,
                                                                                           capsys):
     folder = tmp_path / "checkpoint-last"
-    shutil.copytree(sharded / "out" / "checkpoint-2", folder)
+    shutil.copytree(sharded / "out" / "checkpoint-1", folder)
     evidence = tmp_path / "pwned.txt"
     (folder / ".metadata").write_bytes(pickle.dumps(WritesAFile(str(evidence))))
     with pytest.raises(SystemExit) as exit_info:
@@ -123,7 +141,7 @@ def test_bad_sharded_command_lines_exit_2(extra, message, tmp_path, capsys):
 
 
 def test_a_folder_checkpoint_without_fsdp_exits_2(sharded, tmp_path, capsys):
-    argv = [*PRETRAIN, "--num_workers", "0", "--resume", str(sharded / "out" / "checkpoint-2"),
+    argv = [*PRETRAIN, "--num_workers", "0", "--resume", str(sharded / "out" / "checkpoint-1"),
             "--output_dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exit_info:
         utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(argv))
@@ -155,13 +173,25 @@ def test_sharded_weights_keep_maes_layer_decay_and_weight_decay_groups(one_proce
     assert sharded == plain and len({scale for scale, _ in plain.values()}) == 5  # layers 0-3 and the head
 
 
-def test_fsdp_finetuning_with_layer_decay_trains_and_keeps_the_best_as_a_link(tmp_path):
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-               str(REPO / "run_class_finetuning.py"), "--model", "vit_tiny_patch16_224", "--input_size", "32",
-               "--num_samples", "16", "--batch_size", "4", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
-               "--layer_decay", "0.75", "--fsdp", "--grad_checkpointing", "--output_dir", str(out)]
-    output = run(command, tmp_path / "records")
-    assert "top-1" in output and (out / "checkpoint-best").is_symlink() and (out / "checkpoint-0").is_dir()
-    whole = torch.load(out / "checkpoint-0-consolidated.pth", map_location="cpu", weights_only=True)
+def test_fsdp_finetuning_with_layer_decay_and_dist_eval_counts_each_image_once_and_keeps_the_best_as_a_link(
+        tmp_path):
+    """17 evaluation images on 2 processes, 4 a batch: 3 batches on rank 0, 2 on rank 1, whose
+    sharded model must still join rank 0's third all-gather; every image counted once, and the
+    figures those one process gets from the same weights."""
+    out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
+    data = [*TINY_VIT, "--num_samples", "17", "--batch_size", "4"]
+    argv = [*data, "--epochs", "1", "--layer_decay", "0.75", "--fsdp", "--grad_checkpointing", "--dist_eval",
+            "--output_dir", str(out)]
+    run_faulted(torchrun_logged(argv, logs), records, timeout=240, FAULT_SCRIPT="run_class_finetuning")
+    outputs = rank_outputs(logs, records)
+    assert [code for code, _ in outputs] == [0, 0] and not any("Traceback" in text for _, text in outputs), outputs
+    assert "top-1" in outputs[0][1] and (out / "checkpoint-best").is_symlink() and (out / "checkpoint-0").is_dir()
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert record["test_num_samples"] == 17
+    consolidated = out / "checkpoint-0-consolidated.pth"
+    whole = torch.load(consolidated, map_location="cpu", weights_only=True)
     create_finetune_model("vit_tiny_patch16_224", 10, img_size=32).load_state_dict(whole["model"], strict=True)
+    alone = run_class_finetuning.main(run_class_finetuning.get_args_parser().parse_args(
+        [*data, "--eval", "--resume", str(consolidated), "--output_dir", str(tmp_path / "alone")]))
+    assert alone["num_samples"] == 17
+    assert record["test_acc1"] == pytest.approx(alone["acc1"]) and record["test_loss"] == pytest.approx(alone["loss"])
