@@ -57,6 +57,15 @@ def run(command: List[str], record_dir: Path) -> str:
     return result.stdout
 
 
+def on_slurm(record_dir: Path, bin_dir: Path, job: str = "4242") -> dict:
+    """``environment`` inside SLURM job ``job``, with a stand-in ``scontrol`` that writes how it
+    was called to ``bin_dir/scontrol.txt``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {bin_dir / 'scontrol.txt'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return dict(environment(record_dir), PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID=job)
+
+
 def start(command: List[str], record_dir: Path, env: dict = None) -> subprocess.Popen:
     """The command in a session of its own, as a terminal starts one: ``os.killpg`` then signals
     all its processes (loader workers included), as Ctrl-C does."""

@@ -25,6 +25,7 @@ import utils
 from helpers import (
     PRETRAIN,
     finish,
+    on_slurm,
     rank_outputs,
     run_faulted,
     single,
@@ -117,9 +118,11 @@ def test_a_memory_error_while_reading_a_checkpoint_is_no_damage_and_no_older_one
 def test_a_second_launch_on_a_folder_in_use_exits_2_naming_the_holder_and_ctrl_c_hands_it_on(tmp_path, capsys):
     """One writer per output folder; and Ctrl-C pressed again and again (SIGINT to every process of
     the run, loader workers too) while the run finishes its step and writes: one line, exit 130,
-    nothing half-written, the folder free, and the relaunch goes on from the saved step."""
+    nothing half-written, the folder free, no SLURM requeue (the user's stop is no preemption), and
+    the relaunch goes on from the saved step."""
     out, seen = tmp_path / "out", []
-    first = start(single(out, ["--epochs", "50", "--save_ckpt_steps", "1"]), tmp_path / "r1")
+    first = start(single(out, ["--epochs", "50", "--save_ckpt_steps", "1", "--requeue"]), tmp_path / "r1",
+                  env=on_slurm(tmp_path / "r1", tmp_path / "bin"))
     wait_for_step(first, epoch=0, step=1, seen=seen)
     with pytest.raises(SystemExit) as exit_info:
         utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(
@@ -133,6 +136,7 @@ def test_a_second_launch_on_a_folder_in_use_exits_2_naming_the_holder_and_ctrl_c
     output = finish(first, seen)
     assert first.returncode == 130 and not (out / output_dir.LOCK_NAME).exists(), output[-2000:]
     assert output.count("stopping on SIGINT (Ctrl-C) after epoch") == 1 and "Traceback" not in output, output[-2000:]
+    assert "requeue" not in output and not (tmp_path / "bin" / "scontrol.txt").exists()
     assert not list(out.glob(".*.tmp"))
     log = out / "log.txt"
     done = len(log.read_text().splitlines()) if log.exists() else 0  # epochs finished before the signal

@@ -21,11 +21,11 @@ from helpers import (
     PRETRAIN,
     TINY_VIT,
     assert_bitwise_equal,
-    environment,
     exit_codes,
     final_state,
     finish,
     launched_pids,
+    on_slurm,
     run,
     single,
     start,
@@ -69,18 +69,14 @@ def test_ctrl_c_under_torchrun_and_again_while_saving_stops_once_and_the_relaunc
 def test_requeue_asks_slurm_to_requeue_the_job_after_the_checkpoint(tmp_path):
     """SLURM's ``--signal=USR1@120`` warning: exit 138 (128 + 10) once the step is saved, and a
     stand-in ``scontrol`` records how it was called."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.txt'}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    env = dict(environment(tmp_path / "r"), PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    env = on_slurm(tmp_path / "r", tmp_path / "bin")
     process = start(single(tmp_path / "out", ["--requeue"]), tmp_path / "r", env=env)
     seen: List[str] = []
     wait_for_step(process, epoch=0, step=2, seen=seen)
     process.send_signal(signal.SIGUSR1)
     output = finish(process, seen)
     assert process.returncode == 138 and "stopping on SIGUSR1 after epoch 0 step" in output, output[-3000:]
-    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    assert (tmp_path / "bin" / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     assert "SLURM job 4242 requeued" in output
     assert (tmp_path / "out" / "checkpoint-last.pth").is_file()
 

@@ -85,7 +85,9 @@ def test_a_worker_killed_under_an_elastic_torchrun_resumes_the_sharded_step_chec
     process = start(torchrun(out, SHARDED, launcher=["--max-restarts", "1"]), tmp_path / "records")
     seen = []
     wait_for_step(process, epoch=1, step=3, seen=seen)
-    os.kill(launched_pids(process.pid)[-1], signal.SIGKILL)
+    worker = launched_pids(process.pid)[-1]
+    for pid in (worker, *launched_pids(worker)):  # and its loader worker, which holds its sockets open
+        os.kill(pid, signal.SIGKILL)
     output = finish(process, seen)
     assert process.returncode == 0, output[-3000:]
     assert f"resumed from {out / 'checkpoint-last'} at epoch 1 step 3" in output, output[-3000:]

@@ -76,7 +76,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                             "signal's number ('none': die at once, as without handling); Ctrl-C (SIGINT) always "
                             "does the same")
     group.add_argument("--requeue", action="store_true",
-                       help="after a preemption signal, rank 0 requeues the SLURM job (scontrol requeue)")
+                       help="after a preemption signal (not Ctrl-C), rank 0 requeues the SLURM job (scontrol requeue)")
 
 
 def add_size_args(group: argparse._ArgumentGroup) -> None:

@@ -153,7 +153,8 @@ def requeue_slurm_job() -> None:
 @contextmanager
 def preemptible(args: argparse.Namespace) -> Iterator[PreemptionWatch]:
     """Handle ``--preempt_signals`` and Ctrl-C while training; on ``Preempted``, print its line,
-    requeue the SLURM job with ``--requeue`` (rank 0) and exit with 128 + the signal's number."""
+    requeue the SLURM job with ``--requeue`` (rank 0; not after Ctrl-C) and exit with 128 + the
+    signal's number."""
     signals = stop_signals(args.preempt_signals)
     watch = PreemptionWatch(signals, args.dist_timeout)
     watch.install()
@@ -167,7 +168,7 @@ def preemptible(args: argparse.Namespace) -> Iterator[PreemptionWatch]:
             signal.signal(sig, signal.SIG_IGN)
         if is_main_process():
             print(stop, flush=True)
-            if args.requeue:
+            if args.requeue and stop.signum != signal.SIGINT:  # a user's Ctrl-C is no preemption
                 requeue_slurm_job()
         sys.exit(stop.exit_code)
     except BaseException:
