@@ -334,7 +334,7 @@ def amp_choice(value: str) -> str:
     return AMP_SYNONYMS.get(value.lower(), value.lower())
 
 
-def add_amp_arg(parser: Any, default: Optional[str], help: str) -> None:
+def add_amp_arg(parser: Any, *, default: Optional[str], help: str) -> None:
     """``--amp`` as every entry point takes it: bf16, fp16 or none (fp32 is read as none)."""
     parser.add_argument("--amp", default=default, type=amp_choice, choices=AMP_CHOICES,
                         help=f"{help}; fp32 is accepted for none")

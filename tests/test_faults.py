@@ -45,14 +45,14 @@ def assert_every_rank(outputs, code: int, line: str) -> None:
 
 
 def test_a_nan_loss_on_one_rank_stops_every_rank_before_any_checkpoint_holds_it(tmp_path):
-    """Rank 1's loss at epoch 1 step 1 (its 6th micro-step) is NaN; a step checkpoint follows every
+    """Rank 1's loss at epoch 0 step 1 (its 2nd micro-step) is NaN; a step checkpoint follows every
     update, so without the agreement rank 0 would write one from the poisoned weights."""
     out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
     run_faulted(torchrun_logged([*PRETRAIN, "--save_ckpt_steps", "1", "--output_dir", str(out)], logs), records,
-                "nan_loss", FAULT_STEP="5")
-    assert_every_rank(rank_outputs(logs, records), 1, "error: loss is not finite on rank 1 at epoch 1 step 1")
+                "nan_loss", FAULT_STEP="1")
+    assert_every_rank(rank_outputs(logs, records), 1, "error: loss is not finite on rank 1 at epoch 0 step 1")
     checkpoint = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
-    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 1)  # the update before the bad one
+    assert (checkpoint["epoch"], checkpoint["step"]) == (0, 1)  # the update before the bad one
     assert all(bool(torch.isfinite(tensor).all()) for tensor in checkpoint["model"].values())
 
 

@@ -131,8 +131,8 @@ def worker_init_fn(args: argparse.Namespace) -> functools.partial:
     """``ignore_signals`` for the run's stop signals (Ctrl-C's at least, which a terminal sends to
     every process of the run; a script without a training loop stops in its main process)."""
     kill_workers_at_exit()
-    return functools.partial(ignore_signals, [int(sig) for sig in stop_signals(getattr(args, "preempt_signals",
-                                                                                         ["none"]))])
+    signals = stop_signals(getattr(args, "preempt_signals", ["none"]))
+    return functools.partial(ignore_signals, [int(sig) for sig in signals])
 
 
 def check_requeue(args: argparse.Namespace) -> None:
