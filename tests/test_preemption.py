@@ -1,5 +1,6 @@
-"""Runs that survive the cluster: preemption signals, elastic restarts, resuming on another number
-of processes, and inputs that cannot stop a run. Tiny model, gloo on CPU."""
+"""Runs that survive the cluster and the user: preemption signals and Ctrl-C, SLURM requeues, step
+checkpoints of earlier versions, and inputs that cannot stop a run (elastic restarts: test_sharding;
+another number of processes: test_shards). Tiny model, gloo on CPU."""
 import contextlib
 import json
 import os
