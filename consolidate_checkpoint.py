@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 import utils
-from training.checkpoint import consolidated_name, read_checkpoint, save_atomic
+from training.checkpoint import consolidated_name
+from training.checkpoint_files import read_checkpoint, save_atomic
 from training.sharded_checkpoint import is_sharded_checkpoint, read_model_state
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
-from training.checkpoint import read_weights, save_atomic
+from training.checkpoint_files import save_atomic
+from training.weight_files import read_weights
 from training.hf_checkpoint import hf_folder, write_hf
 from modeling_finetune import unwrap_state_dict
 

@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from image_data.augmentation import BatchTransform
-from training.checkpoint import TrainingState, resume_training_state
+from training.checkpoint import TrainingState
+from training.resume import resume_training_state
 from training.loop import Stage, fit
 from training.wrapping import is_sharded, unwrap_model
 from utils import UsageError, all_reduce_max, all_reduce_sum, autocast, is_main_process

@@ -182,3 +182,14 @@ def init_head(model: VisionTransformer, std: float = 2e-5) -> None:
     if isinstance(model.head, nn.Linear):
         trunc_normal_(model.head.weight, std=std)
         nn.init.zeros_(model.head.bias)
+
+
+def state_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """The missing, unexpected and wrongly shaped keys of ``state`` for ``model``; '' if it fits."""
+    own = model.state_dict()
+    shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
+              for key in sorted(own.keys() & state.keys()) if tuple(state[key].shape) != tuple(own[key].shape)]
+    parts = {"missing": sorted(own.keys() - state.keys()), "unexpected": sorted(state.keys() - own.keys()),
+             "shapes (checkpoint vs model)": shapes}
+    return "; ".join(f"{name}: {', '.join(keys[:8])}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+                     for name, keys in parts.items() if keys)

@@ -7,7 +7,7 @@ unchanged into ``timm.create_model('vit_base_patch16_224')`` for finetuning, and
 MAE checkpoint loads into it with ``strict=True``.
 """
 from functools import partial
-from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,8 @@ from einops import rearrange
 from timm.models import checkpoint_seq, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from modeling_finetune import model_kwargs, to_grid
+from modeling_finetune import is_decoder_key, model_kwargs, state_mismatch, to_grid, unwrap_state_dict
+from utils import UsageError
 
 
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -341,3 +342,26 @@ def pretrain_mae_giant_patch14_224(pretrained: bool = False, **kwargs: Any) -> P
 @register_model
 def pretrain_mae_2b_patch14_224(pretrained: bool = False, **kwargs: Any) -> PretrainVisionTransformer:
     return _create_mae("pretrain_mae_2b_patch14_224", pretrained, **kwargs)
+
+
+FIXED_TABLES = ("pos_embed", "decoder_pos_embed")  # sine-cosine: the model's own fit any input size
+
+
+def load_mae_weights(model: torch.nn.Module, checkpoint: Mapping[str, Any], *, source: str,
+                     decoder_required: bool) -> List[str]:
+    """A pretraining checkpoint's weights (whatever ``read_weights`` reads) into a
+    ``PretrainVisionTransformer``, strictly; its fixed position tables stay the model's own. Without
+    ``decoder_required`` an encoder-only checkpoint (MAE's released ones) leaves the decoder as
+    initialized. Returns the keys left as they were."""
+    own = model.state_dict()
+    state = {**unwrap_state_dict(checkpoint), **{name: own[name] for name in FIXED_TABLES}}
+    kept = [] if decoder_required else [key for key in own if key not in state and is_decoder_key(key)]
+    state.update({key: own[key] for key in kept})
+    mismatch = state_mismatch(model, state)
+    if mismatch:
+        hint = "is --model the architecture it was pretrained with?"
+        if "decoder_pred.weight" not in state:
+            hint = "it has no decoder (an encoder-only checkpoint cannot draw reconstructions)"
+        raise UsageError(f"{source} does not fit the model: {mismatch}; {hint}")
+    model.load_state_dict(state)
+    return kept

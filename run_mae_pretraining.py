@@ -8,7 +8,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
-import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
+from modeling_pretrain import load_mae_weights  # and the pretrain_mae_* models, registered with timm
 import utils
 from datasets import DECODERS, build_pretraining_dataset, build_train_loader, check_readable
 from engine_for_pretraining import pretrain
@@ -16,7 +16,8 @@ from image_data.augmentation import PRETRAIN_CROP_SCALE, Crops
 from image_data.device_decoder import collate_encoded
 from modeling_finetune import to_grid
 from optim_factory import add_optimizer_args, create_optimizer
-from training.checkpoint import TrainingState, load_mae_weights, read_weights
+from training.checkpoint import TrainingState
+from training.weight_files import read_weights
 from training.cli import (
     add_crop_args,
     add_loading_args,

@@ -16,10 +16,10 @@ import timm
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
+from modeling_pretrain import load_mae_weights  # and the pretrain_mae_* models, registered with timm
 import utils
 from image_data.augmentation import eval_transform, normalize_on_device
-from training.checkpoint import load_mae_weights, read_weights
+from training.weight_files import read_weights
 from training.cli import check_model_name, check_patch_grid, patch_size_kwargs
 from training.config import resolve_visualization
 from image_data.files import UNREADABLE, find_images, load_image

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
-from training.checkpoint import save_files
+from training.checkpoint_files import save_files
 
 Embed = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (encoder, images) -> (B, D) features
 FEATURES = ("cls", "avgpool", "both")

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from image_data.augmentation import BatchTransform, eval_transform
-from training.checkpoint import read_weights
+from training.weight_files import read_weights
 from training.cli import (
     add_loading_args,
     add_shuffle_arg,

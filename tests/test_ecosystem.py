@@ -20,7 +20,8 @@ import run_mae_pretraining
 import run_mae_vis
 import utils
 from image_data.augmentation import Crops, pretraining_augmentation
-from training.checkpoint import read_weights, save_atomic
+from training.checkpoint_files import save_atomic
+from training.weight_files import read_weights
 from image_data.files import load_image
 from helpers import TINY_MAE, TINY_VIT, WritesAFile
 from modeling_finetune import create_finetune_model, load_pretrained_encoder

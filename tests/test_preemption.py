@@ -17,7 +17,7 @@ import run_class_finetuning
 import run_knn_eval
 import run_mae_pretraining
 import utils
-from training.checkpoint import EpochStart, epoch_start
+from training.epoch_position import EpochStart, epoch_start
 from helpers import (
     PRETRAIN,
     TINY_VIT,

@@ -14,7 +14,8 @@ from PIL import Image
 import modeling_pretrain  # noqa: F401
 import run_mae_pretraining
 import utils
-from training.checkpoint import TrainingState, load_optimizer_state
+from training.checkpoint import TrainingState
+from training.optimizer_state import load_optimizer_state
 from training.config import resolve_pretraining, training_settings
 from training.loop import clip_or_measure_grad_norm, lr_at, train_epoch
 from engine_for_pretraining import reconstruction_loss

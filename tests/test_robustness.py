@@ -14,10 +14,12 @@ import timm
 import torch
 from PIL import Image
 
+import modeling_pretrain
 import run_class_finetuning
 import run_mae_pretraining
 import utils
-from training.checkpoint import TrainingState, load_checkpoint, save_atomic
+from training.checkpoint import TrainingState
+from training.checkpoint_files import load_checkpoint, save_atomic
 from training.config import resolve_pretraining
 from training.loop import NonFiniteWatch, train_epoch
 from datasets import DECODERS, build_pretraining_dataset
@@ -79,8 +81,8 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     target = tmp_path / "checkpoint-last.pth"
     save_atomic({"model": {"w": torch.ones(3)}, "epoch": 4}, target)
     writer = (
-        "import sys, torch\nfrom training import checkpoint\n"
-        "checkpoint.save_atomic({'model': {'w': torch.zeros(64, 1024, 1024)}, 'epoch': 5}, sys.argv[1])\n"
+        "import sys, torch\nfrom training import checkpoint_files\n"
+        "checkpoint_files.save_atomic({'model': {'w': torch.zeros(64, 1024, 1024)}, 'epoch': 5}, sys.argv[1])\n"
     )
     process = subprocess.Popen([sys.executable, "-c", writer, str(target)], cwd=REPO)
     temporary = tmp_path / ".checkpoint-last.pth.tmp"
@@ -268,7 +270,7 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_checkpoint(tmp_path, mon
     parse = run_mae_pretraining.get_args_parser().parse_args
     run_mae_pretraining.main(parse(PRETRAIN + ["--epochs", "1", "--output_dir", str(out)]))
     before = (out / "checkpoint-last.pth").read_bytes()
-    real_loss = run_mae_pretraining.modeling_pretrain.PretrainVisionTransformer.forward_loss
+    real_loss = modeling_pretrain.PretrainVisionTransformer.forward_loss
     calls = []
 
     def poisoned(self, imgs, pred, mask):
@@ -276,7 +278,7 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_the_checkpoint(tmp_path, mon
         loss = real_loss(self, imgs, pred, mask)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(run_mae_pretraining.modeling_pretrain.PretrainVisionTransformer, "forward_loss", poisoned)
+    monkeypatch.setattr(modeling_pretrain.PretrainVisionTransformer, "forward_loss", poisoned)
     with pytest.raises(SystemExit) as exit_info:
         run_mae_pretraining.main(parse(PRETRAIN + ["--output_dir", str(out)]))
     assert exit_info.value.code == 1

@@ -38,7 +38,7 @@ from image_data.shards import (
     fallback_index_path,
     shard_paths,
 )
-from training.checkpoint import order_change
+from training.resume import order_change
 
 
 

@@ -7,7 +7,7 @@ image settings a starting checkpoint records (``--in_chans``, ``--mean``/``--std
 batch and the lr from ``--blr``, and the fixed value of every setting a script has no flag for.
 Every check that refuses a command line runs here too, before anything is built or written. What a
 resumed checkpoint settles (the epoch and step to continue from) is the loop's
-(``training.checkpoint.resume_training_state``), since every rank must load the same one.
+(``training.resume.resume_training_state``), since every rank must load the same one.
 """
 import argparse
 from pathlib import Path
@@ -21,7 +21,7 @@ from datasets import count_classes
 from image_data.augmentation import RGB
 from image_data.shards import is_shard_spec, shard_paths
 from masking_generator import check_mask_ratio
-from training.checkpoint import read_args
+from training.weight_files import read_args
 from training.cli import POSITIVE, one_size, validate_numbers
 from training.preemption import check_requeue, parse_signals
 from training.sharding import check_sharding_args

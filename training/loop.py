@@ -23,18 +23,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from image_data.files import count_skipped_all_ranks, reset_skipped
-from training.checkpoint import (
-    BEST,
-    EpochStart,
-    StepSaver,
-    TrainingState,
-    epoch_start,
-    resume_training_state,
-    save_epoch,
-    save_training_state,
-    step_saver,
-)
+from training.checkpoint import BEST, StepSaver, TrainingState, save_epoch, save_training_state, step_saver
+from training.epoch_position import EpochStart, epoch_start
 from training.preemption import Preempted, PreemptionWatch, preemptible
+from training.resume import resume_training_state
 from training.wrapping import unwrap_model
 from utils import (
     NonFiniteLossError,
