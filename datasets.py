@@ -33,10 +33,10 @@ from image_data.files import (
     load_image,
     wrapped,
 )
+from image_data.geometry import to_grid
 from image_data.shards import ShardCatalog, ShardImages, catalog_shards, is_shard_spec
-from modeling_finetune import to_grid
-from training.preemption import worker_init_fn
 from image_data.synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
+from training.preemption import worker_init_fn
 from utils import UsageError, seed_everything
 
 DATA_SETS = ("image_folder", "synthetic")

@@ -5,7 +5,7 @@ the pretraining model subclasses the same class, so the encoder exists once. ViT
 does not have, is registered here as ``vit_2b_patch14_224``.
 """
 import math
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import timm
 import torch
@@ -18,15 +18,6 @@ KEY_PREFIXES = ("module.", "encoder.", "backbone.")
 HEAD_KEYS = ("head.weight", "head.bias")
 FC_NORM_KEYS = ("fc_norm.weight", "fc_norm.bias")
 FINAL_NORM_KEYS = ("norm.weight", "norm.bias")
-
-
-def to_grid(input_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    """An image size as ``(height, width)``: an int means a square. The patch grid of a model is
-    this over its patch size."""
-    if isinstance(input_size, int):
-        return input_size, input_size
-    height, width = input_size
-    return int(height), int(width)
 
 
 # timm's factory passes these to every entrypoint; they concern hub weights we never fetch.

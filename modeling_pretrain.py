@@ -16,7 +16,8 @@ from einops import rearrange
 from timm.models import checkpoint_seq, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from modeling_finetune import is_decoder_key, model_kwargs, state_mismatch, to_grid, unwrap_state_dict
+from image_data.geometry import to_grid
+from modeling_finetune import is_decoder_key, model_kwargs, state_mismatch, unwrap_state_dict
 from utils import UsageError
 
 

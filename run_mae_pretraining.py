@@ -14,7 +14,7 @@ from datasets import DECODERS, build_pretraining_dataset, build_train_loader, ch
 from engine_for_pretraining import pretrain
 from image_data.augmentation import PRETRAIN_CROP_SCALE, Crops
 from image_data.device_decoder import collate_encoded
-from modeling_finetune import to_grid
+from image_data.geometry import to_grid
 from optim_factory import add_optimizer_args, create_optimizer
 from training.checkpoint import TrainingState
 from training.weight_files import read_weights

@@ -24,7 +24,7 @@ from training.cli import check_model_name, check_patch_grid, patch_size_kwargs
 from training.config import resolve_visualization
 from image_data.files import UNREADABLE, find_images, load_image
 from masking_generator import random_masks
-from modeling_finetune import to_grid
+from image_data.geometry import to_grid
 from image_data.synthetic import synthetic_split
 from visualization import PANELS, channels_note, reconstruction_grid
 

@@ -19,7 +19,8 @@ from training.cli import (
     patch_size_kwargs,
 )
 from datasets import CLASSIFICATION_SETS, build_classification_dataset, check_readable
-from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder, to_grid
+from image_data.geometry import to_grid
+from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
 from training.preemption import worker_init_fn
 from utils import UsageError, is_main_process, raise_on_all_ranks, rank_shard
 

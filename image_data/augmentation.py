@@ -20,7 +20,7 @@ from timm.data.transforms import ResizeKeepRatio
 from torchvision import transforms
 from torchvision.transforms import v2 as transforms_v2
 
-from modeling_finetune import to_grid
+from image_data.geometry import to_grid
 
 PRETRAIN_CROP_SCALE = (0.2, 1.0)  # MAE pretraining crops keep at least a fifth of the image
 CLASSIFY_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's default, which MAE's finetuning and probe keep

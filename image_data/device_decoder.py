@@ -23,7 +23,7 @@ from image_data.files import (
     source_bytes,
     source_name,
 )
-from modeling_finetune import to_grid
+from image_data.geometry import to_grid
 
 JPEG_END = (0xFF, 0xD9)  # the end-of-image marker that a complete JPEG file ends with
 

@@ -10,7 +10,7 @@ import timm
 import torch
 
 from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
-from modeling_finetune import to_grid
+from image_data.geometry import to_grid
 from utils import UsageError, add_amp_arg
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from modeling_finetune import to_grid
+from image_data.geometry import to_grid
 from modeling_pretrain import MAE_CONFIGS
 
 CONFIG = "config.json"
