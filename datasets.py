@@ -28,9 +28,11 @@ from image_data.files import (
     SkipUnreadable,
     build_image_folder,
     class_folders,
+    count_skipped_all_ranks,
     decode_rgb,
     labelled_folder,
     load_image,
+    reset_skipped,
     wrapped,
 )
 from image_data.geometry import to_grid
@@ -319,7 +321,22 @@ def epoch_order(dataset: Dataset, seed: int, shuffle_window: int) -> EpochOrder:
     return ShardWindowOrder(shards.shard_counts, shuffle_window, seed)
 
 
-def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = None) -> DataLoader:
+class EpochLoader(DataLoader):
+    """The training loader as the loop uses it (``training.loop.EpochLoader``): an epoch starts at a
+    position of its order (``EpochSampler``), and its unreadable images are counted (``SkipUnreadable``)."""
+
+    def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
+        """Serve ``epoch``, leaving out the ``samples_done`` positions of its global order that a
+        resumed epoch has already trained on, and start counting the epoch's unreadable images."""
+        self.sampler.set_epoch(epoch, samples_done)
+        reset_skipped(self.dataset)
+
+    def skipped_images(self, device: torch.device) -> int:
+        """The epoch's unreadable images over all ranks (a collective)."""
+        return count_skipped_all_ranks(self.dataset, device)
+
+
+def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = None) -> EpochLoader:
     """Shuffled, rank-sharded full batches whose samples are seeded per (seed, epoch, index), so a
     run resumed mid-epoch sees exactly the batches an uninterrupted one would have.
     ``collate_fn`` replaces the default stacking (``collate_encoded`` for the device decoder)."""
@@ -330,7 +347,7 @@ def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = 
         )
     seeded = SeededSamples(dataset, args.seed)
     order = epoch_order(dataset, args.seed, args.shuffle_window)
-    return DataLoader(
+    return EpochLoader(
         seeded,
         batch_size=args.batch_size,
         sampler=EpochSampler(order, args.world_size, args.rank),

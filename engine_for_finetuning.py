@@ -2,7 +2,7 @@
 (``training.loop.fit``): the classification loss, and evaluation that counts every sample once."""
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from image_data.augmentation import BatchTransform
 from training.checkpoint import TrainingState
 from training.resume import resume_training_state
-from training.loop import Stage, fit
+from training.loop import EpochLoader, Stage, fit
 from training.wrapping import is_sharded, unwrap_model
 from utils import UsageError, all_reduce_max, all_reduce_sum, autocast, is_main_process
 
@@ -22,7 +22,7 @@ class ClassificationTask:
     """What a supervised stage trains and evaluates on, besides the ``TrainingState``."""
 
     criterion: Criterion
-    train_loader: DataLoader
+    train_loader: EpochLoader
     val_loader: DataLoader
     train_batch: BatchTransform  # on the device: normalization, and random erasing for finetuning
     eval_batch: BatchTransform  # normalization only
@@ -116,6 +116,32 @@ def evaluate_checkpoint(
     return stats
 
 
+class BestAccuracy:
+    """The epoch's evaluation for the loop (``training.loop.Evaluation``): top-1, top-5 and loss,
+    and the best top-1 so far, which every checkpoint keeps as ``max_accuracy``."""
+
+    def __init__(self, evaluate_epoch: Callable[[], Dict[str, float]]) -> None:
+        self.evaluate_epoch = evaluate_epoch
+        self.max_accuracy = 0.0
+
+    def __call__(self) -> Dict[str, float]:
+        return self.evaluate_epoch()
+
+    def start(self, resumed: Mapping[str, Any]) -> None:
+        self.max_accuracy = resumed.get("max_accuracy", 0.0)
+
+    def judge(self, stats: Mapping[str, float]) -> bool:
+        best = stats["acc1"] > self.max_accuracy
+        self.max_accuracy = max(self.max_accuracy, stats["acc1"])
+        return best
+
+    def kept(self) -> Dict[str, Any]:
+        return {"max_accuracy": self.max_accuracy}
+
+    def describe(self, stats: Mapping[str, float]) -> str:
+        return f"top-1 {stats['acc1']:.2f}% on {stats['num_samples']} images; best {self.max_accuracy:.2f}%"
+
+
 def train_and_evaluate(
     state: TrainingState, task: ClassificationTask, *, device: torch.device, args: argparse.Namespace
 ) -> Dict[str, float]:
@@ -128,5 +154,5 @@ def train_and_evaluate(
         return evaluate(model, task.val_loader, device, args.amp, task.eval_batch, reduce=task.reduce_eval)
 
     loss_fn = classification_loss(state.model, task.criterion, device, task.train_batch, task.mixup_fn)
-    return fit(state, Stage(loss_fn=loss_fn, evaluate=evaluate_epoch), loader=task.train_loader, device=device,
-               args=args)
+    return fit(state, Stage(loss_fn=loss_fn, evaluate=BestAccuracy(evaluate_epoch)), loader=task.train_loader,
+               device=device, args=args)

@@ -265,7 +265,7 @@ def pretraining_loader(data_path: str, args: argparse.Namespace, num_workers: in
 
 def epoch_rate(loader: DataLoader, epoch: int, evicted: Sequence[str] = ()) -> float:
     evict(evicted)
-    loader.sampler.set_epoch(epoch)
+    loader.start_epoch(epoch)
     start = time.perf_counter()
     batches = sum(1 for _ in loader)
     return batches * loader.batch_size / (time.perf_counter() - start)

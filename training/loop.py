@@ -1,12 +1,13 @@
-"""The one loop every stage trains with, read top to bottom from ``fit``: resuming, each epoch's
-position in the data, ``train_epoch`` (the learning-rate schedule, gradient accumulation and sync,
-the optimizer step, the non-finite loss watch, progress lines and TensorBoard curves, which steps
-log and which save, the stop after a preemption signal), then the epoch's evaluation, checkpoints
-and log line.
+"""The one loop every stage trains with, read top to bottom from ``fit``: resuming, starting each
+epoch's data where it stands (the loader's ``start_epoch``), ``train_epoch`` (the learning-rate
+schedule, gradient accumulation and sync, the optimizer step, the non-finite loss watch, progress
+lines and TensorBoard curves, which steps log and which save, the stop after a preemption signal),
+then the epoch's evaluation, checkpoints and log line.
 
-A stage gives ``fit`` a ``Stage``: its loss, its evaluation if it has one, and what it does once
-an epoch is saved (``engine_for_pretraining``, ``engine_for_finetuning``); the loop does the
-rest, the same way for every stage.
+A stage gives ``fit`` a ``Stage``: its loss, its evaluation if it has one (which says what its
+best is and how it reads: ``Evaluation``), and what it does once an epoch is saved
+(``engine_for_pretraining``, ``engine_for_finetuning``); the loop does the rest, the same way for
+every stage, and knows no task.
 """
 import argparse
 import json
@@ -15,14 +16,12 @@ from collections import defaultdict, deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
 
-from image_data.files import count_skipped_all_ranks, reset_skipped
 from training.checkpoint import BEST, StepSaver, TrainingState, save_epoch, save_training_state, step_saver
 from training.epoch_position import EpochStart, epoch_start
 from training.preemption import Preempted, PreemptionWatch, preemptible
@@ -51,86 +50,115 @@ LossFn = Callable[[Any], torch.Tensor]
 # ----------------------------------------------------------------------------- the epochs
 
 
+class Evaluation(Protocol):
+    """A stage's evaluation after each epoch, and what it calls the best (``checkpoint-best.pth``)."""
+
+    def __call__(self) -> Dict[str, float]:
+        """The epoch's figures (a collective where the evaluation is)."""
+
+    def start(self, resumed: Mapping[str, Any]) -> None:
+        """Take up the best so far from the checkpoint the run resumed (empty when fresh)."""
+
+    def judge(self, stats: Mapping[str, float]) -> bool:
+        """Note an epoch's figures; whether they are the best so far."""
+
+    def kept(self) -> Dict[str, Any]:
+        """What every checkpoint and log line keeps of the best so far."""
+
+    def describe(self, stats: Mapping[str, float]) -> str:
+        """One line saying how the model did."""
+
+
+class EpochLoader(Protocol):
+    """What the loop asks of a training loader (``datasets.EpochLoader``) besides its batches."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
+    def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
+        """Serve ``epoch`` from ``samples_done`` positions of its order on, and count its unreadable images."""
+
+    def skipped_images(self, device: torch.device) -> int:
+        """The epoch's unreadable images over all ranks (a collective)."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """What a stage brings to the loop; everything else is the loop's, the same for every stage."""
 
     loss_fn: LossFn  # a loader batch -> the loss to minimize
-    evaluate: Optional[Callable[[], Dict[str, float]]] = None  # test stats after each epoch, with "acc1"
+    evaluate: Optional[Evaluation] = None  # after each epoch
     after_epoch: Optional[Callable[[int, Optional[Any]], None]] = None  # (epoch, TensorBoard writer), once saved
 
 
-def fit(state: TrainingState, stage: Stage, *, loader: DataLoader, device: torch.device,
+def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torch.device,
         args: argparse.Namespace) -> Dict[str, float]:
     """Train from where the run resumes to ``--epochs``; returns the last evaluation (if any). A
     collective: every rank calls it.
 
-    Each epoch: position the loader (part-way in after a step checkpoint), ``train_epoch``, the
+    Each epoch: start the loader (part-way in after a step checkpoint), ``train_epoch``, the
     stage's evaluation, ``checkpoint-last.pth`` (and the numbered and best ones), the stage's
     ``after_epoch``, and one JSON line in ``log.txt``. A non-finite loss exits 1, a preemption
     signal 128 + its number once the step is saved.
     """
     resume = resume_training_state(state, args)
+    evaluation = stage.evaluate
+    if evaluation:
+        evaluation.start(resume.checkpoint)
+
+    def kept() -> Dict[str, Any]:  # what every checkpoint keeps of the evaluation's best
+        return evaluation.kept() if evaluation else {}
+
     timer = Timer()
-    max_accuracy = resume.checkpoint.get("max_accuracy", 0.0)
     n_parameters = sum(p.numel() for p in state.model.parameters())
     test_stats: Dict[str, float] = {}
     with preemptible(args) as preemption, training_writer(args.log_dir) as log_writer:
         for epoch in range(resume.epoch, args.epochs):
-            best = {"max_accuracy": max_accuracy} if stage.evaluate else {}  # what every checkpoint keeps
             start = epoch_start(resume.checkpoint, epoch)
-            position_loader(loader, epoch, start.samples_done)
+            loader.start_epoch(epoch, start.samples_done)
             train_stats = train_epoch(state, loader, stage.loss_fn, device=device, epoch=epoch, args=args,
                                       log_writer=log_writer, start=start, preemption=preemption,
-                                      save_step=step_saver(state, epoch=epoch, args=args, **best))
+                                      save_step=step_saver(state, epoch=epoch, args=args, **kept()))
             record = {f"train_{key}": value for key, value in train_stats.items()}
-            improved = False
-            if stage.evaluate:
+            best = False
+            if evaluation:
                 # rank 0's figures on every rank: each rank then takes the same save decisions below, which
                 # are collectives, even where unreduced evaluations differ in the last bit between devices
-                test_stats = broadcast_from_main(stage.evaluate())
-                improved = test_stats["acc1"] > max_accuracy
-                max_accuracy = max(max_accuracy, test_stats["acc1"])
-                best = {"max_accuracy": max_accuracy}
+                test_stats = broadcast_from_main(evaluation())
+                best = evaluation.judge(test_stats)
                 record.update({f"test_{key}": value for key, value in test_stats.items()})
-            save_epoch(state, epoch=epoch, args=args, **best)
-            if improved and args.output_dir:
-                save_training_state(state, Path(args.output_dir), [BEST], epoch=epoch, args=args, **best)
+            save_epoch(state, epoch=epoch, args=args, **kept())
+            if best and args.output_dir:
+                save_training_state(state, Path(args.output_dir), [BEST], epoch=epoch, args=args, **kept())
             if stage.after_epoch:
                 stage.after_epoch(epoch, log_writer)
-            record.update(epoch=epoch, **best, n_parameters=n_parameters,
-                          skipped_images=count_skipped_all_ranks(loader.dataset, device))
-            log_epoch(record, test_stats, log_writer, args)
-    if stage.evaluate and not test_stats:  # resumed a finished run: report where it ended rather than nothing
-        test_stats = stage.evaluate()
+            record.update(epoch=epoch, **kept(), n_parameters=n_parameters,
+                          skipped_images=loader.skipped_images(device))
+            log_epoch(record, test_stats, log_writer, args, evaluation)
+    if evaluation and not test_stats:  # resumed a finished run: report where it ended rather than nothing
+        test_stats = evaluation()
         if is_main_process():
             print(f"nothing left to train (epoch {resume.epoch} of {args.epochs}); the resumed model: "
-                  f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; best {max_accuracy:.2f}%")
+                  f"{evaluation.describe(test_stats)}")
     if is_main_process():
         print(f"training time {format_eta(timer.elapsed())}")
     return test_stats
 
 
-def position_loader(loader: DataLoader, epoch: int, samples_done: int) -> None:
-    """Point the loader's sampler (``datasets.EpochSampler``) at ``epoch``, leaving out the
-    ``samples_done`` positions of its global order that a resumed epoch has already trained on,
-    and start counting the epoch's unreadable samples."""
-    loader.sampler.set_epoch(epoch, samples_done)
-    reset_skipped(loader.dataset)
-
-
-def log_epoch(record: Dict[str, Any], test_stats: Dict[str, float], log_writer: Optional[Any],
-              args: argparse.Namespace) -> None:
-    """The epoch's line in ``log.txt`` and on the console, and its test curves in TensorBoard."""
+def log_epoch(record: Dict[str, Any], test_stats: Mapping[str, float], log_writer: Optional[Any],
+              args: argparse.Namespace, evaluation: Optional[Evaluation]) -> None:
+    """The epoch's line in ``log.txt`` and on the console, the evaluation's own line, and its
+    figures (the fractional ones; counts are no curves) in TensorBoard."""
     append_log(args.output_dir, record)
-    if log_writer is not None and "test_acc1" in record:
-        for key in ("acc1", "acc5", "loss"):
-            log_writer.add_scalar(f"test/{key}", test_stats[key], record["epoch"])
+    if log_writer is not None:
+        for key, value in test_stats.items():
+            if isinstance(value, float):
+                log_writer.add_scalar(f"test/{key}", value, record["epoch"])
     if is_main_process():
         print(json.dumps(record), flush=True)
-        if "test_acc1" in record:
-            print(f"top-1 {test_stats['acc1']:.2f}% on {test_stats['num_samples']} images; "
-                  f"best {record['max_accuracy']:.2f}%")
+        if evaluation:
+            print(evaluation.describe(test_stats))
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -191,7 +219,7 @@ def train_epoch(
             stop = preemption.agreed() if preemption is not None else 0
         watch.observe(loss, step)
         loss_total += loss.detach()
-        if save_step is not None and (stop or update and step + 1 < steps and is_step_checkpoint(step, args)):
+        if save_step is not None and saves_a_step_checkpoint(step, steps, update=update, stop=stop, args=args):
             watch.raise_if_bad_on_any_rank(epoch, steps, args, scaler)  # a bad loss never reaches a checkpoint
             done = EpochStart(samples_done=start.samples_done + ran * global_batch,
                               samples_per_epoch=samples_per_epoch, loss_sums=tuple(all_gather_floats(loss_total)),
@@ -242,6 +270,12 @@ def norm_is_read(step: int, steps: int, args: argparse.Namespace) -> bool:
     before the next update replaces it; only those updates measure it (unless ``--clip_grad``
     needs it anyway), since the norm is a pass over every gradient (benchmarks/RESULTS.md)."""
     return any(is_logging_step(later, steps, args) for later in range(step, min(step + args.accum_iter, steps)))
+
+
+def saves_a_step_checkpoint(step: int, steps: int, *, update: bool, stop: int, args: argparse.Namespace) -> bool:
+    """Whether micro-step ``step`` ends with a step checkpoint: always when the ranks agreed to stop,
+    else after an update ``--save_ckpt_steps`` asks for, unless the epoch's own checkpoint follows."""
+    return bool(stop) or (update and step + 1 < steps and is_step_checkpoint(step, args))
 
 
 def is_step_checkpoint(step: int, args: argparse.Namespace) -> bool:
