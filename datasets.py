@@ -84,6 +84,19 @@ def pretraining_reader(
     raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
 
 
+def require_data_path(data_set: str, data_path: Optional[str]) -> None:
+    """Every data set but the synthetic one reads files from ``--data_path``."""
+    if data_set != "synthetic" and not data_path:
+        raise ValueError(f"--data_set {data_set} needs --data_path; omit both for the synthetic dataset")
+
+
+def require_eval_data_path(data_set: str, eval_data_path: Optional[str]) -> None:
+    """``--data_set image_folder`` evaluates on a path of its own."""
+    if data_set == "image_folder" and not eval_data_path:
+        raise ValueError("--data_set image_folder trains on --data_path and evaluates on --eval_data_path, which is "
+                         "missing; for a folder that holds train/ and val/, use --data_set IMNET")
+
+
 def check_rgb(data_set: str, in_chans: int) -> None:
     """The synthetic set and CIFAR are RGB."""
     if in_chans != RGB:
@@ -116,8 +129,7 @@ def build_pretraining_dataset(
         check_rgb(data_set, in_chans)
         dataset: Dataset = synthetic_split("train", max(to_grid(crops.size)), num_samples, transform)
     elif data_set == "image_folder":
-        if not data_path:
-            raise ValueError("data_set 'image_folder' needs a data_path")
+        require_data_path(data_set, data_path)
         if is_shard_spec(data_path):
             return shard_images(catalog_shards(data_path, index_dir), transform, loader, num_samples)
         dataset = build_image_folder(data_path, transform, loader)
@@ -184,8 +196,7 @@ def build_classification_dataset(
         check_rgb(data_set, in_chans)
         dataset = synthetic_split("train" if is_train else "val", image_size, num_samples, transform)
         return dataset, SYNTHETIC_NUM_CLASSES
-    if not data_path:
-        raise ValueError(f"data_set {data_set!r} needs a data_path")
+    require_data_path(data_set, data_path)
     if data_set in CIFAR_FOLDERS:
         check_rgb(data_set, in_chans)
         dataset = cifar(data_set, data_path, is_train, transform)
@@ -207,10 +218,9 @@ def classification_root(data_set: str, is_train: bool, data_path: str, eval_data
             raise ValueError("--data_set IMNET reads the folders train/ and val/ of --data_path; for tar shards "
                              "give --data_set image_folder --data_path TRAIN_SHARDS --eval_data_path VAL_SHARDS")
         return os.path.join(data_path, "train" if is_train else "val")
-    root = data_path if is_train else eval_data_path
-    if not root:
-        raise ValueError("data_set 'image_folder' needs an eval_data_path for evaluation")
-    return root
+    if not is_train:
+        require_eval_data_path(data_set, eval_data_path)
+    return data_path if is_train else eval_data_path
 
 
 def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], eval_data_path: Optional[str],
@@ -224,8 +234,7 @@ def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], ev
         return CIFAR_CLASSES[data_set]
     if data_set not in CLASSIFICATION_SETS:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
-    if not data_path:
-        raise ValueError(f"data_set {data_set!r} needs a data_path")
+    require_data_path(data_set, data_path)
     root = classification_root(data_set, is_train, data_path, eval_data_path)
     if is_shard_spec(root):
         return catalog_shards(root, index_dir).num_classes(root)

@@ -11,6 +11,7 @@ import torch
 
 from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
 from image_data.geometry import to_grid
+from masking_generator import check_mask_ratio
 from utils import UsageError, add_amp_arg
 
 
@@ -156,7 +157,7 @@ PROBABILITY = Range(0, 1, high_open=False)  # [0, 1]
 NUMBER_RANGES = {  # every numeric flag of the scripts that has it; None (unset) always passes
     "lr": POSITIVE, "blr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE,
     "weight_decay": NON_NEGATIVE, "opt_eps": POSITIVE, "opt_betas": FRACTION, "momentum": FRACTION,
-    "layer_decay": Range(0, 1, low_open=True, high_open=False), "drop_path": FRACTION, "mask_ratio": FRACTION,
+    "layer_decay": Range(0, 1, low_open=True, high_open=False), "drop_path": FRACTION, "num_images": Range(1),
     "smoothing": FRACTION, "reprob": PROBABILITY, "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE,
     "cutmix_minmax": PROBABILITY, "mixup_prob": PROBABILITY, "mixup_switch_prob": PROBABILITY,
     "color_jitter": NON_NEGATIVE, "temperature": POSITIVE, "mean": Range(-math.inf), "std": POSITIVE,
@@ -168,13 +169,23 @@ NUMBER_RANGES = {  # every numeric flag of the scripts that has it; None (unset)
 }
 
 
+METHOD_CHECKS = {"mask_ratio": check_mask_ratio}  # flags whose values the method's own code states
+
+
 def validate_numbers(args: argparse.Namespace) -> None:
-    """Refuse a negative, zero, infinite or NaN value where the flag's ``NUMBER_RANGES`` forbid it."""
+    """Refuse a negative, zero, infinite or NaN value where the flag's ``NUMBER_RANGES`` forbid it,
+    and a value the method refuses (``METHOD_CHECKS``), each in the words of the flag."""
     for flag, allowed in NUMBER_RANGES.items():
         value = getattr(args, flag, None)
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if item is not None and not allowed.holds(item):
                 raise UsageError(f"--{flag} must be {allowed.words()}, got {item}")
+    for flag, check in METHOD_CHECKS.items():
+        if getattr(args, flag, None) is not None:
+            try:
+                check(getattr(args, flag))
+            except ValueError as error:
+                raise UsageError(f"--{error}") from error
 
 
 # ----------------------------------------------------------------------------- models
@@ -191,11 +202,7 @@ def check_model_name(name: str, pattern: str) -> None:
 
 def patch_size_kwargs(args: argparse.Namespace) -> Dict[str, int]:
     """``patch_size`` for ``timm.create_model`` when ``--patch_size`` overrides the model's."""
-    if args.patch_size is None:
-        return {}
-    if args.patch_size < 1:
-        raise UsageError(f"--patch_size must be at least 1, got {args.patch_size}")
-    return {"patch_size": args.patch_size}
+    return {} if args.patch_size is None else {"patch_size": args.patch_size}
 
 
 def check_patch_grid(model: torch.nn.Module, input_size: Union[int, Sequence[int]]) -> None:

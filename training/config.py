@@ -17,10 +17,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import utils
-from datasets import count_classes
+from datasets import count_classes, require_data_path, require_eval_data_path
 from image_data.augmentation import RGB
 from image_data.shards import is_shard_spec, shard_paths
-from masking_generator import check_mask_ratio
 from training.weight_files import read_args
 from training.cli import POSITIVE, one_size, validate_numbers
 from training.preemption import check_requeue, parse_signals
@@ -124,11 +123,11 @@ def labelled_data_settings(args: argparse.Namespace, *, train: bool) -> Dict[str
     either split and may be larger."""
     shards = bool(args.data_path) and check_data_path(args.data_path, "--data_path")
     data_set = args.data_set or ("image_folder" if shards else "IMNET" if args.data_path else "synthetic")
-    if data_set != "synthetic" and not args.data_path:
-        raise UsageError(f"--data_set {data_set} needs --data_path; omit both for the synthetic dataset")
-    if data_set == "image_folder" and not args.eval_data_path:
-        raise UsageError("--data_set image_folder trains on --data_path and evaluates on --eval_data_path, which is "
-                         "missing; for a folder that holds train/ and val/, use --data_set IMNET")
+    try:
+        require_data_path(data_set, args.data_path)
+        require_eval_data_path(data_set, args.eval_data_path)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     if data_set == "image_folder":
         shards = check_data_path(args.eval_data_path, "--eval_data_path") or shards
     if args.finetune and not Path(args.finetune).exists():
@@ -175,13 +174,11 @@ def resolve_pretraining(args: argparse.Namespace) -> ResolvedArgs:
     images = image_settings(args, starting_args(args.init_from))
     launch = launch_settings(args)
     training = training_settings(args, launch["world_size"])
-    try:
-        check_mask_ratio(args.mask_ratio)
-    except ValueError as error:
-        raise UsageError(f"--mask_ratio: {error}") from error
     data_set = args.data_set or ("image_folder" if args.data_path else "synthetic")
-    if data_set == "image_folder" and not args.data_path:
-        raise UsageError("--data_set image_folder needs --data_path; omit both for the synthetic dataset")
+    try:
+        require_data_path(data_set, args.data_path)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     if args.data_path:
         check_data_path(args.data_path, "--data_path")
     if args.init_from and not Path(args.init_from).exists():
@@ -220,10 +217,5 @@ def resolve_visualization(args: argparse.Namespace, saved: Mapping[str, Any]) ->
     if mean is None or len(mean) != settings["in_chans"]:
         raise UsageError(f"the checkpoint gives no mean and std for its {settings['in_chans']} channel(s): pass one "
                          "written by our pretraining, which records them")
-    try:
-        check_mask_ratio(args.mask_ratio)
-    except ValueError as error:
-        raise UsageError(f"--mask_ratio: {error}") from error
-    if args.num_images < 1:
-        raise UsageError(f"--num_images must be at least 1, got {args.num_images}")
+    validate_numbers(args)
     return frozen({**vars(args), **settings, "mean": mean, "std": std})
