@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from image_data.augmentation import BatchTransform
 from training.checkpoint import TrainingState
-from training.resume import resume_training_state
 from training.loop import EpochLoader, Stage, fit
+from training.resume import resume_training_state
 from training.wrapping import is_sharded, unwrap_model
 from utils import UsageError, all_reduce_max, all_reduce_sum, autocast, is_main_process
 
