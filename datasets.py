@@ -11,6 +11,7 @@ import os
 import random
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -39,6 +40,7 @@ from image_data.geometry import to_grid
 from image_data.shards import ShardCatalog, ShardImages, catalog_shards, is_shard_spec
 from image_data.synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
 from training.preemption import worker_init_fn
+from training.settings import Settings
 from utils import UsageError, seed_everything
 
 DATA_SETS = ("image_folder", "synthetic")
@@ -345,25 +347,41 @@ class EpochLoader(DataLoader):
         return count_skipped_all_ranks(self.dataset, device)
 
 
-def build_train_loader(dataset: Dataset, args, collate_fn: Optional[Callable] = None) -> EpochLoader:
+@dataclass(frozen=True)
+class Loading(Settings):
+    """What the training loader reads: the batch per process, this process's rank among how many,
+    the seed and ``--shuffle_window`` of the epoch order, the workers, whether batches are pinned
+    (never on the CPU), and the stop signals the workers leave to the training process."""
+
+    batch_size: int
+    seed: int
+    shuffle_window: int
+    world_size: int = 1
+    rank: int = 0
+    num_workers: int = 0
+    pin_mem: bool = False
+    preempt_signals: Tuple[str, ...] = ("none",)
+
+
+def build_train_loader(dataset: Dataset, loading: Loading, collate_fn: Optional[Callable] = None) -> EpochLoader:
     """Shuffled, rank-sharded full batches whose samples are seeded per (seed, epoch, index), so a
     run resumed mid-epoch sees exactly the batches an uninterrupted one would have.
     ``collate_fn`` replaces the default stacking (``collate_encoded`` for the device decoder)."""
-    if len(dataset) < args.batch_size * args.world_size:
+    if len(dataset) < loading.batch_size * loading.world_size:
         raise UsageError(
-            f"{len(dataset)} training images are fewer than one global batch ({args.batch_size} x "
-            f"{args.world_size} processes); lower --batch_size or add images"
+            f"{len(dataset)} training images are fewer than one global batch ({loading.batch_size} x "
+            f"{loading.world_size} processes); lower --batch_size or add images"
         )
-    seeded = SeededSamples(dataset, args.seed)
-    order = epoch_order(dataset, args.seed, args.shuffle_window)
+    seeded = SeededSamples(dataset, loading.seed)
+    order = epoch_order(dataset, loading.seed, loading.shuffle_window)
     return EpochLoader(
         seeded,
-        batch_size=args.batch_size,
-        sampler=EpochSampler(order, args.world_size, args.rank),
-        num_workers=args.num_workers,
+        batch_size=loading.batch_size,
+        sampler=EpochSampler(order, loading.world_size, loading.rank),
+        num_workers=loading.num_workers,
         collate_fn=collate_fn,
-        pin_memory=args.pin_mem and args.device != "cpu",
+        pin_memory=loading.pin_mem,
         drop_last=True,
-        persistent_workers=args.num_workers > 0,
-        worker_init_fn=worker_init_fn(args),
+        persistent_workers=loading.num_workers > 0,
+        worker_init_fn=worker_init_fn(loading.preempt_signals),
     )

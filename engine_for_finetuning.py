@@ -1,6 +1,5 @@
 """Supervised training of an encoder (finetuning and the linear probe) as a stage of the shared loop
 (``training.loop.fit``): the classification loss, and evaluation that counts every sample once."""
-import argparse
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -9,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from image_data.augmentation import BatchTransform
 from training.checkpoint import TrainingState
-from training.loop import EpochLoader, Stage, fit
-from training.resume import resume_training_state
+from training.loop import EpochLoader, Stage, TrainingSettings, fit
+from training.resume import Resuming, resume_training_state
 from training.wrapping import is_sharded, unwrap_model
 from utils import UsageError, all_reduce_max, all_reduce_sum, autocast, is_main_process
 
@@ -103,13 +102,13 @@ def blank_batch(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
 
 def evaluate_checkpoint(
     state: TrainingState, val_loader: DataLoader, eval_batch: BatchTransform, *, device: torch.device,
-    args: argparse.Namespace, reduce: bool,
+    resuming: Resuming, amp: str, reduce: bool,
 ) -> Dict[str, float]:
     """``--eval``: the accuracy of the ``--resume`` checkpoint, printed and returned (a collective:
     every rank loads it and evaluates its share)."""
-    if not resume_training_state(state, args).checkpoint:
+    if not resume_training_state(state, resuming).checkpoint:
         raise UsageError("--eval needs a trained checkpoint: pass --resume PATH")
-    stats = evaluate(unwrap_model(state.model), val_loader, device, args.amp, eval_batch, reduce=reduce)
+    stats = evaluate(unwrap_model(state.model), val_loader, device, amp, eval_batch, reduce=reduce)
     if is_main_process():
         print(f"accuracy on {stats['num_samples']} images: top-1 {stats['acc1']:.3f}%  "
               f"top-5 {stats['acc5']:.3f}%  loss {stats['loss']:.4f}")
@@ -143,7 +142,7 @@ class BestAccuracy:
 
 
 def train_and_evaluate(
-    state: TrainingState, task: ClassificationTask, *, device: torch.device, args: argparse.Namespace
+    state: TrainingState, task: ClassificationTask, *, device: torch.device, training: TrainingSettings
 ) -> Dict[str, float]:
     """Every epoch of finetuning or the probe, on every rank: the classification loss over ``fit``,
     evaluated after each epoch, the best top-1 kept in ``checkpoint-best.pth``; returns the last
@@ -151,8 +150,9 @@ def train_and_evaluate(
     model = unwrap_model(state.model)
 
     def evaluate_epoch() -> Dict[str, float]:
-        return evaluate(model, task.val_loader, device, args.amp, task.eval_batch, reduce=task.reduce_eval)
+        return evaluate(model, task.val_loader, device, training.stepping.amp, task.eval_batch,
+                        reduce=task.reduce_eval)
 
     loss_fn = classification_loss(state.model, task.criterion, device, task.train_batch, task.mixup_fn)
     return fit(state, Stage(loss_fn=loss_fn, evaluate=BestAccuracy(evaluate_epoch)), loader=task.train_loader,
-               device=device, args=args)
+               device=device, settings=training)

@@ -1,6 +1,5 @@
 """MAE pretraining as a stage of the shared loop (``training.loop.fit``): the reconstruction loss of
 a batch, and after each saved epoch the reconstruction picture."""
-import argparse
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -10,7 +9,7 @@ from image_data.augmentation import normalize_on_device
 from image_data.device_decoder import batch_images
 from masking_generator import num_masked_patches, random_masks
 from training.checkpoint import TrainingState
-from training.loop import Stage, fit
+from training.loop import Stage, TrainingSettings, fit
 from training.wrapping import unwrap_model
 from visualization import PictureBatch, write_pictures
 
@@ -37,13 +36,14 @@ def reconstruction_loss(
 
 
 def pretrain(state: TrainingState, loader: DataLoader, *, pictures: PictureBatch, device: torch.device,
-             args: argparse.Namespace) -> None:
+             training: TrainingSettings, mean: Sequence[float], std: Sequence[float], mask_ratio: float) -> None:
     """Every epoch of pretraining, on every rank: the reconstruction loss over ``fit``, and after
-    each saved epoch the reconstructions of ``pictures``, drawn from the same images every time."""
+    each saved epoch the reconstructions of ``pictures``, drawn from the same images every time
+    (into the checkpoints' folder)."""
 
     def draw(epoch: int, log_writer: Optional[Any]) -> None:
-        write_pictures(unwrap_model(state.model), pictures, mean=args.mean, std=args.std,
-                       output_dir=args.output_dir, log_writer=log_writer, epoch=epoch)
+        write_pictures(unwrap_model(state.model), pictures, mean=mean, std=std,
+                       output_dir=training.checkpointing.output_dir, log_writer=log_writer, epoch=epoch)
 
-    loss_fn = reconstruction_loss(state.model, device, args.mean, args.std, args.mask_ratio)
-    fit(state, Stage(loss_fn=loss_fn, after_epoch=draw), loader=loader, device=device, args=args)
+    loss_fn = reconstruction_loss(state.model, device, mean, std, mask_ratio)
+    fit(state, Stage(loss_fn=loss_fn, after_epoch=draw), loader=loader, device=device, settings=training)

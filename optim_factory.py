@@ -5,15 +5,18 @@ Pretraining takes timm's groups, which are MAE's: biases, norms and the names in
 ``--layer_decay`` (finetuning) the groups follow MAE's ``get_layer_id_for_vit`` exactly: the
 embeddings are layer 0, block i layer i + 1, everything after the blocks (the final norm,
 ``fc_norm``, the head) layer L + 1, whose lr is scaled by ``decay ** (L + 1 - layer)`` through the
-group's ``lr_scale`` (``training.loop.set_learning_rate`` honours it). timm's own grouping gives the final
+group's ``lr_scale`` (``training.lr_schedule.set_learning_rate`` honours it). timm's own grouping gives the final
 norm ``decay`` instead of 1, so it is not used. The linear probe's LARS is MAE's ``util/lars.py``,
 which timm's ``Lars`` is not when weight decay is on.
 """
 import argparse
-from typing import Any, Dict, Iterable, List
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+from training.settings import Settings
 
 FUSED_CAPABLE = ("adam", "adamw")
 FUSED_DEVICES = ("cpu", "cuda")
@@ -59,12 +62,28 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
-def create_optimizer(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer of ``args.opt`` with MAE's groups; Adam(W) runs torch's fused kernel, one pass
+@dataclass(frozen=True)
+class OptimizerSettings(Settings):
+    """The optimizer flags and the resolved ``lr``, named as timm's ``optimizer_kwargs`` reads them;
+    ``layer_decay`` only for finetuning."""
+
+    opt: str
+    lr: float
+    weight_decay: float
+    momentum: float = 0.9
+    opt_eps: Optional[float] = None
+    opt_betas: Optional[Sequence[float]] = None
+    layer_decay: Optional[float] = None
+
+
+def create_optimizer(
+    optimizer: OptimizerSettings, model: torch.nn.Module, device: torch.device
+) -> torch.optim.Optimizer:
+    """The optimizer of ``--opt`` with MAE's groups; Adam(W) runs torch's fused kernel, one pass
     over the parameters instead of a dozen (benchmarks/RESULTS.md)."""
-    kwargs = optimizer_kwargs(args)
+    kwargs = optimizer_kwargs(optimizer)
     layer_decay = kwargs.pop("layer_decay", None)
-    if device.type in FUSED_DEVICES and args.opt.lower() in FUSED_CAPABLE:
+    if device.type in FUSED_DEVICES and optimizer.opt.lower() in FUSED_CAPABLE:
         kwargs["fused"] = True
     if layer_decay is None:
         return create_optimizer_v2(model, **kwargs)

@@ -5,6 +5,7 @@ synthetic dataset anywhere; ``torchrun --nproc_per_node 8 run_class_finetuning.p
 /imagenet --finetune mae_pretrain_vit_base.pth --dist_eval`` is the ImageNet recipe.
 """
 import argparse
+import functools
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -28,7 +29,18 @@ from image_data.augmentation import CLASSIFY_CROP_SCALE, RGB, BatchTransform, Cr
 from optim_factory import add_optimizer_args, create_optimizer
 from training.checkpoint import TrainingState
 from training.cli import add_crop_args, add_memory_args, add_run_args, add_schedule_args
-from training.config import resolve_classification
+from training.config import (
+    encoder_of,
+    eval_loading_of,
+    labelled_data_of,
+    loading_of,
+    optimizer_of,
+    process_group_of,
+    resolve_classification,
+    resuming_of,
+    training_of,
+    wrapping_of,
+)
 from training.output_dir import claim_output_dir
 from training.performance import use_fastest_attention
 from training.wrapping import wrap_model
@@ -99,7 +111,7 @@ def erasing_batch_transform(args: argparse.Namespace) -> BatchTransform:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """timm's ViT named by ``--model``, with MAE's pooling and a head for the dataset."""
-    return build_encoder(args, num_classes=args.nb_classes, drop_path=args.drop_path)
+    return build_encoder(encoder_of(args), num_classes=args.nb_classes, drop_path=args.drop_path)
 
 
 def build_criterion(args: argparse.Namespace) -> Tuple[Optional[Mixup], Callable]:
@@ -120,31 +132,34 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     """Finetune (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
     args = resolve_classification(args)
     check_args(args)
-    return utils.run_distributed(run, args)
+    return utils.run_distributed(functools.partial(run, args), process_group_of(args))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     utils.seed_everything(args.seed, args.rank)
-    train_set, val_set, _ = build_datasets(args, finetune_transform, train=not args.eval)
+    train_set, val_set, _ = build_datasets(labelled_data_of(args), functools.partial(finetune_transform, args),
+                                           train=not args.eval)
     model = build_model(args)
     if args.finetune and not args.eval:
-        load_finetune_weights(model, args)
+        load_finetune_weights(model, args.finetune)
     with claim_output_dir(args.output_dir, lock=not args.eval):  # once the inputs are known good; held to the end
         model.to(device)
         use_fastest_attention(model, device, args.amp)
         model.set_grad_checkpointing(args.grad_checkpointing)
-        wrapped = wrap_model(model, device, args)  # before the optimizer, which must see FSDP's shards
-        val_loader = build_eval_loader(val_set, args)
-        reduce_eval = args.dist_eval and args.distributed
-        state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
+        wrapped = wrap_model(model, device, wrapping_of(args))  # before the optimizer, which must see FSDP's shards
+        eval_loading = eval_loading_of(args)
+        val_loader = build_eval_loader(val_set, eval_loading)
+        normalizing = normalizing_batch_transform(mean=args.mean, std=args.std)
+        state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
+                              utils.make_grad_scaler(device, args.amp))
         if args.eval:
-            return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
-                                       reduce=reduce_eval)
+            return evaluate_checkpoint(state, val_loader, normalizing, device=device, resuming=resuming_of(args),
+                                       amp=args.amp, reduce=eval_loading.split)
         mixup_fn, criterion = build_criterion(args)
         task = ClassificationTask(
-            criterion=criterion, train_loader=build_train_loader(train_set, args), val_loader=val_loader,
-            train_batch=erasing_batch_transform(args), eval_batch=normalizing_batch_transform(args), mixup_fn=mixup_fn,
-            reduce_eval=reduce_eval,
+            criterion=criterion, train_loader=build_train_loader(train_set, loading_of(args)), val_loader=val_loader,
+            train_batch=erasing_batch_transform(args), eval_batch=normalizing, mixup_fn=mixup_fn,
+            reduce_eval=eval_loading.split,
         )
         if utils.is_main_process():
             if args.in_chans != RGB and (rand_augment(args) or args.color_jitter):
@@ -154,7 +169,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
             print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
                   f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "
                   f"{args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-        return train_and_evaluate(state, task, device=device, args=args)
+        return train_and_evaluate(state, task, device=device, training=training_of(args))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ classified by the temperature-weighted votes of its nearest training images for 
 the synthetic dataset; without ``--finetune`` it evaluates a randomly initialized encoder.
 """
 import argparse
+import functools
 import json
 from typing import Dict, Sequence
 
@@ -25,7 +26,7 @@ from evaluation.setup import (
     normalizing_batch_transform,
     unaugmented,
 )
-from training.config import resolve_knn
+from training.config import encoder_of, labelled_data_of, process_group_of, resolve_knn
 from training.output_dir import claim_output_dir
 
 QUERY_CHUNK = 256  # evaluation images per similarity matrix, to bound memory on ImageNet
@@ -91,19 +92,21 @@ def knn_accuracy(
 
 def main(args: argparse.Namespace) -> Dict[str, object]:
     """Evaluate as ``args`` say; returns the JSON record it prints and logs."""
-    return utils.run_distributed(run, resolve_knn(args))
+    args = resolve_knn(args)
+    return utils.run_distributed(functools.partial(run, args), process_group_of(args))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
-    train_set, val_set, nb_classes = build_datasets(args, unaugmented, train=True)
-    model = build_encoder(args, num_classes=0)
+    train_set, val_set, nb_classes = build_datasets(
+        labelled_data_of(args), unaugmented(input_size=args.input_size, in_chans=args.in_chans), train=True)
+    model = build_encoder(encoder_of(args), num_classes=0)
     if args.finetune:
-        load_finetune_weights(model, args)
+        load_finetune_weights(model, args.finetune)
     with claim_output_dir(args.output_dir, lock=False):  # only once the inputs are known good
         model.to(device)
         loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
-                       batch_transform=normalizing_batch_transform(args))
+                       batch_transform=normalizing_batch_transform(mean=args.mean, std=args.std))
         train_features, train_labels = extract_features(model, train_set, **loading)
         val_features, val_labels = extract_features(model, val_set, **loading)
         ks = sorted({min(k, len(train_set)) for k in args.nb_knn})  # k beyond the training set is all of it

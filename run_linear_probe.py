@@ -9,6 +9,7 @@ a grid of linear heads over them, chosen on a held-out tenth of the training spl
 ``--finetune`` either probes a randomly initialized encoder, the baseline.
 """
 import argparse
+import functools
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -37,7 +38,17 @@ from image_data.augmentation import CLASSIFY_CROP_SCALE, Crops, build_pil_pretra
 from optim_factory import create_lars
 from training.checkpoint import TrainingState
 from training.cli import add_crop_args, add_run_args, add_schedule_args
-from training.config import resolve_classification
+from training.config import (
+    encoder_of,
+    eval_loading_of,
+    labelled_data_of,
+    loading_of,
+    process_group_of,
+    resolve_classification,
+    resuming_of,
+    training_of,
+    wrapping_of,
+)
 from training.output_dir import claim_output_dir
 from training.wrapping import wrap_model
 
@@ -120,39 +131,40 @@ def probe_transform(args: argparse.Namespace, is_train: bool) -> Callable:
 
 def build_probe(args: argparse.Namespace) -> LinearProbe:
     """The encoder of ``--finetune`` (random without it) under a new head."""
-    encoder = build_encoder(args, num_classes=0)
+    encoder = build_encoder(encoder_of(args), num_classes=0)
     if args.finetune and not args.eval:
-        load_finetune_weights(encoder, args)
+        load_finetune_weights(encoder, args.finetune)
     return LinearProbe(encoder, args.nb_classes)
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Probe (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
     args = resolve_classification(args, fsdp=False, grad_checkpointing=False)
-    if args.protocol == "sweep":
-        return utils.run_distributed(run_sweep, args)
-    return utils.run_distributed(run, args)
+    protocol = run_sweep if args.protocol == "sweep" else run
+    return utils.run_distributed(functools.partial(protocol, args), process_group_of(args))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
-    train_set, val_set, _ = build_datasets(args, probe_transform, train=not args.eval)
+    train_set, val_set, _ = build_datasets(labelled_data_of(args), functools.partial(probe_transform, args),
+                                           train=not args.eval)
     model = build_probe(args)
     with claim_output_dir(args.output_dir, lock=not args.eval):  # once the inputs are known good; held to the end
         model.to(device)
-        val_loader = build_eval_loader(val_set, args)
-        reduce_eval = args.dist_eval and args.distributed
+        eval_loading = eval_loading_of(args)
+        val_loader = build_eval_loader(val_set, eval_loading)
+        normalizing = normalizing_batch_transform(mean=args.mean, std=args.std)
         optimizer = create_lars(model, args.lr, args.weight_decay)
-        state = TrainingState(wrap_model(model, device, args), optimizer, utils.make_grad_scaler(device, args.amp))
+        state = TrainingState(wrap_model(model, device, wrapping_of(args)), optimizer,
+                              utils.make_grad_scaler(device, args.amp))
         if args.eval:
-            return evaluate_checkpoint(state, val_loader, normalizing_batch_transform(args), device=device, args=args,
-                                       reduce=reduce_eval)
-        train_loader = build_train_loader(train_set, args)
+            return evaluate_checkpoint(state, val_loader, normalizing, device=device, resuming=resuming_of(args),
+                                       amp=args.amp, reduce=eval_loading.split)
+        train_loader = build_train_loader(train_set, loading_of(args))
         warn_if_the_head_cannot_move(args, optimizer_steps=args.epochs * len(train_loader) // args.accum_iter)
         task = ClassificationTask(
             criterion=nn.CrossEntropyLoss(), train_loader=train_loader, val_loader=val_loader,
-            train_batch=normalizing_batch_transform(args), eval_batch=normalizing_batch_transform(args),
-            reduce_eval=reduce_eval,
+            train_batch=normalizing, eval_batch=normalizing, reduce_eval=eval_loading.split,
         )
         if utils.is_main_process():
             n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -160,7 +172,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
             print(f"linear probe on {args.model} from {source}: {n_trainable} trainable parameters; "
                   f"{len(train_set)} training and {len(val_set)} evaluation images, {args.nb_classes} classes; "
                   f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-        return train_and_evaluate(state, task, device=device, args=args)
+        return train_and_evaluate(state, task, device=device, training=training_of(args))
 
 
 def head_movement(lr: float, optimizer_steps: int, momentum: float = 0.9) -> float:
@@ -205,16 +217,18 @@ def run_sweep(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     of heads, one log line whose ``test_acc1`` is the validation top-1 of the head chosen on the
     held-out tenth."""
     utils.seed_everything(args.seed)  # no rank: a random encoder must be the same on every rank
-    train_set, val_set, _ = build_datasets(args, unaugmented, train=True)
-    encoder = build_encoder(args, num_classes=0)
+    train_set, val_set, _ = build_datasets(
+        labelled_data_of(args), unaugmented(input_size=args.input_size, in_chans=args.in_chans), train=True)
+    encoder = build_encoder(encoder_of(args), num_classes=0)
     if args.finetune:
-        load_finetune_weights(encoder, args)
+        load_finetune_weights(encoder, args.finetune)
     with claim_output_dir(args.output_dir):
         timer = utils.Timer()
         encoder.to(device)
         kind = feature_kind(args)
         extracting = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
-                          batch_transform=normalizing_batch_transform(args), embed=token_features(kind))
+                          batch_transform=normalizing_batch_transform(mean=args.mean, std=args.std),
+                          embed=token_features(kind))
         describe = {"model": args.model, "weights": weights_identity(args.finetune), "seed": args.seed,
                     "features": kind, "input_size": args.input_size, "patch_size": args.patch_size,
                     "in_chans": args.in_chans, "mean": args.mean, "std": args.std, "data_set": args.data_set,

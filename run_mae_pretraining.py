@@ -2,6 +2,7 @@
 ``torchrun --nnodes N --nproc_per_node 8 run_mae_pretraining.py --data_path /imagenet/train``.
 """
 import argparse
+import functools
 from pathlib import Path
 
 import timm
@@ -30,7 +31,14 @@ from training.cli import (
     check_patch_grid,
     patch_size_kwargs,
 )
-from training.config import resolve_pretraining
+from training.config import (
+    loading_of,
+    optimizer_of,
+    process_group_of,
+    resolve_pretraining,
+    training_of,
+    wrapping_of,
+)
 from training.output_dir import claim_output_dir
 from training.performance import use_fastest_attention
 from training.wrapping import wrap_model
@@ -79,7 +87,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     check_model_name(args.model, "pretrain_mae_*")
     model = timm.create_model(
         args.model, img_size=to_grid(args.input_size), in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss,
-        drop_path_rate=args.drop_path, **patch_size_kwargs(args),
+        drop_path_rate=args.drop_path, **patch_size_kwargs(args.patch_size),
     )
     check_patch_grid(model, args.input_size)
     return model
@@ -101,12 +109,13 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     except utils.UsageError as found:
         error = found
     utils.raise_on_all_ranks(error)
-    return build_train_loader(dataset, args, collate_encoded if args.decoder == "device" else None)
+    return build_train_loader(dataset, loading_of(args), collate_encoded if args.decoder == "device" else None)
 
 
 def main(args: argparse.Namespace) -> torch.nn.Module:
     """Pretrain as ``args`` say; returns the trained model (for scripts that go on with it)."""
-    return utils.run_distributed(run, resolve_pretraining(args))
+    args = resolve_pretraining(args)
+    return utils.run_distributed(functools.partial(run, args), process_group_of(args))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -122,15 +131,17 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     model.set_grad_checkpointing(args.grad_checkpointing)
     loader = build_loader(args)
     with claim_output_dir(args.output_dir):  # once the inputs are known good; held until the run ends
-        wrapped = wrap_model(model, device, args)  # before the optimizer, which must see FSDP's shards
-        state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
+        wrapped = wrap_model(model, device, wrapping_of(args))  # before the optimizer, which must see FSDP's shards
+        state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
+                              utils.make_grad_scaler(device, args.amp))
         if utils.is_main_process():
             n_params = sum(p.numel() for p in model.parameters())
             print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
                   f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
         pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
                                  std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
-        pretrain(state, loader, pictures=pictures, device=device, args=args)
+        pretrain(state, loader, pictures=pictures, device=device, training=training_of(args), mean=args.mean,
+                 std=args.std, mask_ratio=args.mask_ratio)
         return model
 
 

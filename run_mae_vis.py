@@ -56,7 +56,7 @@ def load_model(args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> torch
     """The MAE of ``--model`` at ``--input_size`` with the checkpoint's weights, decoder included."""
     check_model_name(args.model, "pretrain_mae_*")
     model = timm.create_model(args.model, img_size=to_grid(args.input_size), in_chans=args.in_chans,
-                              norm_pix_loss=args.norm_pix_loss, **patch_size_kwargs(args))
+                              norm_pix_loss=args.norm_pix_loss, **patch_size_kwargs(args.patch_size))
     check_patch_grid(model, args.input_size)
     load_mae_weights(model, checkpoint, source=f"--model_path {args.model_path} (--model {args.model})",
                      decoder_required=True)

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, List, Mapping, NamedTuple, Optional, TypeVar
 
@@ -204,12 +205,24 @@ def cleanup_distributed() -> None:
 Result = TypeVar("Result")
 
 
-def run_distributed(run: Callable[[argparse.Namespace, torch.device], Result], args: argparse.Namespace) -> Result:
-    """``run(args, device)`` inside the process group ``args`` ask for, torn down however it ends,
-    so a failed rank does not leave the others waiting in a collective."""
-    device = init_distributed(args.device, args.local_rank, group_of_one=args.fsdp, timeout_minutes=args.dist_timeout)
+@dataclass(frozen=True)
+class ProcessGroup:
+    """How a script joins its run's processes (``init_distributed``'s arguments): ``--device``,
+    ``--local_rank``, ``--dist_timeout``, and whether one process forms a group too (``--fsdp``)."""
+
+    device: str
+    local_rank: Optional[int] = None
+    group_of_one: bool = False
+    timeout_minutes: Optional[float] = None
+
+
+def run_distributed(run: Callable[[torch.device], Result], group: ProcessGroup) -> Result:
+    """``run(device)`` inside the process group, torn down however it ends, so a failed rank does
+    not leave the others waiting in a collective."""
+    device = init_distributed(group.device, group.local_rank, group_of_one=group.group_of_one,
+                              timeout_minutes=group.timeout_minutes)
     try:
-        return run(args, device)
+        return run(device)
     finally:
         cleanup_distributed()
 
@@ -386,28 +399,3 @@ def append_log(output_dir: Optional[str], record: Mapping[str, Any]) -> None:
     if output_dir and is_main_process():
         with open(Path(output_dir) / "log.txt", "a") as handle:
             handle.write(json.dumps(dict(record)) + "\n")
-
-
-def make_tensorboard_writer(log_dir: Optional[str]):
-    """A TensorBoard writer on the main process when ``log_dir`` is set, else None."""
-    if not log_dir or not is_main_process():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=log_dir)
-
-
-@contextmanager
-def training_writer(log_dir: Optional[str]) -> Iterator[Optional[Any]]:
-    """The TensorBoard writer of a training run (None off the main process), closed however the run
-    ends; a ``RunFailure`` (a non-finite loss, a checkpoint that cannot be written) ends the
-    process with exit code 1 and its message, not a traceback."""
-    writer = make_tensorboard_writer(log_dir)
-    try:
-        yield writer
-    except RunFailure as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(FAILURE_EXIT_CODE)
-    finally:
-        if writer is not None:
-            writer.close()

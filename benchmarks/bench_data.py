@@ -35,7 +35,6 @@ import time
 import tracemalloc
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -258,9 +257,8 @@ def counting_opens() -> Any:
 def pretraining_loader(data_path: str, args: argparse.Namespace, num_workers: int, window: int) -> DataLoader:
     """The loader ``run_mae_pretraining.py`` builds (PIL decoder, one process)."""
     dataset = datasets.build_pretraining_dataset("image_folder", data_path, augmentation.Crops(args.input_size))
-    settings = SimpleNamespace(batch_size=args.batch_size, world_size=1, rank=0, seed=0, num_workers=num_workers,
-                               pin_mem=False, device="cpu", shuffle_window=window, preempt_signals=["none"])
-    return datasets.build_train_loader(dataset, settings)
+    loading = datasets.Loading(batch_size=args.batch_size, seed=0, shuffle_window=window, num_workers=num_workers)
+    return datasets.build_train_loader(dataset, loading)
 
 
 def epoch_rate(loader: DataLoader, epoch: int, evicted: Sequence[str] = ()) -> float:

@@ -31,8 +31,9 @@ from bench_train import pretrain_loss, train_step  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
 from training.checkpoint import TrainingState  # noqa: E402
+from training.config import optimizer_of  # noqa: E402
 from training.performance import use_fastest_attention  # noqa: E402
-from training.wrapping import wrap_model  # noqa: E402
+from training.wrapping import Wrapping, wrap_model  # noqa: E402
 
 MODELS = ("pretrain_mae_large_patch16_224", "pretrain_mae_huge_patch14_224", "pretrain_mae_giant_patch14_224",
           "pretrain_mae_2b_patch14_224")
@@ -63,9 +64,9 @@ def build(name: str, batch: int, args: argparse.Namespace, device: torch.device)
     model = timm.create_model(name, img_size=args.input_size).to(device)
     use_fastest_attention(model, device, args.amp)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    wrapped = wrap_model(model, device, argparse.Namespace(fsdp=args.fsdp, compile=False, amp=args.amp,
-                                                           distributed=utils.get_world_size() > 1))
-    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
+    wrapped = wrap_model(model, device, Wrapping(fsdp=args.fsdp, amp=args.amp, distributed=utils.get_world_size() > 1))
+    state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
+                          utils.make_grad_scaler(device, args.amp))
     imgs = torch.randn(batch, 3, args.input_size, args.input_size, device=device)  # (B, 3, H, W)
     masks = random_masks(batch, model.patch_embed.num_patches, 0.75, device=device)  # (B, N)
     return train_step(state, pretrain_loss(imgs, masks), device, args.amp)

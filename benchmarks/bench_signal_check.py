@@ -30,8 +30,9 @@ from bench_train import pretrain_loss, train_step  # noqa: E402
 from training.checkpoint import TrainingState  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
+from training.config import optimizer_of  # noqa: E402
 from training.preemption import PreemptionWatch  # noqa: E402
-from training.wrapping import wrap_model  # noqa: E402
+from training.wrapping import Wrapping, wrap_model  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -59,8 +60,8 @@ def main(args: argparse.Namespace) -> dict:
     model = timm.create_model(args.model, img_size=args.input_size).to(device)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)  # (B, 3, H, W)
     masks = random_masks(args.batch_size, model.patch_embed.num_patches, 0.75, device=device)  # (B, N)
-    wrapping = argparse.Namespace(fsdp=False, compile=False, distributed=utils.get_world_size() > 1)
-    state = TrainingState(wrap_model(model, device, wrapping), create_optimizer(args, model, device),
+    wrapping = Wrapping(distributed=utils.get_world_size() > 1)
+    state = TrainingState(wrap_model(model, device, wrapping), create_optimizer(optimizer_of(args), model, device),
                           utils.make_grad_scaler(device, "none"))
     step = train_step(state, pretrain_loss(imgs, masks), device, "none")
     watch = PreemptionWatch([signal.SIGTERM])

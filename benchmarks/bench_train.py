@@ -42,12 +42,13 @@ import timm  # noqa: E402
 import modeling_pretrain  # noqa: E402,F401  registers the pretrain_mae_* models
 import utils  # noqa: E402
 from training.checkpoint import TrainingState  # noqa: E402
+from training.config import optimizer_of  # noqa: E402
 from training.loop import optimizer_step  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from modeling_finetune import create_finetune_model  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
 from training.performance import fused_attention_is_faster, use_fastest_attention  # noqa: E402
-from training.wrapping import unwrap_model, wrap_model  # noqa: E402
+from training.wrapping import Wrapping, unwrap_model, wrap_model  # noqa: E402
 
 MATMUL_DTYPES = {"none": torch.float32, **utils.AMP_DTYPES}  # the step's dtype under each --amp
 STAGES = ("pretrain", "finetune")
@@ -238,10 +239,10 @@ def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     if args.grad_checkpointing:  # timm's switch, or transformers' for ViTMAE
         enable = getattr(model, "set_grad_checkpointing", None) or model.activation_checkpointing_enable
         enable()
-    wrapping = argparse.Namespace(fsdp=args.fsdp, compile=args.compile, amp=args.amp,
-                                  distributed=utils.get_world_size() > 1)
+    wrapping = Wrapping(fsdp=args.fsdp, compile=args.compile, amp=args.amp, distributed=utils.get_world_size() > 1)
     wrapped = wrap_model(model, device, wrapping)
-    state = TrainingState(wrapped, create_optimizer(args, model, device), utils.make_grad_scaler(device, args.amp))
+    state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
+                          utils.make_grad_scaler(device, args.amp))
     eager = TrainingState(unwrap_model(wrapped), state.optimizer, state.scaler)  # FLOPs are counted uncompiled
     flops = count_flops(train_step(eager, loss_fn, device, args.amp))
     step = train_step(state, loss_fn, device, args.amp)

@@ -2,13 +2,15 @@
 and data flags, the labelled datasets, the encoder with the ``--finetune`` weights, and the
 evaluation loader. Each script adds only its own part, as DINOv2's ``eval/setup.py`` does."""
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from image_data.augmentation import BatchTransform, eval_transform
+from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
 from training.weight_files import read_weights
 from training.cli import (
     add_loading_args,
@@ -22,9 +24,53 @@ from datasets import CLASSIFICATION_SETS, build_classification_dataset, check_re
 from image_data.geometry import to_grid
 from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
 from training.preemption import worker_init_fn
+from training.settings import Settings
 from utils import UsageError, is_main_process, raise_on_all_ranks, rank_shard
 
-TransformFactory = Callable[[argparse.Namespace, bool], Callable]  # (args, is_train) -> the workers' transform
+TransformFactory = Callable[[bool], Callable]  # is_train -> the workers' transform of that split
+Size = Union[int, List[int]]  # --input_size as training.config settles it: a square's side, or [H, W]
+
+
+@dataclass(frozen=True)
+class Encoder(Settings):
+    """The ViT an evaluation builds: ``--model``, its image size, channels, patch and pooling."""
+
+    model: str
+    input_size: Size
+    in_chans: int
+    global_pool: bool
+    patch_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class LabelledData(Settings):
+    """The labelled data set of an evaluation as ``training.config`` settled it (its kind, paths,
+    ``--nb_classes`` and whether it is tar shards), what its samples are read at, and where the
+    index of a folder or shards is kept (``output_dir``)."""
+
+    data_set: str
+    nb_classes: int
+    input_size: Size
+    in_chans: int
+    data_path: Optional[str] = None
+    eval_data_path: Optional[str] = None
+    shards: bool = False
+    num_samples: Optional[int] = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    output_dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class EvalLoading(Settings):
+    """The evaluation loader: batch, workers, pinning (never on the CPU), whether each rank takes
+    its own share (``--dist_eval`` over several processes), and the stop signals its workers leave
+    to the main process."""
+
+    batch_size: int
+    num_workers: int = 0
+    pin_mem: bool = False
+    split: bool = False
+    preempt_signals: Tuple[str, ...] = ("none",)
 
 
 def add_encoder_args(parser: argparse.ArgumentParser, *, global_pool: bool) -> argparse._ArgumentGroup:
@@ -67,25 +113,25 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_datasets(
-    args: argparse.Namespace, make_transform: TransformFactory, *, train: bool
+    data: LabelledData, make_transform: TransformFactory, *, train: bool
 ) -> Tuple[Optional[Dataset], Dataset, int]:
     """The training set (None unless ``train``), the evaluation set and their number of classes,
-    which ``training.config`` counted as ``args.nb_classes``; ``make_transform(args, is_train)``
-    gives each split's transform. A collective: data that one rank cannot read stops every rank."""
+    which ``training.config`` counted as ``nb_classes``; ``make_transform(is_train)`` gives each
+    split's transform. A collective: data that one rank cannot read stops every rank."""
     def build(is_train: bool) -> Tuple[Dataset, int]:
         try:
             dataset, nb_classes = build_classification_dataset(
-                args.data_set, is_train, data_path=args.data_path, transform=make_transform(args, is_train),
-                image_size=max(to_grid(args.input_size)), eval_data_path=args.eval_data_path,
-                num_samples=args.num_samples, in_chans=args.in_chans, max_pixels=args.max_image_pixels,
-                index_dir=args.output_dir,
+                data.data_set, is_train, data_path=data.data_path, transform=make_transform(is_train),
+                image_size=max(to_grid(data.input_size)), eval_data_path=data.eval_data_path,
+                num_samples=data.num_samples, in_chans=data.in_chans, max_pixels=data.max_image_pixels,
+                index_dir=data.output_dir,
             )
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from error
         check_readable(dataset)
-        if nb_classes > args.nb_classes or (nb_classes != args.nb_classes and not args.shards):
+        if nb_classes > data.nb_classes or (nb_classes != data.nb_classes and not data.shards):
             raise UsageError(f"{'training' if is_train else 'evaluation'} data now has {nb_classes} classes, "
-                             f"{args.nb_classes} when the run started")  # the folders changed since then
+                             f"{data.nb_classes} when the run started")  # the folders changed since then
         return dataset, nb_classes
 
     built, error = None, None
@@ -98,44 +144,44 @@ def build_datasets(
     return built
 
 
-def build_encoder(args: argparse.Namespace, *, num_classes: int, drop_path: float = 0.0) -> torch.nn.Module:
+def build_encoder(encoder: Encoder, *, num_classes: int, drop_path: float = 0.0) -> torch.nn.Module:
     """timm's ViT named by ``--model`` with ``--global_pool``'s pooling; ``num_classes=0`` gives
     the pooled features instead of logits."""
-    check_model_name(args.model, "vit_*")
-    model = create_finetune_model(args.model, num_classes, to_grid(args.input_size), args.global_pool, drop_path,
-                                  in_chans=args.in_chans, **patch_size_kwargs(args))
-    check_patch_grid(model, args.input_size)
+    check_model_name(encoder.model, "vit_*")
+    model = create_finetune_model(encoder.model, num_classes, to_grid(encoder.input_size), encoder.global_pool,
+                                  drop_path, in_chans=encoder.in_chans, **patch_size_kwargs(encoder.patch_size))
+    check_patch_grid(model, encoder.input_size)
     return model
 
 
-def load_finetune_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
+def load_finetune_weights(model: torch.nn.Module, finetune: str) -> None:
     """Put the pretrained encoder of ``--finetune`` into ``model``; its head starts fresh."""
-    checkpoint = read_weights(Path(args.finetune))
+    checkpoint = read_weights(Path(finetune))
     try:
         missing = load_pretrained_encoder(model, checkpoint)
     except CheckpointMismatchError as error:
-        raise UsageError(f"--finetune {args.finetune}: {error}") from error
+        raise UsageError(f"--finetune {finetune}: {error}") from error
     if is_main_process():
-        print(f"loaded the encoder of {args.finetune}; new: {', '.join(missing)}")
+        print(f"loaded the encoder of {finetune}; new: {', '.join(missing)}")
 
 
-def unaugmented(args: argparse.Namespace, is_train: bool) -> Callable:
+def unaugmented(*, input_size: Size, in_chans: int) -> TransformFactory:
     """Resize and center crop for either split, so each image's feature is computed once (k-NN and
     the fast probe)."""
-    return eval_transform(args.input_size, args.in_chans)
+    return lambda is_train: eval_transform(input_size, in_chans)
 
 
-def normalizing_batch_transform(args: argparse.Namespace) -> BatchTransform:
+def normalizing_batch_transform(*, mean: Sequence[float], std: Sequence[float]) -> BatchTransform:
     """Evaluation batches (and the linear probe's training ones) on the device: normalized only."""
-    return BatchTransform(tuple(args.mean), tuple(args.std))
+    return BatchTransform(tuple(mean), tuple(std))
 
 
-def build_eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+def build_eval_loader(dataset: Dataset, loading: EvalLoading) -> DataLoader:
     """With ``--dist_eval`` each rank takes its ``utils.rank_shard``, so the summed counts see every
     sample exactly once. Otherwise every rank evaluates everything."""
-    if args.dist_eval and args.distributed:
+    if loading.split:
         dataset = Subset(dataset, rank_shard(len(dataset)))
     return DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device != "cpu", drop_last=False, worker_init_fn=worker_init_fn(args),
+        dataset, batch_size=loading.batch_size, shuffle=False, num_workers=loading.num_workers,
+        pin_memory=loading.pin_mem, drop_last=False, worker_init_fn=worker_init_fn(loading.preempt_signals),
     )

@@ -1,6 +1,5 @@
 """The benchmarks run end to end on a tiny model (so they cannot rot), and the fast settings they
 time (bf16 autocast, torch.compile) compute the same MAE loss as fp32 eager on the same batch."""
-import argparse
 import importlib.util
 import json
 import sys
@@ -14,7 +13,7 @@ import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* names with
 import utils
 from masking_generator import random_masks
 from training.performance import use_fastest_attention
-from training.wrapping import unwrap_model, wrap_model
+from training.wrapping import Wrapping, unwrap_model, wrap_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_data  # noqa: E402
@@ -154,7 +153,7 @@ def test_compiled_model_gives_the_eager_loss(device):
     imgs = torch.randn(4, 3, 32, 32, device=device)  # (B, 3, H, W)
     masks = random_masks(4, 4, 0.75, generator=torch.Generator().manual_seed(0)).to(device)  # (B, N)
     reference = mae_loss(model, imgs, masks, "none")
-    compiled = wrap_model(model, device, argparse.Namespace(fsdp=False, compile=True, distributed=False))
+    compiled = wrap_model(model, device, Wrapping(compile=True))
     assert unwrap_model(compiled) is model
     assert mae_loss(compiled, imgs, masks, "none") == pytest.approx(reference, rel=1e-4)
     if device.type == "cuda":

@@ -1,4 +1,5 @@
 """End-to-end finetuning on CPU: tiny model, tiny synthetic images, checked against the recipe."""
+import functools
 import json
 import os
 import shlex
@@ -25,8 +26,8 @@ from image_data.augmentation import (
     eval_resize,
     normalize_on_device,
 )
-from training.config import resolve_classification
-from training.loop import set_learning_rate
+from training.config import labelled_data_of, optimizer_of, resolve_classification
+from training.lr_schedule import set_learning_rate
 from evaluation.setup import build_datasets
 from modeling_finetune import create_finetune_model
 from optim_factory import create_optimizer
@@ -74,7 +75,7 @@ def test_layer_decay_scales_are_the_papers_formula():
     i - 1 and layer 13 the head, and each is scaled by 0.75 ** (13 - i)."""
     args = parse(["--model", "vit_tiny_patch16_224", "--lr", "1.0"])
     model = create_finetune_model("vit_tiny_patch16_224", 10, img_size=32)
-    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
     set_learning_rate(optimizer, 1.0)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
 
@@ -167,7 +168,9 @@ def test_imagenet_layout_and_eval_transform(tmp_path):
     args = parse(FINETUNE + ["--data_path", str(tmp_path)])
     args = resolve_classification(args)
     assert args.data_set == "IMNET"
-    train_set, val_set, nb_classes = build_datasets(args, run_class_finetuning.finetune_transform, train=True)
+    train_set, val_set, nb_classes = build_datasets(labelled_data_of(args),
+                                                   functools.partial(run_class_finetuning.finetune_transform, args),
+                                                   train=True)
     assert nb_classes == 3 and args.nb_classes == 3 and len(train_set) == len(val_set) == 3
     assert eval_resize(224) == 256 and eval_resize(32) == int(32 / 0.875)
     assert val_set[0][0].shape == (3, 32, 32) and train_set[0][0].shape == (3, 32, 32)
@@ -283,7 +286,7 @@ def test_every_parameter_of_vit_b_gets_maes_lr_scale_and_weight_decay(pooling):
     args = parse(["--model", "vit_base_patch16_224", pooling, "--layer_decay", "0.65", "--weight_decay", "0.05",
                   "--lr", "1e-3"])
     model = create_finetune_model("vit_base_patch16_224", 1000, global_pool=args.global_pool)
-    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
     names = {id(param): name for name, param in model.named_parameters()}
     ours = {names[id(param)]: (group["lr_scale"], group["weight_decay"])
             for group in optimizer.param_groups for param in group["params"]}

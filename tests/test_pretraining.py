@@ -16,8 +16,10 @@ import run_mae_pretraining
 import utils
 from training.checkpoint import TrainingState
 from training.optimizer_state import load_optimizer_state
-from training.config import resolve_pretraining, training_settings
-from training.loop import clip_or_measure_grad_norm, lr_at, train_epoch
+from training.config import optimizer_of, resolve_pretraining, training_values
+from training.loop import Stepping, clip_or_measure_grad_norm, train_epoch
+from training.lr_schedule import Schedule, lr_at
+from training.settings import pick
 from engine_for_pretraining import reconstruction_loss
 from helpers import TINY_MAE
 from masking_generator import random_masks
@@ -49,7 +51,7 @@ def test_seed_readme_command_parses(tmp_path):
 
 def test_blr_scales_with_effective_batch():
     args = parse(["--batch_size", "64", "--accum_iter", "2", "--blr", "1.5e-4"])
-    settings = training_settings(args, world_size=8)
+    settings = training_values(args, world_size=8)
     assert settings["lr"] == pytest.approx(1.5e-4 * 64 * 2 * 8 / 256)
 
 
@@ -67,11 +69,11 @@ def test_settings_are_resolved_once_then_only_read(tmp_path):
 
 
 def test_lr_schedule_warmup_then_half_cosine():
-    args = parse(["--lr", "1.0", "--min_lr", "0.1", "--warmup_epochs", "10", "--epochs", "110"])
-    assert lr_at(5, args) == pytest.approx(0.5)
-    assert lr_at(10, args) == pytest.approx(1.0)
-    assert lr_at(60, args) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
-    assert lr_at(110, args) == pytest.approx(0.1)
+    schedule = Schedule(lr=1.0, min_lr=0.1, warmup_epochs=10, epochs=110)
+    assert lr_at(5, schedule) == pytest.approx(0.5)
+    assert lr_at(10, schedule) == pytest.approx(1.0)
+    assert lr_at(60, schedule) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr_at(110, schedule) == pytest.approx(0.1)
 
 
 def test_two_epochs_write_checkpoint_log_pictures_and_resume(tmp_path):
@@ -132,7 +134,7 @@ def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=4)
     args = parse(["--lr", "1e-3", "--weight_decay", "0.0"])
-    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
     imgs = torch.randn(8, 3, 32, 32).cumsum(dim=-1) / 8  # smooth, predictable images
     mask = random_masks(8, 4, 0.75, generator=torch.Generator().manual_seed(0))
     losses = []
@@ -151,7 +153,7 @@ def test_adamw_is_fused_on_cpu_and_takes_the_textbook_first_step():
     lr, wd, eps = 0.1, 0.05, 1e-8
     model = torch.nn.Linear(3, 2)
     args = parse(["--lr", str(lr), "--weight_decay", str(wd), "--opt_eps", str(eps)])
-    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
     assert optimizer.defaults["fused"] is True
     before = model.weight.detach().clone()
     grad = torch.tensor([[0.5, -2.0, 1e-3], [3.0, -0.25, 0.0]])
@@ -181,7 +183,7 @@ def test_only_the_updates_whose_norm_a_progress_line_shows_measure_it(accum_iter
     args = parse([*TINY, "--print_freq", "4", "--accum_iter", str(accum_iter), "--lr", "1e-3"])
     args.rank, args.world_size, args.amp = 0, 1, "none"
     model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=1, decoder_depth=1)
-    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
     scaler = utils.make_grad_scaler(torch.device("cpu"), "none")
     imgs, masks = torch.randn(2, 3, 32, 32), torch.tensor([[True, True, True, False]] * 2)
     steps, measured = [], []
@@ -197,7 +199,8 @@ def test_only_the_updates_whose_norm_a_progress_line_shows_measure_it(accum_iter
 
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", counting_norm)
     state = TrainingState(model, optimizer, scaler)
-    stats = train_epoch(state, list(range(6)), loss_fn, device=torch.device("cpu"), epoch=0, args=args)
+    stats = train_epoch(state, list(range(6)), loss_fn, device=torch.device("cpu"), epoch=0,
+                        stepping=pick(Stepping, vars(args)), schedule=pick(Schedule, vars(args)))
     assert measured == measured_at and stats["grad_norm"] > 0
 
 
@@ -207,7 +210,7 @@ def test_resuming_an_unfused_optimizer_state_keeps_the_fused_kernel_and_the_traj
     args = parse(["--lr", "0.1", "--weight_decay", "0.05"])
     torch.manual_seed(0)
     saved, resumed = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    unfused = create_optimizer(args, saved, torch.device("cpu"))
+    unfused = create_optimizer(optimizer_of(args), saved, torch.device("cpu"))
     for group in unfused.param_groups:
         group["fused"] = None  # as an older checkpoint has it
     grads = [(torch.randn(2, 3), torch.randn(2)) for _ in range(2)]
@@ -218,7 +221,7 @@ def test_resuming_an_unfused_optimizer_state_keeps_the_fused_kernel_and_the_traj
 
     step(saved, unfused, grads[0])
     resumed.load_state_dict(saved.state_dict())
-    fused = create_optimizer(args, resumed, torch.device("cpu"))
+    fused = create_optimizer(optimizer_of(args), resumed, torch.device("cpu"))
     load_optimizer_state(fused, copy.deepcopy(unfused.state_dict()))  # as if read from disk
     assert all(group["fused"] for group in fused.param_groups)
     step(saved, unfused, grads[1])

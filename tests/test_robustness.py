@@ -20,7 +20,7 @@ import run_mae_pretraining
 import utils
 from training.checkpoint import TrainingState
 from training.checkpoint_files import load_checkpoint, save_atomic
-from training.config import resolve_pretraining
+from training.config import optimizer_of, resolve_pretraining, training_of
 from training.loop import NonFiniteWatch, train_epoch
 from datasets import DECODERS, build_pretraining_dataset
 from helpers import TINY_MAE, TINY_VIT, WritesAFile, assert_bitwise_equal, final_state
@@ -305,7 +305,7 @@ def test_500_steps_do_not_grow_process_memory(tmp_path):
     args = run_mae_pretraining.get_args_parser().parse_args(PRETRAIN + ["--print_freq", "50"])
     args = resolve_pretraining(args)  # one process on the CPU: rank 0 of 1, amp none
     model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=1, decoder_depth=1)  # fast steps
-    optimizer = create_optimizer(args, model, torch.device("cpu"))
+    optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
     scaler = utils.make_grad_scaler(torch.device("cpu"), "none")
     imgs, mask = torch.randn(4, 3, 32, 32), torch.tensor([[True, True, True, False]] * 4)
     steps, rss = [], []
@@ -316,8 +316,9 @@ def test_500_steps_do_not_grow_process_memory(tmp_path):
         steps.append(batch)
         return model.forward_loss(imgs, model(imgs, mask, 3), mask)
 
+    training = training_of(args)
     train_epoch(TrainingState(model, optimizer, scaler), [None] * 500, loss_fn, device=torch.device("cpu"), epoch=0,
-                args=args)
+                stepping=training.stepping, schedule=training.schedule)
     warm, end = rss
     assert end - warm < 8 * 2**20, f"grew by {(end - warm) / 2**20:.1f} MiB over 400 steps"
 

@@ -39,6 +39,7 @@ from helpers import (
 )
 from modeling_finetune import create_finetune_model, load_pretrained_encoder
 from optim_factory import create_optimizer
+from training.config import optimizer_of
 from training.sharded_checkpoint import SafeReader
 from training.sharding import shard_model
 
@@ -164,7 +165,7 @@ def test_sharded_weights_keep_maes_layer_decay_and_weight_decay_groups(one_proce
 
     def groups(model: torch.nn.Module) -> Dict[str, tuple]:
         names = {id(param): name for name, param in model.named_parameters()}
-        optimizer = create_optimizer(args, model, torch.device("cpu"))
+        optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
         return {names[id(param)]: (group["lr_scale"], group["weight_decay"])
                 for group in optimizer.param_groups for param in group["params"]}
 

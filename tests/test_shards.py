@@ -10,7 +10,6 @@ import tarfile
 import time
 import tracemalloc
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Dict, List
 
 import numpy as np
@@ -346,12 +345,12 @@ def test_a_member_that_does_not_decode_is_skipped_named_and_counted_once_an_epoc
 
 
 def test_resuming_mid_epoch_under_another_order_says_that_epoch_is_no_longer_exact():
-    args = SimpleNamespace(seed=0, data_path="a-{0..9}.tar", num_samples=None, shuffle_window=4)
+    order = {"seed": 0, "data_path": "a-{0..9}.tar", "num_samples": None, "shuffle_window": 4}
     written = {"seed": 0, "data_path": "a-{0..9}.tar", "num_samples": None, "shuffle_window": 16}
-    line = order_change({"epoch": 3, "step": 5, "args": written}, args)
+    line = order_change({"epoch": 3, "step": 5, "args": written}, order)
     assert line.startswith("warning: the order of epoch 3 changed (--shuffle_window 16 then, 4 now)")
-    assert order_change({"epoch": 3, "args": written}, args) == ""  # at an epoch's end the next starts afresh
-    assert order_change({"epoch": 3, "step": 5, "args": {**written, "shuffle_window": 4}}, args) == ""
+    assert order_change({"epoch": 3, "args": written}, order) == ""  # at an epoch's end the next starts afresh
+    assert order_change({"epoch": 3, "step": 5, "args": {**written, "shuffle_window": 4}}, order) == ""
 
 
 def test_a_shard_that_changes_during_the_run_is_skipped_on_the_rank_that_meets_it_not_a_stop(tmp_path):

@@ -8,16 +8,16 @@ of shards (``sharded_checkpoint``), and the run ends with a consolidated file of
 ``checkpoint-{epoch}-consolidated.pth``. Reading them: ``training.checkpoint_files``,
 ``training.weight_files``; resuming: ``training.resume``.
 """
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 
 from training import sharded_checkpoint
 from training.checkpoint_files import save_files
 from training.epoch_position import EpochStart
+from training.settings import Settings
 from training.wrapping import is_sharded, unwrap_model
 from utils import is_main_process, raise_on_all_ranks
 
@@ -35,26 +35,25 @@ class TrainingState:
     scaler: torch.amp.GradScaler
 
 
-def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """The run's arguments as plain Python values, so checkpoints load with weights_only."""
-    def plain(value: Any) -> Any:
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if isinstance(value, (list, tuple)):
-            return [plain(item) for item in value]
-        return str(value)
+@dataclass(frozen=True)
+class Checkpointing(Settings):
+    """Where checkpoints go and which are kept; ``record``: the run's settings as plain values, the
+    flat ``args`` every checkpoint stores (``training.config.plain_record``), which a resume reads."""
 
-    return {key: plain(value) for key, value in vars(args).items()}
+    output_dir: Optional[str]
+    save_ckpt_freq: int
+    epochs: int
+    record: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 def save_training_state(
-    state: TrainingState, output_dir: Path, names: List[str], *, epoch: int, args: argparse.Namespace,
+    state: TrainingState, output_dir: Path, names: List[str], *, epoch: int, record: Mapping[str, Any],
     **extra: Any,
 ) -> Path:
     """Write one checkpoint under each of ``names`` (a file, written by rank 0; for a sharded model
     a folder, by every rank) and return the first one's path. Call it on every rank."""
     if is_sharded(state.model):
-        meta = {"epoch": epoch, "args": plain_args(args), "scaler": state.scaler.state_dict(), **extra}
+        meta = {"epoch": epoch, "args": dict(record), "scaler": state.scaler.state_dict(), **extra}
         folders = [sharded_name(name) for name in names]
         sharded_checkpoint.save(state.model, state.optimizer, Path(output_dir), folders, meta)
         return Path(output_dir) / folders[0]
@@ -65,7 +64,7 @@ def save_training_state(
             "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(),
             "epoch": epoch,
-            "args": plain_args(args),
+            "args": dict(record),
             **extra,
         }
         error = save_files(payload, [Path(output_dir) / name for name in names])
@@ -78,14 +77,14 @@ def sharded_name(name: str) -> str:
     return name.removesuffix(".pth")
 
 
-def save_consolidated(state: TrainingState, *, epoch: int, args: argparse.Namespace) -> Optional[Path]:
+def save_consolidated(state: TrainingState, *, epoch: int, output_dir: str, record: Mapping[str, Any]) -> Path:
     """The sharded model whole in one file of the usual format (``model``, ``epoch``, ``args``),
     for finetuning, k-NN, the probe, pictures and other tools (collective; rank 0 writes)."""
     model = sharded_checkpoint.full_model_state(state.model)
-    path = Path(args.output_dir) / consolidated_name(epoch)
+    path = Path(output_dir) / consolidated_name(epoch)
     error = None
     if is_main_process():
-        error = save_files({"model": model, "epoch": epoch, "args": plain_args(args)}, [path])
+        error = save_files({"model": model, "epoch": epoch, "args": dict(record)}, [path])
         if error is None:
             print(f"wrote the whole model to {path}", flush=True)
     raise_on_all_ranks(error)
@@ -97,29 +96,30 @@ def consolidated_name(epoch: int, step: Optional[int] = None) -> str:
     return f"checkpoint-{epoch}" + (f"-step{step}" if step is not None else "") + "-consolidated.pth"
 
 
-def save_epoch(state: TrainingState, *, epoch: int, args: argparse.Namespace, **extra: Any) -> None:
+def save_epoch(state: TrainingState, *, epoch: int, checkpointing: Checkpointing, **extra: Any) -> None:
     """``checkpoint-last.pth`` every epoch; ``checkpoint-{epoch}.pth`` every ``--save_ckpt_freq``
     epochs and at the end. A collective: call it on every rank."""
-    if not args.output_dir:
+    output_dir = checkpointing.output_dir
+    if not output_dir:
         return
     names = [LAST]
-    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+    if (epoch + 1) % checkpointing.save_ckpt_freq == 0 or epoch + 1 == checkpointing.epochs:
         names.insert(0, f"checkpoint-{epoch}.pth")
-    save_training_state(state, Path(args.output_dir), names, epoch=epoch, args=args, **extra)
-    if epoch + 1 == args.epochs and is_sharded(state.model):
-        save_consolidated(state, epoch=epoch, args=args)
+    save_training_state(state, Path(output_dir), names, epoch=epoch, record=checkpointing.record, **extra)
+    if epoch + 1 == checkpointing.epochs and is_sharded(state.model):
+        save_consolidated(state, epoch=epoch, output_dir=output_dir, record=checkpointing.record)
 
 
 StepSaver = Callable[[EpochStart, int], Optional[Path]]  # (position, micro-steps done) -> the file
 
 
-def step_saver(state: TrainingState, *, epoch: int, args: argparse.Namespace, **extra: Any) -> StepSaver:
+def step_saver(state: TrainingState, *, epoch: int, checkpointing: Checkpointing, **extra: Any) -> StepSaver:
     """``save_step`` for ``training.loop.train_epoch``: ``checkpoint-last.pth`` with the position in the
     epoch; returns its path (None without ``--output_dir``). Called on every rank, written by rank 0."""
     def save(position: EpochStart, step: int) -> Optional[Path]:
-        if not args.output_dir:
+        if not checkpointing.output_dir:
             return None
-        return save_training_state(state, Path(args.output_dir), [LAST], epoch=epoch, args=args,
-                                   **position.to_checkpoint(step), **extra)
+        return save_training_state(state, Path(checkpointing.output_dir), [LAST], epoch=epoch,
+                                   record=checkpointing.record, **position.to_checkpoint(step), **extra)
 
     return save

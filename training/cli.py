@@ -1,17 +1,16 @@
-"""The command-line flags the run_* scripts share, and the checks of single flags that
-``training.config`` runs before anything is built or written (one ``error:`` line, exit code 2)."""
+"""The command-line flags the run_* scripts share, and the checks of what a flag names (a model
+timm registers, a size the patches tile) that ``training.config`` and the builders run before
+anything is written (one ``error:`` line, exit code 2); the ranges of numeric flags are
+``training.settings``'s."""
 import argparse
 import difflib
-import math
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 
 from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
 from image_data.geometry import to_grid
-from masking_generator import check_mask_ratio
 from utils import UsageError, add_amp_arg
 
 
@@ -126,68 +125,6 @@ def one_size(size: Union[int, Sequence[int]]) -> Union[int, List[int]]:
     return size[0] if len(size) == 1 or size[0] == size[1] else list(size)
 
 
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric flag may take: finite, from ``low`` to ``high``."""
-
-    low: float
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = True
-
-    def holds(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return math.isfinite(value) and above and below
-
-    def words(self) -> str:
-        if self.high < math.inf:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low == -math.inf:
-            return "a finite number"
-        if self.low == 0 and self.low_open:
-            return "positive"
-        return f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
-
-
-POSITIVE = Range(0, low_open=True)
-NON_NEGATIVE = Range(0)
-FRACTION = Range(0, 1)  # [0, 1)
-PROBABILITY = Range(0, 1, high_open=False)  # [0, 1]
-NUMBER_RANGES = {  # every numeric flag of the scripts that has it; None (unset) always passes
-    "lr": POSITIVE, "blr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE,
-    "weight_decay": NON_NEGATIVE, "opt_eps": POSITIVE, "opt_betas": FRACTION, "momentum": FRACTION,
-    "layer_decay": Range(0, 1, low_open=True, high_open=False), "drop_path": FRACTION, "num_images": Range(1),
-    "smoothing": FRACTION, "reprob": PROBABILITY, "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE,
-    "cutmix_minmax": PROBABILITY, "mixup_prob": PROBABILITY, "mixup_switch_prob": PROBABILITY,
-    "color_jitter": NON_NEGATIVE, "temperature": POSITIVE, "mean": Range(-math.inf), "std": POSITIVE,
-    "batch_size": Range(1), "accum_iter": Range(1), "epochs": Range(1), "save_ckpt_freq": Range(1),
-    "print_freq": Range(1), "num_samples": Range(1), "num_workers": Range(0), "max_image_pixels": Range(1),
-    "input_size": Range(1), "in_chans": Range(1), "patch_size": Range(1), "start_epoch": Range(0),
-    "crop_scale": Range(0, 1, low_open=True, high_open=False), "hflip": PROBABILITY, "recount": Range(1),
-    "nb_classes": Range(1), "nb_knn": Range(1), "dist_timeout": POSITIVE, "shuffle_window": Range(1),
-}
-
-
-METHOD_CHECKS = {"mask_ratio": check_mask_ratio}  # flags whose values the method's own code states
-
-
-def validate_numbers(args: argparse.Namespace) -> None:
-    """Refuse a negative, zero, infinite or NaN value where the flag's ``NUMBER_RANGES`` forbid it,
-    and a value the method refuses (``METHOD_CHECKS``), each in the words of the flag."""
-    for flag, allowed in NUMBER_RANGES.items():
-        value = getattr(args, flag, None)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is not None and not allowed.holds(item):
-                raise UsageError(f"--{flag} must be {allowed.words()}, got {item}")
-    for flag, check in METHOD_CHECKS.items():
-        if getattr(args, flag, None) is not None:
-            try:
-                check(getattr(args, flag))
-            except ValueError as error:
-                raise UsageError(f"--{error}") from error
-
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -200,9 +137,9 @@ def check_model_name(name: str, pattern: str) -> None:
                          f"(all: timm.list_models({pattern!r}))")
 
 
-def patch_size_kwargs(args: argparse.Namespace) -> Dict[str, int]:
+def patch_size_kwargs(patch_size: Optional[int]) -> Dict[str, int]:
     """``patch_size`` for ``timm.create_model`` when ``--patch_size`` overrides the model's."""
-    return {} if args.patch_size is None else {"patch_size": args.patch_size}
+    return {} if patch_size is None else {"patch_size": patch_size}
 
 
 def check_patch_grid(model: torch.nn.Module, input_size: Union[int, Sequence[int]]) -> None:

@@ -1,5 +1,7 @@
 """A run's settings, decided once: each script hands its parsed command line to one ``resolve_*``
-function here, at the start, and from then on only reads the result.
+function here, at the start, and from then on only reads the result; the ``*_of`` functions cut it
+into the typed settings each component takes (``training.settings``), so a library function is
+handed what it reads and never the whole.
 
 What is decided here and nowhere else: the launch (rank, number of processes, device, precision),
 the defaults that depend on other flags (the data set, the log folder, the number of classes), the
@@ -17,14 +19,21 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import utils
-from datasets import count_classes, require_data_path, require_eval_data_path
+from datasets import Loading, count_classes, require_data_path, require_eval_data_path
+from evaluation.setup import Encoder, EvalLoading, LabelledData
 from image_data.augmentation import RGB
 from image_data.shards import is_shard_spec, shard_paths
+from optim_factory import OptimizerSettings
+from training.checkpoint import Checkpointing
+from training.cli import one_size
+from training.loop import Stepping, TrainingSettings
+from training.lr_schedule import Schedule
+from training.preemption import Stopping
+from training.resume import ORDER_FLAGS, Resuming
+from training.settings import pick, validate_numbers
 from training.weight_files import read_args
-from training.cli import POSITIVE, one_size, validate_numbers
-from training.preemption import check_requeue, parse_signals
-from training.sharding import check_sharding_args
-from utils import UsageError
+from training.wrapping import Wrapping
+from utils import ProcessGroup, UsageError
 
 
 class ResolvedArgs(argparse.Namespace):
@@ -46,7 +55,7 @@ def frozen(values: Mapping[str, Any]) -> ResolvedArgs:
 # ----------------------------------------------------------------------------- the parts
 
 
-def launch_settings(args: argparse.Namespace) -> Dict[str, Any]:
+def launch_values(args: argparse.Namespace) -> Dict[str, Any]:
     """Rank, processes and precision: ``--amp`` defaults to bf16 on GPUs that have it, else none."""
     utils.check_device(args.device)
     launch = utils.launch_env(args.local_rank)
@@ -54,7 +63,7 @@ def launch_settings(args: argparse.Namespace) -> Dict[str, Any]:
             "distributed": launch.world_size > 1, "amp": utils.resolve_amp(args.amp, torch.device(args.device))}
 
 
-def image_settings(args: argparse.Namespace, saved: Mapping[str, Any]) -> Dict[str, Any]:
+def image_values(args: argparse.Namespace, saved: Mapping[str, Any]) -> Dict[str, Any]:
     """``--input_size`` as ``one_size``; ``--in_chans`` from the command line, else ``saved`` (the
     starting checkpoint's args), else RGB; ``--mean``/``--std`` from the command line, else (channel
     counts other than RGB) the checkpoint's, else ImageNet's for RGB. One value per channel."""
@@ -84,19 +93,10 @@ def starting_args(path: str) -> Dict[str, Any]:
     return read_args(Path(path)) if path and Path(path).exists() else {}
 
 
-def check_training_flags(args: argparse.Namespace) -> None:
-    """The checks every training script shares, in the order a user meets them."""
-    if args.clip_grad is not None and not POSITIVE.holds(args.clip_grad):
-        raise UsageError(f"--clip_grad must be a positive norm, got {args.clip_grad}; leave it out for no clipping")
-
-
-def training_settings(args: argparse.Namespace, world_size: int) -> Dict[str, Any]:
+def training_values(args: argparse.Namespace, world_size: int) -> Dict[str, Any]:
     """The log folder, and ``lr = blr * effective batch / 256`` unless ``--lr`` is given, as in MAE."""
     validate_numbers(args)
-    if args.save_ckpt_steps < 0:
-        raise UsageError(f"--save_ckpt_steps must be 0 (off) or positive, got {args.save_ckpt_steps}")
-    parse_signals(args.preempt_signals)
-    check_requeue(args)
+    stopping_of(args)  # the signals and --requeue check themselves
     eff_batch_size = args.batch_size * args.accum_iter * world_size
     log_dir = args.log_dir
     if log_dir is None and args.output_dir:
@@ -115,7 +115,7 @@ def check_data_path(path: str, flag: str) -> bool:
     return False
 
 
-def labelled_data_settings(args: argparse.Namespace, *, train: bool) -> Dict[str, Any]:
+def labelled_data_values(args: argparse.Namespace, *, train: bool) -> Dict[str, Any]:
     """The data set (IMNET with a ``--data_path`` folder, image_folder with shards, synthetic
     without), its paths, and ``--nb_classes``. For folders it defaults to the evaluation data's
     count and must match it when given, and with ``train`` the training data must have as many
@@ -160,8 +160,7 @@ def resolved(args: argparse.Namespace, *parts: Mapping[str, Any], **fixed: Any) 
         values.update(part)
     settled = frozen(values)
     validate_numbers(settled)  # the values taken from a checkpoint too
-    if settled.fsdp:
-        check_sharding_args(settled)
+    wrapping_of(settled)  # --fsdp with the precision
     return settled
 
 
@@ -170,10 +169,9 @@ def resolved(args: argparse.Namespace, *parts: Mapping[str, Any], **fixed: Any) 
 
 def resolve_pretraining(args: argparse.Namespace) -> ResolvedArgs:
     """``run_mae_pretraining.py``'s settings."""
-    check_training_flags(args)
-    images = image_settings(args, starting_args(args.init_from))
-    launch = launch_settings(args)
-    training = training_settings(args, launch["world_size"])
+    images = image_values(args, starting_args(args.init_from))
+    launch = launch_values(args)
+    training = training_values(args, launch["world_size"])
     data_set = args.data_set or ("image_folder" if args.data_path else "synthetic")
     try:
         require_data_path(data_set, args.data_path)
@@ -188,19 +186,18 @@ def resolve_pretraining(args: argparse.Namespace) -> ResolvedArgs:
 
 def resolve_classification(args: argparse.Namespace, **fixed: Any) -> ResolvedArgs:
     """Finetuning's and the linear probe's settings; ``fixed`` for the flags the probe has not."""
-    check_training_flags(args)
-    images = image_settings(args, starting_args(args.finetune))
-    launch = launch_settings(args)
-    training = training_settings(args, launch["world_size"])
-    return resolved(args, launch, images, training, labelled_data_settings(args, train=not args.eval), **fixed)
+    images = image_values(args, starting_args(args.finetune))
+    launch = launch_values(args)
+    training = training_values(args, launch["world_size"])
+    return resolved(args, launch, images, training, labelled_data_values(args, train=not args.eval), **fixed)
 
 
 def resolve_knn(args: argparse.Namespace) -> ResolvedArgs:
     """``run_knn_eval.py``'s settings: no training, so no schedule, checkpoints or sharding."""
-    data = labelled_data_settings(args, train=True)
-    images = image_settings(args, starting_args(args.finetune))
+    data = labelled_data_values(args, train=True)
+    images = image_values(args, starting_args(args.finetune))
     validate_numbers(args)
-    return resolved(args, data, images, launch_settings(args), fsdp=False, eval=False)
+    return resolved(args, data, images, launch_values(args), fsdp=False, eval=False)
 
 
 def resolve_visualization(args: argparse.Namespace, saved: Mapping[str, Any]) -> ResolvedArgs:
@@ -219,3 +216,76 @@ def resolve_visualization(args: argparse.Namespace, saved: Mapping[str, Any]) ->
                          "written by our pretraining, which records them")
     validate_numbers(args)
     return frozen({**vars(args), **settings, "mean": mean, "std": std})
+
+
+# ----------------------------------------------------------------------------- each component's part
+
+
+def plain_record(args: argparse.Namespace) -> Dict[str, Any]:
+    """The run's settings as plain Python values: the flat ``args`` every checkpoint stores, so it
+    loads with ``weights_only`` and a resume can compare with it."""
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return str(value)
+
+    return {key: plain(value) for key, value in vars(args).items()}
+
+
+def process_group_of(args: argparse.Namespace) -> ProcessGroup:
+    """How the script joins its run's processes (``utils.run_distributed``)."""
+    return ProcessGroup(device=args.device, local_rank=args.local_rank, group_of_one=args.fsdp,
+                        timeout_minutes=args.dist_timeout)
+
+
+def pinned(args: argparse.Namespace) -> bool:
+    """``--pin_mem``, which only a GPU run uses."""
+    return args.pin_mem and args.device != "cpu"
+
+
+def stopping_of(args: argparse.Namespace) -> Stopping:
+    return pick(Stopping, vars(args), preempt_signals=tuple(args.preempt_signals))
+
+
+def loading_of(args: argparse.Namespace) -> Loading:
+    return pick(Loading, vars(args), pin_mem=pinned(args), preempt_signals=tuple(args.preempt_signals))
+
+
+def eval_loading_of(args: argparse.Namespace) -> EvalLoading:
+    return pick(EvalLoading, vars(args), pin_mem=pinned(args), split=args.dist_eval and args.distributed,
+                preempt_signals=tuple(args.preempt_signals))
+
+
+def optimizer_of(args: argparse.Namespace) -> OptimizerSettings:
+    return pick(OptimizerSettings, vars(args))
+
+
+def wrapping_of(args: argparse.Namespace) -> Wrapping:
+    return pick(Wrapping, vars(args))
+
+
+def encoder_of(args: argparse.Namespace) -> Encoder:
+    return pick(Encoder, vars(args))
+
+
+def labelled_data_of(args: argparse.Namespace) -> LabelledData:
+    return pick(LabelledData, vars(args))
+
+
+def resuming_of(args: argparse.Namespace) -> Resuming:
+    """What choosing and reading a checkpoint to resume compares with: ``ORDER_FLAGS`` the script has."""
+    values = vars(args)
+    return pick(Resuming, values, order={flag: values[flag] for flag in ORDER_FLAGS if flag in values})
+
+
+def training_of(args: argparse.Namespace) -> TrainingSettings:
+    """``training.loop.fit``'s settings: the schedule, the steps, checkpointing (with the record every
+    checkpoint stores), resuming, stopping and the TensorBoard folder."""
+    values = vars(args)
+    return TrainingSettings(
+        schedule=pick(Schedule, values), stepping=pick(Stepping, values),
+        checkpointing=pick(Checkpointing, values, record=plain_record(args)), resuming=resuming_of(args),
+        stopping=stopping_of(args), log_dir=args.log_dir,
+    )

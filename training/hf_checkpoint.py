@@ -122,15 +122,15 @@ SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "decoder
              "decoder_num_hidden_layers", "decoder_num_attention_heads")
 
 
-def hf_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> Dict[str, Any]:
-    """``ViTMAEConfig``'s keywords for our state dict and run args (the heads come from the
+def hf_config(state: Mapping[str, torch.Tensor], saved: Mapping[str, Any]) -> Dict[str, Any]:
+    """``ViTMAEConfig``'s keywords for our state dict and the run's saved args (the heads come from the
     registered model, which the weights cannot tell)."""
-    name = args.get("model")
+    name = saved.get("model")
     if name not in MAE_CONFIGS:
         raise ValueError(f"no registered pretrain_mae_* model named {name!r}: pass --model")
     config = MAE_CONFIGS[name]
     proj = state["patch_embed.proj.weight"]  # (D, C, p, p)
-    size = args.get("input_size") or int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * proj.shape[-1]
+    size = saved.get("input_size") or int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * proj.shape[-1]
     return dict(
         image_size=size if isinstance(size, int) else list(size), patch_size=proj.shape[-1],
         num_channels=proj.shape[1], hidden_size=proj.shape[0], num_hidden_layers=count_blocks(state, "blocks"),
@@ -139,7 +139,7 @@ def hf_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> Dic
         decoder_num_hidden_layers=count_blocks(state, "decoder_blocks"),
         decoder_num_attention_heads=config.decoder_num_heads,
         decoder_intermediate_size=state["decoder_blocks.0.mlp.fc1.weight"].shape[0],
-        mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=bool(args.get("norm_pix_loss", False)),
+        mask_ratio=saved.get("mask_ratio", 0.75), norm_pix_loss=bool(saved.get("norm_pix_loss", False)),
         layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
     )
 
@@ -196,7 +196,7 @@ def read_hf(path: Path) -> Dict[str, Any]:
     return {"model": from_hf(state), "args": read_hf_args(folder)}
 
 
-def write_hf(state: Mapping[str, torch.Tensor], args: Mapping[str, Any], folder: Path) -> List[str]:
+def write_hf(state: Mapping[str, torch.Tensor], saved: Mapping[str, Any], folder: Path) -> List[str]:
     """A ``save_pretrained`` folder for ``ViTMAEForPreTraining`` of the installed transformers: its
     config, weights (``model.safetensors``) and image processor (mean, std, size). Returns the keys
     the model lacked or did not expect (none, or the conversion is wrong)."""
@@ -206,13 +206,13 @@ def write_hf(state: Mapping[str, torch.Tensor], args: Mapping[str, Any], folder:
     logging.disable_progress_bar()  # one folder, written at once
     if "decoder_pred.weight" not in state:
         raise ValueError("the checkpoint has no decoder, which ViTMAEForPreTraining needs")
-    config = hf_config(state, args)
+    config = hf_config(state, saved)
     model = ViTMAEForPreTraining(ViTMAEConfig(**config))
     result = model.load_state_dict(to_hf(state, hf_layout(model.state_dict())), strict=False)
     model.save_pretrained(folder)
     height, width = to_grid(config["image_size"])
-    processor = ViTImageProcessor(image_mean=args.get("mean", list(IMAGENET_DEFAULT_MEAN)),
-                                  image_std=args.get("std", list(IMAGENET_DEFAULT_STD)),
+    processor = ViTImageProcessor(image_mean=saved.get("mean", list(IMAGENET_DEFAULT_MEAN)),
+                                  image_std=saved.get("std", list(IMAGENET_DEFAULT_STD)),
                                   size={"height": height, "width": width}, resample=3)  # 3: bicubic
     processor.save_pretrained(folder)
     return sorted(result.missing_keys + result.unexpected_keys)

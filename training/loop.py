@@ -9,23 +9,30 @@ best is and how it reads: ``Evaluation``), and what it does once an epoch is sav
 (``engine_for_pretraining``, ``engine_for_finetuning``); the loop does the rest, the same way for
 every stage, and knows no task.
 """
-import argparse
 import json
-import math
-from collections import defaultdict, deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Mapping, Optional, Protocol
 
-import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from training.checkpoint import BEST, StepSaver, TrainingState, save_epoch, save_training_state, step_saver
+from training.checkpoint import (
+    BEST,
+    Checkpointing,
+    StepSaver,
+    TrainingState,
+    save_epoch,
+    save_training_state,
+    step_saver,
+)
 from training.epoch_position import EpochStart, epoch_start
-from training.preemption import Preempted, PreemptionWatch, preemptible
-from training.resume import resume_training_state
+from training.lr_schedule import Schedule, lr_at, max_lr, set_learning_rate
+from training.preemption import Preempted, PreemptionWatch, Stopping, preemptible
+from training.progress import Progress, training_writer
+from training.resume import Resuming, resume_training_state
+from training.settings import Settings
 from training.wrapping import unwrap_model
 from utils import (
     NonFiniteLossError,
@@ -42,7 +49,6 @@ from utils import (
     get_world_size,
     is_main_process,
     seed_everything,
-    training_writer,
 )
 
 LossFn = Callable[[Any], torch.Tensor]
@@ -84,6 +90,33 @@ class EpochLoader(Protocol):
 
 
 @dataclass(frozen=True)
+class Stepping(Settings):
+    """What each micro-step reads: the batch per process, how many micro-steps make an update,
+    the seeds, the precision, clipping, and which steps print a line or save a step checkpoint."""
+
+    batch_size: int
+    accum_iter: int
+    seed: int
+    rank: int
+    amp: str
+    clip_grad: Optional[float] = None
+    print_freq: int = 20
+    save_ckpt_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What ``fit`` reads: each part's own settings, handed on to the part, and the TensorBoard folder."""
+
+    schedule: Schedule
+    stepping: Stepping
+    checkpointing: Checkpointing
+    resuming: Resuming
+    stopping: Stopping
+    log_dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Stage:
     """What a stage brings to the loop; everything else is the loop's, the same for every stage."""
 
@@ -93,7 +126,7 @@ class Stage:
 
 
 def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torch.device,
-        args: argparse.Namespace) -> Dict[str, float]:
+        settings: TrainingSettings) -> Dict[str, float]:
     """Train from where the run resumes to ``--epochs``; returns the last evaluation (if any). A
     collective: every rank calls it.
 
@@ -102,7 +135,8 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
     ``after_epoch``, and one JSON line in ``log.txt``. A non-finite loss exits 1, a preemption
     signal 128 + its number once the step is saved.
     """
-    resume = resume_training_state(state, args)
+    resume = resume_training_state(state, settings.resuming)
+    epochs, output_dir = settings.schedule.epochs, settings.checkpointing.output_dir
     evaluation = stage.evaluate
     if evaluation:
         evaluation.start(resume.checkpoint)
@@ -113,13 +147,15 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
     timer = Timer()
     n_parameters = sum(p.numel() for p in state.model.parameters())
     test_stats: Dict[str, float] = {}
-    with preemptible(args) as preemption, training_writer(args.log_dir) as log_writer:
-        for epoch in range(resume.epoch, args.epochs):
+    with preemptible(settings.stopping) as preemption, training_writer(settings.log_dir) as log_writer:
+        for epoch in range(resume.epoch, epochs):
             start = epoch_start(resume.checkpoint, epoch)
             loader.start_epoch(epoch, start.samples_done)
-            train_stats = train_epoch(state, loader, stage.loss_fn, device=device, epoch=epoch, args=args,
-                                      log_writer=log_writer, start=start, preemption=preemption,
-                                      save_step=step_saver(state, epoch=epoch, args=args, **kept()))
+            train_stats = train_epoch(state, loader, stage.loss_fn, device=device, epoch=epoch, stepping=settings.stepping,
+                                      schedule=settings.schedule, log_writer=log_writer, start=start,
+                                      preemption=preemption,
+                                      save_step=step_saver(state, epoch=epoch, checkpointing=settings.checkpointing,
+                                                           **kept()))
             record = {f"train_{key}": value for key, value in train_stats.items()}
             best = False
             if evaluation:
@@ -128,18 +164,19 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
                 test_stats = broadcast_from_main(evaluation())
                 best = evaluation.judge(test_stats)
                 record.update({f"test_{key}": value for key, value in test_stats.items()})
-            save_epoch(state, epoch=epoch, args=args, **kept())
-            if best and args.output_dir:
-                save_training_state(state, Path(args.output_dir), [BEST], epoch=epoch, args=args, **kept())
+            save_epoch(state, epoch=epoch, checkpointing=settings.checkpointing, **kept())
+            if best and output_dir:
+                save_training_state(state, Path(output_dir), [BEST], epoch=epoch,
+                                    record=settings.checkpointing.record, **kept())
             if stage.after_epoch:
                 stage.after_epoch(epoch, log_writer)
             record.update(epoch=epoch, **kept(), n_parameters=n_parameters,
                           skipped_images=loader.skipped_images(device))
-            log_epoch(record, test_stats, log_writer, args, evaluation)
+            log_epoch(record, test_stats, log_writer, output_dir, evaluation)
     if evaluation and not test_stats:  # resumed a finished run: report where it ended rather than nothing
         test_stats = evaluation()
         if is_main_process():
-            print(f"nothing left to train (epoch {resume.epoch} of {args.epochs}); the resumed model: "
+            print(f"nothing left to train (epoch {resume.epoch} of {epochs}); the resumed model: "
                   f"{evaluation.describe(test_stats)}")
     if is_main_process():
         print(f"training time {format_eta(timer.elapsed())}")
@@ -147,10 +184,10 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
 
 
 def log_epoch(record: Dict[str, Any], test_stats: Mapping[str, float], log_writer: Optional[Any],
-              args: argparse.Namespace, evaluation: Optional[Evaluation]) -> None:
+              output_dir: Optional[str], evaluation: Optional[Evaluation]) -> None:
     """The epoch's line in ``log.txt`` and on the console, the evaluation's own line, and its
     figures (the fractional ones; counts are no curves) in TensorBoard."""
-    append_log(args.output_dir, record)
+    append_log(output_dir, record)
     if log_writer is not None:
         for key, value in test_stats.items():
             if isinstance(value, float):
@@ -171,7 +208,8 @@ def train_epoch(
     *,
     device: torch.device,
     epoch: int,
-    args: argparse.Namespace,
+    stepping: Stepping,
+    schedule: Schedule,
     log_writer: Optional[Any] = None,
     start: EpochStart = EpochStart(),
     save_step: Optional[StepSaver] = None,
@@ -191,36 +229,37 @@ def train_epoch(
     model.train()
     steps = len(loader)  # a whole epoch's micro-steps at this world size
     world_size = get_world_size()
-    global_batch = args.batch_size * world_size
+    global_batch = stepping.batch_size * world_size
     samples_per_epoch = start.samples_per_epoch or steps * global_batch
     first_step = start.samples_done // global_batch
-    progress = Progress(epoch=epoch, steps=steps, start_step=first_step, batch_size=args.batch_size,
+    progress = Progress(epoch=epoch, steps=steps, start_step=first_step, batch_size=stepping.batch_size,
                         log_writer=log_writer)
     watch = NonFiniteWatch(device, FP16_NONFINITE_PATIENCE if scaler.is_enabled() else 1)
-    loss_total = torch.tensor(start.loss_sum_of(args.rank, world_size), dtype=torch.float64, device=device)
+    loss_total = torch.tensor(start.loss_sum_of(stepping.rank, world_size), dtype=torch.float64, device=device)
     grad_norm = torch.zeros((), device=device)
     ran, saved = 0, None
     optimizer.zero_grad(set_to_none=True)
     for ran, (batch, data_time) in enumerate(progress.timed(loader), start=1):
         step = first_step + ran - 1
-        seed_everything(args.seed, args.rank, epoch, step)
-        update = ran % args.accum_iter == 0
-        if (ran - 1) % args.accum_iter == 0:
+        seed_everything(stepping.seed, stepping.rank, epoch, step)
+        update = ran % stepping.accum_iter == 0
+        if (ran - 1) % stepping.accum_iter == 0:
             position = start.samples_done + (ran - 1) * global_batch
-            set_learning_rate(optimizer, lr_at(epoch + position / samples_per_epoch, args))
+            set_learning_rate(optimizer, lr_at(epoch + position / samples_per_epoch, schedule))
         with grad_sync(model, update):
-            with autocast(device, args.amp):
+            with autocast(device, stepping.amp):
                 loss = loss_fn(batch)
-            scaler.scale(loss / args.accum_iter).backward()
+            scaler.scale(loss / stepping.accum_iter).backward()
         stop = 0
         if update:
-            norm = optimizer_step(state, args.clip_grad, measure_norm=norm_is_read(step, steps, args))
+            norm = optimizer_step(state, stepping.clip_grad, measure_norm=norm_is_read(step, steps, stepping))
             grad_norm = grad_norm if norm is None else norm
             stop = preemption.agreed() if preemption is not None else 0
         watch.observe(loss, step)
         loss_total += loss.detach()
-        if save_step is not None and saves_a_step_checkpoint(step, steps, update=update, stop=stop, args=args):
-            watch.raise_if_bad_on_any_rank(epoch, steps, args, scaler)  # a bad loss never reaches a checkpoint
+        if save_step is not None and saves_a_step_checkpoint(step, steps, update=update, stop=stop,
+                                                                 stepping=stepping):
+            watch.raise_if_bad_on_any_rank(epoch, steps, schedule, scaler)  # a bad loss never reaches a checkpoint
             done = EpochStart(samples_done=start.samples_done + ran * global_batch,
                               samples_per_epoch=samples_per_epoch, loss_sums=tuple(all_gather_floats(loss_total)),
                               losses_counted=start.losses_counted + ran * world_size)
@@ -228,60 +267,39 @@ def train_epoch(
         if stop:
             barrier()  # rank 0 has written the checkpoint before any rank exits
             raise Preempted(stop, epoch, step + 1, steps, saved)
-        if is_logging_step(step, steps, args):
-            watch.raise_if_bad_on_any_rank(epoch, steps, args, scaler)
+        if is_logging_step(step, steps, stepping):
+            watch.raise_if_bad_on_any_rank(epoch, steps, schedule, scaler)
             progress.log(step, loss, grad_norm, optimizer, data_time)
-    watch.raise_if_bad_on_any_rank(epoch, steps, args, scaler)
+    watch.raise_if_bad_on_any_rank(epoch, steps, schedule, scaler)
     counted = start.losses_counted + ran * world_size
     mean_loss = float(all_reduce_sum(loss_total)) / counted if counted else float("nan")
     return {"loss": mean_loss, "lr": max_lr(optimizer), **progress.metrics.averages()}
-# ----------------------------------------------------------------------------- schedule
-
-
-def lr_at(epoch: float, args: argparse.Namespace) -> float:
-    """Linear warmup to ``args.lr``, then a half-cosine to ``args.min_lr``; ``epoch`` is fractional."""
-    if epoch < args.warmup_epochs:
-        return args.lr * epoch / args.warmup_epochs
-    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Apply ``lr`` to every group, scaled by the group's layer-decay ``lr_scale``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def max_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The largest group lr: the schedule's value, which layer decay only scales down."""
-    return max(group["lr"] for group in optimizer.param_groups)
-
-
 # ----------------------------------------------------------------------------- which steps do what
 
 
-def is_logging_step(step: int, steps: int, args: argparse.Namespace) -> bool:
+def is_logging_step(step: int, steps: int, stepping: Stepping) -> bool:
     """Whether micro-step ``step`` of an epoch of ``steps`` prints a progress line."""
-    return step % args.print_freq == 0 or step == steps - 1
+    return step % stepping.print_freq == 0 or step == steps - 1
 
 
-def norm_is_read(step: int, steps: int, args: argparse.Namespace) -> bool:
+def norm_is_read(step: int, steps: int, stepping: Stepping) -> bool:
     """Whether a progress line shows the gradient norm of the update at micro-step ``step``
     before the next update replaces it; only those updates measure it (unless ``--clip_grad``
     needs it anyway), since the norm is a pass over every gradient (benchmarks/RESULTS.md)."""
-    return any(is_logging_step(later, steps, args) for later in range(step, min(step + args.accum_iter, steps)))
+    return any(is_logging_step(later, steps, stepping)
+               for later in range(step, min(step + stepping.accum_iter, steps)))
 
 
-def saves_a_step_checkpoint(step: int, steps: int, *, update: bool, stop: int, args: argparse.Namespace) -> bool:
+def saves_a_step_checkpoint(step: int, steps: int, *, update: bool, stop: int, stepping: Stepping) -> bool:
     """Whether micro-step ``step`` ends with a step checkpoint: always when the ranks agreed to stop,
     else after an update ``--save_ckpt_steps`` asks for, unless the epoch's own checkpoint follows."""
-    return bool(stop) or (update and step + 1 < steps and is_step_checkpoint(step, args))
+    return bool(stop) or (update and step + 1 < steps and is_step_checkpoint(step, stepping))
 
 
-def is_step_checkpoint(step: int, args: argparse.Namespace) -> bool:
+def is_step_checkpoint(step: int, stepping: Stepping) -> bool:
     """Whether the optimizer update at micro-step ``step`` is one ``--save_ckpt_steps`` asks for."""
-    every = args.save_ckpt_steps
-    return bool(every) and ((step + 1) // args.accum_iter) % every == 0
+    every = stepping.save_ckpt_steps
+    return bool(every) and ((step + 1) // stepping.accum_iter) % every == 0
 
 
 # ----------------------------------------------------------------------------- the optimizer step
@@ -355,7 +373,7 @@ class NonFiniteWatch:
         bad_now = (self.streak >= self.patience) & (self.first_bad < 0)
         self.first_bad = torch.where(bad_now, torch.full_like(self.first_bad, step), self.first_bad)
 
-    def raise_if_bad_on_any_rank(self, epoch: int, steps_per_epoch: int, args: argparse.Namespace,
+    def raise_if_bad_on_any_rank(self, epoch: int, steps_per_epoch: int, schedule: Schedule,
                                  scaler: torch.amp.GradScaler) -> None:
         """A collective: when any rank's loss went bad, every rank raises the same error, naming the
         first bad step and its rank, so no rank goes on alone into the next collective (under NCCL
@@ -367,7 +385,7 @@ class NonFiniteWatch:
         if code == NO_BAD_STEP:
             return
         step, rank = divmod(code, world_size)
-        lr = lr_at(epoch + step / steps_per_epoch, args)
+        lr = lr_at(epoch + step / steps_per_epoch, schedule)
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         where = f" on rank {rank}" if world_size > 1 else ""
         raise NonFiniteLossError(
@@ -375,87 +393,5 @@ class NonFiniteWatch:
             "stopping without saving, the last good checkpoint is untouched. Lower --blr, "
             "raise --warmup_epochs or use --amp bf16"
         )
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class SmoothedValue:
-    """A running window for progress lines plus the exact average over everything seen."""
-
-    def __init__(self, window: int = 20) -> None:
-        self.window: deque = deque(maxlen=window)
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.window.append(value)
-        self.total += value * n
-        self.count += n
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.window)) if self.window else float("nan")
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / max(self.count, 1)
-
-
-class MetricLogger:
-    """Named smoothed values and a progress line; the epoch averages go to ``log.txt``."""
-
-    def __init__(self) -> None:
-        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
-
-    def update(self, **values: float) -> None:
-        for name, value in values.items():
-            self.meters[name].update(float(value))
-
-    def line(self) -> str:
-        return "  ".join(f"{name} {meter.median:.4g} ({meter.global_avg:.4g})" for name, meter in self.meters.items())
-
-    def averages(self) -> Dict[str, float]:
-        return {name: meter.global_avg for name, meter in self.meters.items()}
-
-
-class Progress:
-    """Progress lines and TensorBoard curves of one epoch: the only places the loss is read back.
-
-    Throughput and ETA count the steps this process ran, from ``start_step`` after a resume.
-    """
-
-    def __init__(self, *, epoch: int, steps: int, start_step: int, batch_size: int, log_writer: Optional[Any]) -> None:
-        self.epoch, self.steps, self.start_step, self.batch_size = epoch, steps, start_step, batch_size
-        self.log_writer = log_writer
-        self.metrics = MetricLogger()
-        self.timer = Timer()
-
-    def timed(self, loader: Iterable) -> Iterator[Tuple[Any, float]]:
-        """The loader's batches, each with the seconds spent waiting for it."""
-        data_start = self.timer.elapsed()
-        for batch in loader:
-            yield batch, self.timer.elapsed() - data_start
-            data_start = self.timer.elapsed()
-
-    def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
-            data_time: float) -> None:
-        """A progress line on the main process and the step's scalars in TensorBoard."""
-        self.metrics.update(grad_norm=float(grad_norm), data_time=data_time)
-        if is_main_process():
-            elapsed = self.timer.elapsed()
-            done = step + 1 - self.start_step
-            images_per_s = self.batch_size * get_world_size() * done / max(elapsed, 1e-9)
-            eta = format_eta(elapsed / done * (self.steps - step - 1))
-            print(
-                f"epoch {self.epoch} [{step + 1}/{self.steps}]  loss {loss.detach().item():.4f}  "
-                f"lr {max_lr(optimizer):.3e}  {self.metrics.line()}  {images_per_s:.1f} img/s  eta {eta}",
-                flush=True,
-            )
-        if self.log_writer is not None:
-            global_step = self.epoch * self.steps + step
-            self.log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
-            self.log_writer.add_scalar("train/lr", max_lr(optimizer), global_step)
-            self.log_writer.add_scalar("train/grad_norm", float(grad_norm), global_step)
 
 

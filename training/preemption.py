@@ -5,7 +5,6 @@ written with the position in the epoch, and the process exits with 128 + the sig
 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C), as a process killed by it would, so schedulers and
 launchers treat it as preempted. Relaunching the same command continues where it stopped.
 """
-import argparse
 import atexit
 import functools
 import multiprocessing
@@ -15,12 +14,14 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
+from training.settings import Settings
 from utils import UsageError, get_world_size, is_main_process, process_group_timeout
 
 SIGNAL_EXIT_BASE = 128  # a shell reports a process killed by signal N as 128 + N
@@ -49,6 +50,21 @@ def stop_signals(names: Sequence[str]) -> List[signal.Signals]:
 def signal_name(signum: int) -> str:
     name = signal.Signals(signum).name
     return f"{name} (Ctrl-C)" if signum == signal.SIGINT else name
+
+
+@dataclass(frozen=True)
+class Stopping(Settings):
+    """``--preempt_signals`` (Ctrl-C's SIGINT is always one), ``--requeue`` and the time a
+    collective waits (the agreement's gloo group on NCCL runs)."""
+
+    preempt_signals: Tuple[str, ...] = ("TERM", "USR1")
+    requeue: bool = False
+    dist_timeout: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_signals(self.preempt_signals)
+        check_requeue(self.requeue)
 
 
 class Preempted(Exception):
@@ -127,17 +143,17 @@ def kill_workers_at_exit() -> None:
     atexit.register(kill_workers_left)
 
 
-def worker_init_fn(args: argparse.Namespace) -> functools.partial:
+def worker_init_fn(preempt_signals: Sequence[str] = ("none",)) -> functools.partial:
     """``ignore_signals`` for the run's stop signals (Ctrl-C's at least, which a terminal sends to
     every process of the run; a script without a training loop stops in its main process)."""
     kill_workers_at_exit()
-    signals = stop_signals(getattr(args, "preempt_signals", ["none"]))
+    signals = stop_signals(preempt_signals)
     return functools.partial(ignore_signals, [int(sig) for sig in signals])
 
 
-def check_requeue(args: argparse.Namespace) -> None:
+def check_requeue(requeue: bool) -> None:
     """``--requeue`` needs a SLURM job to requeue."""
-    if args.requeue and "SLURM_JOB_ID" not in os.environ:
+    if requeue and "SLURM_JOB_ID" not in os.environ:
         raise UsageError("--requeue requeues the SLURM job, but SLURM_JOB_ID is not set: run it under sbatch/srun "
                          "or leave --requeue out")
 
@@ -151,12 +167,12 @@ def requeue_slurm_job() -> None:
 
 
 @contextmanager
-def preemptible(args: argparse.Namespace) -> Iterator[PreemptionWatch]:
+def preemptible(stopping: Stopping) -> Iterator[PreemptionWatch]:
     """Handle ``--preempt_signals`` and Ctrl-C while training; on ``Preempted``, print its line,
     requeue the SLURM job with ``--requeue`` (rank 0; not after Ctrl-C) and exit with 128 + the
     signal's number."""
-    signals = stop_signals(args.preempt_signals)
-    watch = PreemptionWatch(signals, args.dist_timeout)
+    signals = stop_signals(stopping.preempt_signals)
+    watch = PreemptionWatch(signals, stopping.dist_timeout)
     watch.install()
     try:
         yield watch
@@ -168,7 +184,7 @@ def preemptible(args: argparse.Namespace) -> Iterator[PreemptionWatch]:
             signal.signal(sig, signal.SIG_IGN)
         if is_main_process():
             print(stop, flush=True)
-            if args.requeue and stop.signum != signal.SIGINT:  # a user's Ctrl-C is no preemption
+            if stopping.requeue and stop.signum != signal.SIGINT:  # a user's Ctrl-C is no preemption
                 requeue_slurm_job()
         sys.exit(stop.exit_code)
     except BaseException:

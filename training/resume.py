@@ -2,9 +2,8 @@
 newest one that reads with ``--auto_resume``; only a damaged file sends it to an older one), every
 rank reads the same one, all continue or all stop; then the weights, the optimizer state and where
 the run goes on, with a line when the batch or the order of the epoch changed."""
-import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -15,8 +14,34 @@ from training import sharded_checkpoint
 from training.checkpoint import LAST, TrainingState, sharded_name
 from training.checkpoint_files import CorruptCheckpointError, read_checkpoint
 from training.optimizer_state import load_optimizer_state, optimizer_kernels
+from training.settings import Settings
 from training.wrapping import is_sharded, unwrap_model
 from utils import RunFailure, UsageError, broadcast_from_main, is_main_process, raise_on_all_ranks
+
+
+ORDER_FLAGS = ("seed", "data_path", "num_samples", "shuffle_window")  # what the order of an epoch follows
+
+
+@dataclass(frozen=True)
+class Resuming(Settings):
+    """Which checkpoint a run continues from (``--resume``, else with ``--auto_resume`` the newest in
+    ``output_dir`` of the ``--fsdp`` kind), the epoch a fresh run starts at, the ``--model`` it must
+    fit, and what the lines on a changed batch or epoch order compare with the checkpoint's run:
+    the batch's shape and lr, and the values of ``ORDER_FLAGS`` (``order``)."""
+
+    model: str
+    batch_size: int
+    accum_iter: int
+    world_size: int
+    eff_batch_size: int
+    lr: float
+    blr: float
+    resume: str = ""
+    auto_resume: bool = True
+    output_dir: Optional[str] = None
+    fsdp: bool = False
+    start_epoch: int = 0
+    order: Mapping[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -36,14 +61,14 @@ def resume_candidates(output_dir: Path, sharded: bool) -> List[Path]:
     return [last] * kind(last) + sorted(numbered, key=checkpoint_epoch, reverse=True)
 
 
-def find_resume_checkpoint(args: argparse.Namespace) -> Tuple[Optional[Path], Dict[str, Any]]:
+def find_resume_checkpoint(resuming: Resuming) -> Tuple[Optional[Path], Dict[str, Any]]:
     """``--resume``'s checkpoint, or with ``--auto_resume`` the newest readable one in output_dir,
     chosen by rank 0 and read by every rank (a collective): all continue from the same one, or all
     stop with the same error."""
     choice, error = None, None
     if is_main_process():
         try:
-            choice = choose_resume_checkpoint(args)
+            choice = choose_resume_checkpoint(resuming)
         except Exception as raised:  # noqa: BLE001 - every rank must hear of it, whatever it is
             error = raised
     raise_on_all_ranks(error)
@@ -61,16 +86,16 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Tuple[Optional[Path], Di
     return Path(choice), checkpoint
 
 
-def choose_resume_checkpoint(args: argparse.Namespace) -> Optional[Path]:
+def choose_resume_checkpoint(resuming: Resuming) -> Optional[Path]:
     """Rank 0's choice: ``--resume``, or the newest checkpoint of this run's kind that reads (a
     damaged one is reported and the next older one tried; any other error stops the run)."""
-    if args.resume:
-        read_checkpoint(Path(args.resume))
-        return Path(args.resume)
-    if not (args.auto_resume and args.output_dir):
+    if resuming.resume:
+        read_checkpoint(Path(resuming.resume))
+        return Path(resuming.resume)
+    if not (resuming.auto_resume and resuming.output_dir):
         return None
-    check_same_kind(Path(args.output_dir), sharded=args.fsdp)
-    for path in resume_candidates(Path(args.output_dir), sharded=args.fsdp):
+    check_same_kind(Path(resuming.output_dir), sharded=resuming.fsdp)
+    for path in resume_candidates(Path(resuming.output_dir), sharded=resuming.fsdp):
         try:
             read_checkpoint(path)
             return path
@@ -102,8 +127,8 @@ def check_same_kind(output_dir: Path, *, sharded: bool) -> None:
                      f"{relaunch} to resume it, or pass another --output_dir to start afresh")
 
 
-def load_weights_and_optimizer(state: TrainingState, path: Path, checkpoint: Mapping[str, Any],
-                               args: argparse.Namespace) -> None:
+def load_weights_and_optimizer(state: TrainingState, path: Path, checkpoint: Mapping[str, Any], *,
+                               model_name: str) -> None:
     """The checkpoint's model and optimizer state into ``state``, after checking that it fits (a
     collective for a sharded folder, which every rank reads its shards of)."""
     model = unwrap_model(state.model)
@@ -114,7 +139,7 @@ def load_weights_and_optimizer(state: TrainingState, path: Path, checkpoint: Map
         mismatch = state_mismatch(model, checkpoint.get("model", {}))
     if mismatch:
         raise UsageError(
-            f"checkpoint {path} does not fit --model {args.model}: {mismatch}; pass a "
+            f"checkpoint {path} does not fit --model {model_name}: {mismatch}; pass a "
             "checkpoint of this model (for pretrained weights use --finetune)"
         )
     if sharded_checkpoint.is_sharded_checkpoint(path):
@@ -137,13 +162,13 @@ class Resume:
     epoch: int
 
 
-def resume_training_state(state: TrainingState, args: argparse.Namespace) -> Resume:
+def resume_training_state(state: TrainingState, resuming: Resuming) -> Resume:
     """Continue from ``--resume``, or the newest checkpoint when ``--auto_resume``: its weights and
     optimizer state into ``state``, and where the run continues (``--start_epoch`` when fresh). A
     collective: call it on every rank."""
-    path, checkpoint = find_resume_checkpoint(args)
+    path, checkpoint = find_resume_checkpoint(resuming)
     if not checkpoint:
-        return Resume({}, args.start_epoch)
+        return Resume({}, resuming.start_epoch)
     folder = sharded_checkpoint.is_sharded_checkpoint(path)
     if folder and not is_sharded(state.model):
         raise UsageError(f"checkpoint {path} is a sharded folder: resume it with --fsdp, or make one file of its "
@@ -151,45 +176,44 @@ def resume_training_state(state: TrainingState, args: argparse.Namespace) -> Res
     if is_sharded(state.model) and not folder:
         raise UsageError(f"checkpoint {path} is one file, and --fsdp resumes the folders it writes: resume it "
                          "without --fsdp")
-    load_weights_and_optimizer(state, path, checkpoint, args)
-    epoch = args.start_epoch
+    load_weights_and_optimizer(state, path, checkpoint, model_name=resuming.model)
+    epoch = resuming.start_epoch
     if "optimizer" in checkpoint or folder:
         state.scaler.load_state_dict(checkpoint["scaler"])
         epoch = checkpoint["epoch"] + (0 if "step" in checkpoint else 1)
     if is_main_process():
         where = f"epoch {epoch}" + (f" step {checkpoint['step']}" if "step" in checkpoint else "")
         print(f"resumed from {path} at {where}")
-        for change in (batch_change(checkpoint.get("args", {}), args), order_change(checkpoint, args)):
+        for change in (batch_change(checkpoint.get("args", {}), resuming),
+                       order_change(checkpoint, resuming.order)):
             if change:
                 print(change)
     return Resume(checkpoint, epoch)
 
 
-ORDER_FLAGS = ("seed", "data_path", "num_samples", "shuffle_window")  # what the order of an epoch follows
-
-
-def order_change(checkpoint: Mapping[str, Any], args: argparse.Namespace) -> str:
-    """One line when a checkpoint written mid-epoch was made under another order of the epoch: the
-    positions it counts as done then name other samples, so that epoch is no longer exact."""
+def order_change(checkpoint: Mapping[str, Any], order: Mapping[str, Any]) -> str:
+    """One line when a checkpoint written mid-epoch was made under another order of the epoch
+    (``order``: this run's values of ``ORDER_FLAGS``): the positions it counts as done then name
+    other samples, so that epoch is no longer exact."""
     written_by = checkpoint.get("args", {})
     changed = [flag for flag in ORDER_FLAGS
-               if flag in written_by and written_by[flag] != getattr(args, flag, written_by[flag])]
+               if flag in written_by and written_by[flag] != order.get(flag, written_by[flag])]
     if "step" not in checkpoint or not changed:
         return ""
-    flags = ", ".join(f"--{flag} {written_by[flag]} then, {getattr(args, flag)} now" for flag in changed)
+    flags = ", ".join(f"--{flag} {written_by[flag]} then, {order.get(flag)} now" for flag in changed)
     return (f"warning: the order of epoch {checkpoint['epoch']} changed ({flags}): the rest of it follows the new "
             "order, so some of its samples may be trained twice and others not at all; later epochs are exact")
 
 
-def batch_change(written_by: Mapping[str, Any], args: argparse.Namespace) -> str:
+def batch_change(written_by: Mapping[str, Any], resuming: Resuming) -> str:
     """One line when the effective batch differs from the checkpoint's run, saying how the lr follows."""
-    before, now = written_by.get("eff_batch_size"), args.eff_batch_size
+    before, now = written_by.get("eff_batch_size"), resuming.eff_batch_size
     if before is None or before == now:
         return ""
-    processes = f"{args.world_size} process" + ("es" if args.world_size > 1 else "")
-    shape = f"{processes} x {args.batch_size} x {args.accum_iter} accumulation steps"
-    if written_by.get("lr") == args.lr:
-        follows = f"lr {args.lr:.3e} stays as --lr gives it"
+    processes = f"{resuming.world_size} process" + ("es" if resuming.world_size > 1 else "")
+    shape = f"{processes} x {resuming.batch_size} x {resuming.accum_iter} accumulation steps"
+    if written_by.get("lr") == resuming.lr:
+        follows = f"lr {resuming.lr:.3e} stays as --lr gives it"
     else:
-        follows = f"lr = blr {args.blr:g} x {now} / 256 = {args.lr:.3e} (was {written_by.get('lr', float('nan')):.3e})"
+        follows = f"lr = blr {resuming.blr:g} x {now} / 256 = {resuming.lr:.3e} (was {written_by.get('lr', float('nan')):.3e})"
     return f"effective batch {before} in the checkpoint, {now} now ({shape}): {follows}"

@@ -4,7 +4,6 @@ gradients and AdamW state and gathers a block's weights only while it runs; acti
 checkpointing (``--grad_checkpointing``) recomputes each block's activations in the backward pass
 instead of keeping them. When to use which: README, "Beyond one GPU's memory".
 """
-import argparse
 import itertools
 import warnings
 
@@ -19,9 +18,9 @@ from utils import AMP_DTYPES, UsageError, get_world_size
 FORWARD_METHODS = ("reconstruct",)  # called outside forward (pictures), so they need FSDP's gathering too
 
 
-def check_sharding_args(args: argparse.Namespace) -> None:
+def check_sharding(*, fsdp: bool, amp: str) -> None:
     """``--fsdp`` with fp16 would need a sharded grad scaler: bf16 (or none) it is."""
-    if args.fsdp and args.amp == "fp16":
+    if fsdp and amp == "fp16":
         raise UsageError("--fsdp runs with --amp bf16 or none (fp16 would need a sharded grad scaler); "
                          "bf16 needs no loss scaling")
 
