@@ -37,7 +37,8 @@ from image_data.files import (
     wrapped,
 )
 from image_data.geometry import to_grid
-from image_data.shards import ShardCatalog, ShardImages, catalog_shards, is_shard_spec
+from image_data.shard_names import is_shard_spec
+from image_data.shards import ShardCatalog, ShardImages, catalog_shards
 from image_data.synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
 from training.preemption import worker_init_fn
 from training.settings import Settings

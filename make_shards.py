@@ -25,7 +25,8 @@ import numpy as np
 
 import utils
 from image_data.files import class_folders, find_images, has_class_folders
-from image_data.shards import INDEX_SUFFIX, LABEL_EXTENSION, build_index, catalog_shards, shard_paths, write_index
+from image_data.shard_names import shard_paths
+from image_data.shards import INDEX_SUFFIX, LABEL_EXTENSION, build_index, catalog_shards, write_index
 
 
 def get_args_parser() -> argparse.ArgumentParser:

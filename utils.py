@@ -1,8 +1,6 @@
 """What every script shares and nothing else: errors and exit codes, safe file writes, the launch
-and ranks of a distributed run, the precision switch, and logs.
-
-The training loop, checkpoints and the command line are in ``training/``; of it this module
-imports only ``training.performance``.
+and ranks of a distributed run, the precision switch, the timer and ``log.txt``. The training loop,
+checkpoints and the command line are in ``training/``; of it this imports ``training.performance``.
 """
 import argparse
 import datetime

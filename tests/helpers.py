@@ -218,3 +218,13 @@ def rank_outputs(log_dir: Path, record_dir: Path, nproc: int = 2) -> List[Tuple[
         [folder] = list(log_dir.glob(f"*/attempt_0/{rank}"))
         outputs.append((code, (folder / "stdout.log").read_text() + (folder / "stderr.log").read_text()))
     return outputs
+
+
+def tiny_mae(img_size: int = 64, **kwargs) -> torch.nn.Module:
+    """192 wide, 2 encoder blocks (the tiny decoder already has 2), 16 patches at 64 px; seeded."""
+    import timm
+
+    import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* names with timm)
+
+    torch.manual_seed(0)
+    return timm.create_model("pretrain_mae_tiny_patch16_224", img_size=img_size, depth=2, **kwargs).eval()

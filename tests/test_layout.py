@@ -116,6 +116,50 @@ def test_the_root_shows_the_shape_of_mae():
         assert required in root
 
 
+MAX_LINES = 400  # a file longer than this does more than one job
+WHOLE_NAMESPACE_ALLOWED = {
+    # the scripts' harness: it hands the parsed command line to the script's own main, and reads
+    # --output_dir and --auto_resume only for the one line it prints after a Ctrl-C before training
+    "utils.exit_on_usage_error",
+}
+
+
+def is_entry_point(module: str) -> bool:
+    """A script (``run_*``, or a root tool with a ``__main__`` block) or the resolver: they may read the whole
+    command line; the library takes the settings of its part."""
+    path = module_files()[module]
+    return is_script(module) or module == "training.config" or "__main__" in path.read_text()
+
+
+def takes_the_whole_namespace(function: ast.FunctionDef) -> bool:
+    """A parameter named ``args`` or annotated as an ``argparse.Namespace`` (or ``ResolvedArgs``)."""
+    parameters = function.args.posonlyargs + function.args.args + function.args.kwonlyargs
+    annotations = [ast.unparse(parameter.annotation) for parameter in parameters if parameter.annotation]
+    return any(parameter.arg == "args" for parameter in parameters) or any(
+        "Namespace" in annotation or "ResolvedArgs" in annotation for annotation in annotations)
+
+
+def test_library_functions_take_their_settings_not_the_whole_command_line():
+    """Each part says what it reads: outside the entry points and ``training.config`` a function is
+    handed its typed settings or plain values, never the whole command line (save the harness)."""
+    whole = set()
+    for module, path in module_files().items():
+        if is_entry_point(module):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and takes_the_whole_namespace(node):
+                whole.add(f"{module}.{node.name}")
+    assert whole == WHOLE_NAMESPACE_ALLOWED, f"these take the whole namespace: {sorted(whole - WHOLE_NAMESPACE_ALLOWED)}"
+
+
+def test_no_file_is_longer_than_a_reader_can_hold():
+    python_files = [path for folder in (REPO, *(REPO / name for name in (*PACKAGES, "tests", "benchmarks")))
+                    for path in folder.glob("*.py")]
+    long = {str(path.relative_to(REPO)): lines for path in python_files
+            if (lines := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
 def test_benchmarks_import_library_modules_only():
     for path in (REPO / "benchmarks").glob("*.py"):
         scripts = {name for name in imports_of(path) if is_script(name)}

@@ -1,9 +1,6 @@
-"""The MAE pretraining model and the finetuning loader, each checked against something outside
-the code: the paper's formulas written out here, the official MAE code's layout, timm's ViT."""
+"""The MAE pretraining model, checked against something outside the code: the paper's formulas
+written out here, the official MAE code's layout, timm's ViT."""
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -11,22 +8,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* names with timm)
+from helpers import tiny_mae
 from masking_generator import random_masks
-from modeling_finetune import CheckpointMismatchError, create_finetune_model, load_pretrained_encoder
+from modeling_finetune import create_finetune_model
 from modeling_pretrain import PretrainVisionTransformer, sincos_2d_pos_embed, split_indices
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BLOCK_SUBKEYS = [
-    f"{layer}.{kind}"
-    for layer in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
-    for kind in ("weight", "bias")
-]
-
-
-def tiny_mae(img_size=64, **kwargs):
-    """192 wide, 2 encoder blocks (the tiny decoder already has 2), 16 patches at 64 px."""
-    torch.manual_seed(0)
-    return timm.create_model("pretrain_mae_tiny_patch16_224", img_size=img_size, depth=2, **kwargs).eval()
 
 
 def images(batch, height, width, seed=0):
@@ -312,163 +297,6 @@ def test_layer_norms_use_eps_1e6(wide_mae):
     norms = [m for m in wide_mae.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 6  # 2 per block, norm, decoder_norm
     assert all(norm.eps == 1e-6 for norm in norms)
-
-
-# --------------------------------------------------------------------------- official layout
-
-
-def test_state_dict_keys_are_the_official_mae_keys():
-    model = tiny_mae()
-    expected = {
-        "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-        "norm.weight", "norm.bias", "decoder_embed.weight", "decoder_embed.bias", "mask_token",
-        "decoder_pos_embed", "decoder_norm.weight", "decoder_norm.bias",
-        "decoder_pred.weight", "decoder_pred.bias",
-    }
-    expected |= {f"blocks.{i}.{sub}" for i in range(2) for sub in BLOCK_SUBKEYS}
-    expected |= {f"decoder_blocks.{i}.{sub}" for i in range(2) for sub in BLOCK_SUBKEYS}
-    assert set(model.state_dict()) == expected
-
-
-def test_base_has_the_official_parameter_count():
-    def block(d):  # two LayerNorms, qkv, proj, fc1 (4d), fc2
-        return 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-
-    tokens = 1 + 14 * 14
-    encoder = (768 * 3 * 16 * 16 + 768) + 768 + tokens * 768 + 12 * block(768) + 2 * 768
-    decoder = (768 * 512 + 512) + 512 + tokens * 512 + 8 * block(512) + 2 * 512 + (512 * 768 + 768)
-    assert encoder + decoder == 111_907_840  # the official mae_vit_base_patch16 count
-    model = timm.create_model("pretrain_mae_base_patch16_224")
-    assert sum(p.numel() for p in model.parameters()) == 111_907_840
-
-
-# --------------------------------------------------------------------------- timm registry
-
-
-def test_creating_a_model_from_a_fresh_interpreter_warns_nothing():
-    result = subprocess.run(
-        [sys.executable, "-W", "error", "-c",
-         "import timm, modeling_pretrain; timm.create_model('pretrain_mae_base_patch16_224')"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-
-
-def test_timm_lists_all_five_sizes():
-    assert set(timm.list_models("pretrain_mae*")) >= {
-        "pretrain_mae_tiny_patch16_224", "pretrain_mae_small_patch16_224", "pretrain_mae_base_patch16_224",
-        "pretrain_mae_large_patch16_224", "pretrain_mae_huge_patch14_224",
-    }
-
-
-def test_pretrained_weights_are_refused():
-    with pytest.raises(ValueError):
-        timm.create_model("pretrain_mae_tiny_patch16_224", pretrained=True, depth=1)
-
-
-# --------------------------------------------------------------------------- finetuning loader
-
-
-@pytest.fixture(scope="module")
-def pretrained_state():
-    return tiny_mae(img_size=32).state_dict()
-
-
-def finetune_model(img_size=32, **kwargs):
-    torch.manual_seed(1)
-    return create_finetune_model("vit_tiny_patch16_224", num_classes=5, img_size=img_size, depth=2, **kwargs)
-
-
-def test_loader_reports_head_and_fc_norm_missing_with_global_pool(pretrained_state):
-    missing = load_pretrained_encoder(finetune_model(), {"model": pretrained_state})
-    assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
-
-
-def test_loader_reports_only_head_missing_with_cls_token(pretrained_state):
-    missing = load_pretrained_encoder(finetune_model(global_pool=False), {"model": pretrained_state})
-    assert sorted(missing) == ["head.bias", "head.weight"]
-
-
-def test_loaded_encoder_weights_equal_the_checkpoint(pretrained_state):
-    model = finetune_model(global_pool=False)
-    load_pretrained_encoder(model, {"model": pretrained_state})
-    loaded = model.state_dict()
-    for name in loaded:
-        if not name.startswith("head."):
-            assert torch.equal(loaded[name], pretrained_state[name]), name
-
-
-def test_loader_strips_module_prefixes(pretrained_state):
-    model = finetune_model()
-    prefixed = {"module." + name: value for name, value in pretrained_state.items()}
-    load_pretrained_encoder(model, {"model": prefixed})
-    assert torch.equal(model.blocks[1].mlp.fc2.weight, pretrained_state["blocks.1.mlp.fc2.weight"])
-
-
-def test_loader_accepts_an_encoder_only_state_dict(pretrained_state):
-    encoder = {
-        name: value for name, value in pretrained_state.items()
-        if not name.startswith("decoder_") and name != "mask_token"
-    }
-    model = finetune_model()
-    load_pretrained_encoder(model, encoder)
-    assert torch.equal(model.blocks[0].attn.qkv.weight, pretrained_state["blocks.0.attn.qkv.weight"])
-
-
-def test_new_head_starts_tiny(pretrained_state):
-    model = finetune_model()
-    load_pretrained_encoder(model, {"model": pretrained_state})
-    assert 1.6e-5 < model.head.weight.std().item() < 2.4e-5
-    assert not model.head.bias.any()
-
-
-def test_loader_resamples_pos_embed_to_a_larger_image(pretrained_state):
-    model = finetune_model(img_size=64)  # 2 x 2 patches pretrained, 4 x 4 finetuned
-    load_pretrained_encoder(model, {"model": pretrained_state})
-    assert model.pos_embed.shape == (1, 17, 192)
-    assert torch.equal(model.pos_embed[0, 0], pretrained_state["pos_embed"][0, 0])
-
-
-def test_loader_names_shape_mismatches_of_a_wider_checkpoint():
-    torch.manual_seed(0)
-    small = timm.create_model("pretrain_mae_small_patch16_224", img_size=32, depth=2).state_dict()
-    with pytest.raises(CheckpointMismatchError) as error:
-        load_pretrained_encoder(finetune_model(), {"model": small})
-    message = str(error.value)
-    assert "cls_token" in message and "384" in message and "192" in message
-
-
-def test_loader_names_a_missing_block_key(pretrained_state):
-    damaged = {name: value for name, value in pretrained_state.items() if name != "blocks.1.mlp.fc2.weight"}
-    with pytest.raises(CheckpointMismatchError, match=r"blocks\.1\.mlp\.fc2\.weight"):
-        load_pretrained_encoder(finetune_model(), {"model": damaged})
-
-
-def vit_parameters(dim: int, depth: int, hidden: int, num_patches: int, patch_pixels: int) -> int:
-    """A ViT encoder's parameters by hand: per block qkv 3d^2 + 3d, proj d^2 + d, MLP 2dh + h + d,
-    two LayerNorms 4d; the patch embedding, cls token, position table (with the cls row) and final norm."""
-    block = 4 * dim**2 + 2 * dim * hidden + hidden + 9 * dim
-    return depth * block + patch_pixels * dim + dim + dim + (num_patches + 1) * dim + 2 * dim
-
-
-@pytest.mark.parametrize("name, dim, depth, heads, hidden", [
-    ("pretrain_mae_giant_patch14_224", 1408, 40, 16, 6144),  # ViT-g/14, Zhai et al. 2022
-    ("pretrain_mae_2b_patch14_224", 2560, 24, 32, 10240),  # ViT-2B/14, MAWS (Singh et al. 2023)
-])
-def test_the_billion_scale_models_have_their_papers_sizes(name, dim, depth, heads, hidden):
-    """Counted on the meta device: no memory for a billion weights."""
-    with torch.device("meta"):
-        model = timm.create_model(name)
-    patches, pixels = 16 * 16, 14 * 14 * 3  # 224 / 14 = 16 patches a side
-    decoder = vit_parameters(512, 8, 2048, patches, 0) - 512 - 512 + dim * 512 + 512 + 512 + 512 * pixels + pixels
-    assert model.blocks[0].attn.num_heads == heads and model.decoder_blocks[0].attn.num_heads == 16
-    assert sum(p.numel() for p in model.parameters()) == vit_parameters(dim, depth, hidden, patches, pixels) + decoder
-    with torch.device("meta"):
-        vit = create_finetune_model(name.replace("pretrain_mae_", "vit_"), 1000)
-    head = 2 * dim + dim * 1000 + 1000  # fc_norm, then the linear head
-    encoder = vit_parameters(dim, depth, hidden, patches, pixels) - 2 * dim  # fc_norm instead of the final norm
-    assert sum(p.numel() for p in vit.parameters()) == encoder + head
 
 
 def gradients(model: torch.nn.Module, loss_of) -> dict:

@@ -28,15 +28,8 @@ from helpers import PRETRAIN, TINY_MAE, TINY_VIT, finish, recording, start, torc
 from image_data.device_decoder import read_encoded
 from image_data.epoch_order import ShardWindowOrder
 from image_data.files import MemberBytes, count_skipped, decode_rgb, load_image, reset_skipped
-from image_data.shards import (
-    INDEX_SUFFIX,
-    ShardImages,
-    build_index,
-    catalog_shards,
-    expand_braces,
-    fallback_index_path,
-    shard_paths,
-)
+from image_data.shard_names import expand_braces, shard_paths
+from image_data.shards import INDEX_SUFFIX, ShardImages, build_index, catalog_shards, fallback_index_path
 from training.resume import order_change
 
 

@@ -22,7 +22,7 @@ import utils
 from datasets import Loading, count_classes, require_data_path, require_eval_data_path
 from evaluation.setup import Encoder, EvalLoading, LabelledData
 from image_data.augmentation import RGB
-from image_data.shards import is_shard_spec, shard_paths
+from image_data.shard_names import is_shard_spec, shard_paths
 from optim_factory import OptimizerSettings
 from training.checkpoint import Checkpointing
 from training.cli import one_size

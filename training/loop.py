@@ -1,13 +1,14 @@
 """The one loop every stage trains with, read top to bottom from ``fit``: resuming, starting each
-epoch's data where it stands (the loader's ``start_epoch``), ``train_epoch`` (the learning-rate
-schedule, gradient accumulation and sync, the optimizer step, the non-finite loss watch, progress
-lines and TensorBoard curves, which steps log and which save, the stop after a preemption signal),
-then the epoch's evaluation, checkpoints and log line.
+epoch's data where it stands (the loader's ``start_epoch``), ``train_epoch`` (the learning rate of
+``training.lr_schedule``, gradient accumulation and sync, the optimizer step, the non-finite loss
+watch, the progress lines of ``training.progress``, which steps log and which save, the stop after
+a preemption signal), then the epoch's evaluation, checkpoints and log line.
 
 A stage gives ``fit`` a ``Stage``: its loss, its evaluation if it has one (which says what its
 best is and how it reads: ``Evaluation``), and what it does once an epoch is saved
 (``engine_for_pretraining``, ``engine_for_finetuning``); the loop does the rest, the same way for
-every stage, and knows no task.
+every stage, and knows no task. What it reads is ``TrainingSettings``: each part's own settings
+(the schedule, ``Stepping``, checkpointing, resuming, stopping), which it hands on to that part.
 """
 import json
 from contextlib import nullcontext
