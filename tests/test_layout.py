@@ -152,6 +152,12 @@ def test_library_functions_take_their_settings_not_the_whole_command_line():
     assert whole == WHOLE_NAMESPACE_ALLOWED, f"these take the whole namespace: {sorted(whole - WHOLE_NAMESPACE_ALLOWED)}"
 
 
+def test_the_loop_knows_no_task():
+    """The stage says what its best is and how its line reads: the loop names no accuracy."""
+    source = (REPO / "training" / "loop.py").read_text()
+    assert not re.search(r"accura|\bacc\d|top-?\d|max_acc", source, re.IGNORECASE)
+
+
 def test_no_file_is_longer_than_a_reader_can_hold():
     python_files = [path for folder in (REPO, *(REPO / name for name in (*PACKAGES, "tests", "benchmarks")))
                     for path in folder.glob("*.py")]
