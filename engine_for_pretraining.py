@@ -1,10 +1,11 @@
 """MAE pretraining as a stage of the shared loop (``training.loop.fit``): the reconstruction loss of
 a batch, and after each saved epoch the reconstruction picture."""
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from evaluation.online import OnlineEvaluation
 from image_data.augmentation import normalize_on_device
 from image_data.device_decoder import batch_images
 from masking_generator import num_masked_patches, random_masks
@@ -36,14 +37,18 @@ def reconstruction_loss(
 
 
 def pretrain(state: TrainingState, loader: DataLoader, *, pictures: PictureBatch, device: torch.device,
-             training: TrainingSettings, mean: Sequence[float], std: Sequence[float], mask_ratio: float) -> None:
+             training: TrainingSettings, mean: Sequence[float], std: Sequence[float], mask_ratio: float,
+             online: Optional[OnlineEvaluation] = None) -> None:
     """Every epoch of pretraining, on every rank: the reconstruction loss over ``fit``, and after
-    each saved epoch the reconstructions of ``pictures``, drawn from the same images every time
-    (into the checkpoints' folder)."""
+    each saved epoch the pictures of ``pictures`` (reconstructions and features), drawn from the
+    same images every time (into the checkpoints' folder), then the ``online`` evaluation when the
+    epoch is due one, whose figures join the epoch's log line."""
 
-    def draw(epoch: int, log_writer: Optional[Any]) -> None:
-        write_pictures(unwrap_model(state.model), pictures, mean=mean, std=std,
-                       output_dir=training.checkpointing.output_dir, log_writer=log_writer, epoch=epoch)
+    def after_epoch(epoch: int, log_writer: Optional[Any]) -> Dict[str, float]:
+        model = unwrap_model(state.model)
+        write_pictures(model, pictures, mean=mean, std=std, output_dir=training.checkpointing.output_dir,
+                       log_writer=log_writer, epoch=epoch)
+        return online(model, device, epoch, log_writer) if online else {}
 
     loss_fn = reconstruction_loss(state.model, device, mean, std, mask_ratio)
-    fit(state, Stage(loss_fn=loss_fn, after_epoch=draw), loader=loader, device=device, settings=training)
+    fit(state, Stage(loss_fn=loss_fn, after_epoch=after_epoch), loader=loader, device=device, settings=training)

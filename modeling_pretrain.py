@@ -188,14 +188,27 @@ class PretrainVisionTransformer(VisionTransformer):
         proj = self.patch_embed.proj
         return F.linear(pixels, proj.weight.flatten(1), proj.bias)  # (B, N_vis, D)
 
-    def forward_encoder(self, imgs: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
-        """Encode only the visible patches: (B, C, H, W) -> (B, 1 + N_vis, D), cls first."""
+    def encoder_tokens(self, imgs: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: the visible patches with their positions after the cls token,
+        (B, C, H, W) -> (B, 1 + N_vis, D)."""
         patch_pos = self.pos_embed[:, 1:].expand(imgs.shape[0], -1, -1)  # (B, N, D)
         x = self.embed_visible(imgs, visible_idx) + gather_tokens(patch_pos, visible_idx)  # (B, N_vis, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + N_vis, D)
-        x = self.run_blocks(self.blocks, x)
+        return torch.cat([cls, x], dim=1)  # (B, 1 + N_vis, D)
+
+    def forward_encoder(self, imgs: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:
+        """Encode only the visible patches: (B, C, H, W) -> (B, 1 + N_vis, D), cls first."""
+        x = self.run_blocks(self.blocks, self.encoder_tokens(imgs, visible_idx))
         return self.norm(x)
+
+    def every_patch(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Indices that leave every patch visible, in patch order: (B, N)."""
+        return torch.arange(self.patch_embed.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
+
+    def encode(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder with every patch visible, as a finetuned ViT sees the image (features,
+        evaluation during pretraining): (B, C, H, W) -> (B, 1 + N, D), cls first, in patch order."""
+        return self.forward_encoder(imgs, self.every_patch(imgs))
 
     def run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         """``blocks(x)``; with ``set_grad_checkpointing()`` each block's activations are recomputed in

@@ -2,21 +2,22 @@
 
 The features of the training and evaluation sets are extracted once, split over the processes
 (each sample on exactly one rank), gathered, L2-normalized, and each evaluation image is
-classified by the temperature-weighted votes of its nearest training images for every k at once.
+classified by the temperature-weighted votes of its nearest training images for every k at once
+(``evaluation.knn``).
 ``python run_knn_eval.py --model vit_tiny_patch16_224 --input_size 64 --finetune CKPT`` runs on
 the synthetic dataset; without ``--finetune`` it evaluates a randomly initialized encoder.
 """
 import argparse
 import functools
 import json
-from typing import Dict, Sequence
+from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
 import utils
 from training.cli import add_device_args
 from evaluation.features import extract_features
+from evaluation.knn import NB_KNN, TEMPERATURE, knn_accuracy
 from evaluation.setup import (
     add_data_args,
     add_encoder_args,
@@ -29,65 +30,20 @@ from evaluation.setup import (
 from training.config import encoder_of, labelled_data_of, process_group_of, resolve_knn
 from training.output_dir import claim_output_dir
 
-QUERY_CHUNK = 256  # evaluation images per similarity matrix, to bound memory on ImageNet
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE k-NN evaluation", add_help=True)
     parser.add_argument("--batch_size", default=256, type=int, help="images per process per forward pass")
     add_encoder_args(parser, global_pool=False)
     knn = parser.add_argument_group("k-NN")
-    knn.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+",
+    knn.add_argument("--nb_knn", default=list(NB_KNN), type=int, nargs="+",
                      help="neighbour counts, all evaluated in one pass")
-    knn.add_argument("--temperature", default=0.07, type=float, help="votes weigh exp(cosine similarity / T)")
+    knn.add_argument("--temperature", default=TEMPERATURE, type=float, help="votes weigh exp(cosine similarity / T)")
     add_data_args(parser, trains=False)
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="./output_dir", type=str, help="log.txt gets the result as a JSON line")
     run.add_argument("--seed", default=0, type=int, help="initializes the encoder when there is no --finetune")
     add_device_args(run)
     return parser
-
-
-def knn_predict(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    queries: torch.Tensor,
-    num_classes: int,
-    ks: Sequence[int],
-    temperature: float,
-) -> Dict[int, torch.Tensor]:
-    """Predicted class of each query for every k in ``ks`` from one nearest-neighbour search.
-
-    Features must be L2-normalized, so the dot product is the cosine similarity. A neighbour votes
-    ``exp(similarity / temperature)`` for its class; the class with the largest sum over the k
-    nearest wins (Wu et al. 2018, as in DINO).
-    """
-    similarity = queries @ train_features.T  # (Q, N)
-    top_similarity, top_index = similarity.topk(max(ks), dim=1)  # (Q, K), most similar first
-    weights = (top_similarity / temperature).exp()  # (Q, K)
-    votes = F.one_hot(train_labels[top_index], num_classes) * weights.unsqueeze(-1)  # (Q, K, C)
-    scores = votes.cumsum(dim=1)  # (Q, K, C): row k - 1 holds the class scores of the k nearest
-    return {k: scores[:, k - 1].argmax(dim=1) for k in ks}
-
-
-def knn_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int,
-    ks: Sequence[int],
-    temperature: float,
-) -> Dict[int, float]:
-    """Top-1 accuracy (%) of the weighted k-NN classifier for every k, queries taken in chunks."""
-    train_features, test_features = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
-    correct = {k: 0 for k in ks}
-    for start in range(0, len(test_features), QUERY_CHUNK):
-        chunk = slice(start, start + QUERY_CHUNK)
-        predictions = knn_predict(train_features, train_labels, test_features[chunk], num_classes, ks, temperature)
-        for k, predicted in predictions.items():
-            correct[k] += int((predicted == test_labels[chunk]).sum())
-    return {k: 100.0 * hits / len(test_labels) for k, hits in correct.items()}
 
 
 def main(args: argparse.Namespace) -> Dict[str, object]:

@@ -4,6 +4,7 @@
 import argparse
 import functools
 from pathlib import Path
+from typing import Optional
 
 import timm
 import torch
@@ -11,8 +12,10 @@ from torch.utils.data import DataLoader
 
 from modeling_pretrain import load_mae_weights  # and the pretrain_mae_* models, registered with timm
 import utils
-from datasets import DECODERS, build_pretraining_dataset, build_train_loader, check_readable
+from datasets import CLASSIFICATION_SETS, DECODERS, build_pretraining_dataset, build_train_loader, check_readable
 from engine_for_pretraining import pretrain
+from evaluation.online import OnlineEvaluation
+from evaluation.setup import build_datasets, unaugmented
 from image_data.augmentation import PRETRAIN_CROP_SCALE, Crops
 from image_data.device_decoder import collate_encoded
 from image_data.geometry import to_grid
@@ -33,6 +36,8 @@ from training.cli import (
 )
 from training.config import (
     loading_of,
+    online_data_of,
+    online_of,
     optimizer_of,
     process_group_of,
     resolve_pretraining,
@@ -77,6 +82,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "training device decodes (nvJPEG on CUDA) and crops whole batches "
                            "(benchmarks/RESULTS.md); both for RGB images")
     add_shuffle_arg(data)
+    online = parser.add_argument_group("evaluation during pretraining (k-NN and the sweep probe on a labelled set)")
+    online.add_argument("--eval_data_set", default=None, choices=CLASSIFICATION_SETS,
+                        help="evaluate the encoder on this labelled set (default: IMNET with an --eval_data_path "
+                             "folder, image_folder with shards; none without either)")
+    online.add_argument("--eval_data_path", default=None, type=str,
+                        help="IMNET: a folder with train/ and val/ class folders (what run_knn_eval.py --data_path "
+                             "reads); image_folder: the training split, a folder or tar shards; CIFAR: its files")
+    online.add_argument("--eval_val_path", default=None, type=str,
+                        help="image_folder: the validation split, a folder or tar shards")
+    online.add_argument("--eval_freq", default=10, type=int, help="evaluate every N epochs, and after the last")
+    online.add_argument("--eval_probe", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the sweep probe too (run_linear_probe.py --protocol sweep); off: k-NN only")
+    online.add_argument("--eval_num_samples", default=None, type=int, help="only the first N images of each split")
     add_memory_args(parser)
     add_run_args(parser)
     return parser
@@ -112,6 +130,16 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     return build_train_loader(dataset, loading_of(args), collate_encoded if args.decoder == "device" else None)
 
 
+def build_online_evaluation(args: argparse.Namespace) -> Optional[OnlineEvaluation]:
+    """The labelled splits the encoder is evaluated on while it pretrains, unaugmented (None
+    without ``--eval_data_set``); a collective: data one rank cannot read stops every rank."""
+    if not args.eval_data_set:
+        return None
+    transform = unaugmented(input_size=args.input_size, in_chans=args.in_chans)
+    train, val, num_classes = build_datasets(online_data_of(args), transform, train=True)
+    return OnlineEvaluation(train, val, num_classes, online_of(args))
+
+
 def main(args: argparse.Namespace) -> torch.nn.Module:
     """Pretrain as ``args`` say; returns the trained model (for scripts that go on with it)."""
     args = resolve_pretraining(args)
@@ -130,6 +158,7 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     use_fastest_attention(model, device, args.amp)
     model.set_grad_checkpointing(args.grad_checkpointing)
     loader = build_loader(args)
+    online = build_online_evaluation(args)
     with claim_output_dir(args.output_dir):  # once the inputs are known good; held until the run ends
         wrapped = wrap_model(model, device, wrapping_of(args))  # before the optimizer, which must see FSDP's shards
         state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
@@ -138,10 +167,14 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
             n_params = sum(p.numel() for p in model.parameters())
             print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "
                   f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
+            if online:
+                print(f"evaluating on {args.eval_data_set} ({len(online.train)} training and {len(online.val)} "
+                      f"validation images, {online.num_classes} classes) every {args.eval_freq} epochs and after the "
+                      "last: k-NN" + (" and the sweep probe" if args.eval_probe else ""))
         pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
                                  std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
         pretrain(state, loader, pictures=pictures, device=device, training=training_of(args), mean=args.mean,
-                 std=args.std, mask_ratio=args.mask_ratio)
+                 std=args.std, mask_ratio=args.mask_ratio, online=online)
         return model
 
 

@@ -1,11 +1,14 @@
-"""Pictures of MAE reconstructions: ``python run_mae_vis.py IMAGE_PATH OUTPUT_DIR --model_path CKPT``.
+"""Pictures of an MAE: ``python run_mae_vis.py IMAGE_PATH OUTPUT_DIR --model_path CKPT [--show WHAT]``.
 
 IMAGE_PATH is an image, a folder of images (one picture each) or the word ``synthetic`` (one
-picture of ``--num_images`` validation images). Each row shows original | masked input |
-reconstruction | reconstruction with the visible patches pasted back, for ``--mask_ratio`` and a
-mask drawn from ``--seed``. Model, input size, normalization and ``norm_pix_loss`` come from the
-checkpoint's args when it has them (ours do; official MAE checkpoints need ``--model`` and, for
-norm-pixel models, ``--norm_pix_loss``).
+picture of ``--num_images`` validation images). ``--show reconstruction`` (the default): each row
+shows original | masked input | reconstruction | reconstruction with the visible patches pasted
+back, for ``--mask_ratio`` and a mask drawn from ``--seed``. ``--show pca``: original | the first
+three principal components of the encoder's patch tokens as RGB, every patch visible.
+``--show attention``: original | the image dimmed where the cls token's mean attention in the last
+block is low | each head's attention. Model, input size, normalization and ``norm_pix_loss`` come
+from the checkpoint's args when it has them (ours do; official MAE checkpoints need ``--model`` and,
+for norm-pixel models, ``--norm_pix_loss``); pca and attention need no decoder.
 """
 import argparse
 import textwrap
@@ -26,9 +29,18 @@ from image_data.files import UNREADABLE, find_images, load_image
 from masking_generator import random_masks
 from image_data.geometry import to_grid
 from image_data.synthetic import synthetic_split
-from visualization import PANELS, channels_note, reconstruction_grid
+from visualization import (
+    ATTENTION_PANELS,
+    PANELS,
+    PCA_PANELS,
+    attention_grid,
+    channels_note,
+    feature_grid,
+    reconstruction_grid,
+)
 
 NORM_PIX_NOTE = "norm_pix_loss: masked patches shown with their true mean/std"
+SHOWS = ("reconstruction", "pca", "attention")
 CAPTION_LINE = 12  # pixels per caption line with PIL's default font
 
 
@@ -48,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask_ratio", default=0.75, type=float, help="share of patches hidden from the encoder")
     parser.add_argument("--seed", default=0, type=int, help="seed of the random masks")
     parser.add_argument("--num_images", default=8, type=int, help="rows of the synthetic picture")
+    parser.add_argument("--show", default="reconstruction", choices=SHOWS,
+                        help="reconstruction: what the decoder makes of the masked image; pca: the encoder's patch "
+                             "features as RGB; attention: where the cls token looks in the last block")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -59,7 +74,7 @@ def load_model(args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> torch
                               norm_pix_loss=args.norm_pix_loss, **patch_size_kwargs(args.patch_size))
     check_patch_grid(model, args.input_size)
     load_mae_weights(model, checkpoint, source=f"--model_path {args.model_path} (--model {args.model})",
-                     decoder_required=True)
+                     decoder_required=args.show == "reconstruction")
     return model.to(args.device).eval()
 
 
@@ -92,10 +107,13 @@ def image_batches(args: argparse.Namespace) -> Iterator[Tuple[str, torch.Tensor]
 
 def caption_lines(args: argparse.Namespace, width: int) -> List[str]:
     """What the picture shows, wrapped to its width (about 6 pixels per character)."""
-    text = [" | ".join(PANELS), f"mask ratio {args.mask_ratio:g}, seed {args.seed}, {args.model}"]
+    if args.show == "reconstruction":
+        text = [" | ".join(PANELS), f"mask ratio {args.mask_ratio:g}, seed {args.seed}, {args.model}"]
+    else:
+        text = [" | ".join(PCA_PANELS if args.show == "pca" else ATTENTION_PANELS), f"every patch visible, {args.model}"]
     if channels_note(args.in_chans):
         text.append(channels_note(args.in_chans))
-    if args.norm_pix_loss:
+    if args.norm_pix_loss and args.show == "reconstruction":
         text.append(NORM_PIX_NOTE)
     columns = max(width // 6, 20)
     return [line for paragraph in text for line in textwrap.wrap(paragraph, columns)]
@@ -133,11 +151,16 @@ def main(args: argparse.Namespace) -> List[Path]:
     written = []
     for name, imgs in batches:
         imgs = imgs.to(args.device)
-        generator = torch.Generator(args.device).manual_seed(args.seed)
-        mask = random_masks(imgs.shape[0], model.patch_embed.num_patches, args.mask_ratio, args.device, generator)
-        grid = reconstruction_grid(model, imgs, mask, args.mean, args.std)
+        if args.show == "reconstruction":
+            generator = torch.Generator(args.device).manual_seed(args.seed)
+            mask = random_masks(imgs.shape[0], model.patch_embed.num_patches, args.mask_ratio, args.device, generator)
+            grid = reconstruction_grid(model, imgs, mask, args.mean, args.std)
+            path = Path(args.output_dir) / f"{name}_mask{args.mask_ratio:g}_seed{args.seed}.png"
+        else:
+            draw = feature_grid if args.show == "pca" else attention_grid
+            grid = draw(model, imgs, args.mean, args.std)
+            path = Path(args.output_dir) / f"{name}_{args.show}.png"
         lines = caption_lines(args, grid.shape[-1])
-        path = Path(args.output_dir) / f"{name}_mask{args.mask_ratio:g}_seed{args.seed}.png"
         save_picture(captioned(grid, lines), lines, path)
         written.append(path)
         print(f"wrote {path}")

@@ -1,10 +1,14 @@
-"""Pictures of MAE reconstructions: original | masked input | reconstruction | pasted, and the fixed
-batch pretraining draws after every epoch, so that successive pictures compare. Images of more
-than three channels show their first three, of one or two their first (``shown_channels``)."""
+"""Pictures of MAE reconstructions: original | masked input | reconstruction | pasted; pictures of
+what the encoder's features see, every patch visible: the first three principal components of its
+patch tokens as RGB (``features.png``, as DINOv2 shows features) and the cls token's attention in
+the last block; and the fixed batch pretraining draws after every epoch, so that successive
+pictures compare. Images of more than three channels show their first three, of one or two their
+first (``shown_channels``)."""
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
@@ -16,6 +20,8 @@ from training.wrapping import is_sharded
 from utils import atomic_write, is_main_process
 
 PANELS = ("original", "masked input", "reconstruction", "reconstruction + visible")
+PCA_PANELS = ("original", "patch features: first three principal components as RGB")
+ATTENTION_PANELS = ("original", "image x mean attention of the cls token (last block)", "each head's attention")
 NUM_PICTURES = 8  # rows of pretraining's reconstruction.png
 
 
@@ -68,6 +74,83 @@ def reconstruction_grid(
     return make_grid(rows.cpu(), nrow=len(PANELS), padding=2, pad_value=1.0)
 
 
+def patch_pca(tokens: torch.Tensor, components: int = 3) -> torch.Tensor:
+    """(B, N, D) patch features -> (B, N, ``components``): their coordinates on the first principal
+    components of all B * N tokens together, each component's sign set so that its largest
+    coordinate is positive, and scaled to [0, 1] over the batch."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).double()  # (B * N, D)
+    centred = flat - flat.mean(dim=0)
+    _, _, directions = torch.linalg.svd(centred, full_matrices=False)  # (min(B * N, D), D), by variance
+    coords = centred @ directions[:components].T  # (B * N, k)
+    largest = coords.gather(0, coords.abs().argmax(dim=0, keepdim=True))  # (1, k)
+    coords = coords * largest.sign()
+    low, high = coords.min(dim=0).values, coords.max(dim=0).values
+    return ((coords - low) / (high - low).clamp_min(1e-12)).float().view(*tokens.shape[:2], components)
+
+
+def patch_maps(model: PretrainVisionTransformer, values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, N, K) per-patch values -> (B, K, H, W) pictures, each patch a block of its value."""
+    rows, cols = model.patch_embed.grid_size
+    maps = values.transpose(1, 2).reshape(values.shape[0], values.shape[2], rows, cols)  # (B, K, h, w)
+    return F.interpolate(maps, size=tuple(size), mode="nearest")
+
+
+def as_rgb(imgs: torch.Tensor) -> torch.Tensor:
+    """What ``shown_channels`` shows, as three channels: (B, 3, H, W)."""
+    shown = shown_channels(imgs)
+    return shown.expand(-1, 3, -1, -1) if shown.shape[1] == 1 else shown
+
+
+@torch.no_grad()
+def feature_grid(model: PretrainVisionTransformer, imgs: torch.Tensor, mean: Sequence[float],
+                 std: Sequence[float]) -> torch.Tensor:
+    """One row per image: original | ``patch_pca`` of its patch tokens as RGB: (3, H_grid, W_grid)."""
+    was_training = model.training
+    model.eval()
+    tokens = model.encode(imgs)[:, 1:]  # (B, N, D), the cls token left out
+    model.train(was_training)
+    pca = patch_maps(model, patch_pca(tokens), imgs.shape[-2:])  # (B, 3, H, W)
+    rows = torch.stack([as_rgb(denormalize(imgs.float(), mean, std)), pca.to(imgs.device)], dim=1)
+    return make_grid(rows.flatten(0, 1).cpu(), nrow=len(PCA_PANELS), padding=2, pad_value=1.0)
+
+
+@torch.no_grad()
+def cls_attention(model: PretrainVisionTransformer, imgs: torch.Tensor) -> torch.Tensor:
+    """How the cls token attends to each patch in the encoder's last block, every patch visible:
+    (B, C, H, W) -> (B, heads, N), each head's row summing to 1 less its weight on the cls token
+    itself; timm's ``Attention`` written out (its fused path keeps no weights)."""
+    x = model.encoder_tokens(imgs, model.every_patch(imgs))  # (B, 1 + N, D)
+    for block in model.blocks[:-1]:
+        x = block(x)
+    last = model.blocks[-1]
+    attn = last.attn
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(last.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)  # (B, T, 3, h, hd)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, T, hd) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # (B, h, T, T)
+    return weights[:, :, 0, 1:]  # (B, h, N): the cls token's row, patches only
+
+
+@torch.no_grad()
+def attention_grid(model: PretrainVisionTransformer, imgs: torch.Tensor, mean: Sequence[float],
+                   std: Sequence[float]) -> torch.Tensor:
+    """One row per image: original | the image dimmed where the heads' mean attention is low | each
+    head's map (white where it attends most), each map scaled to [0, 1]: (3, H_grid, W_grid)."""
+    was_training = model.training
+    model.eval()
+    weights = cls_attention(model, imgs)  # (B, h, N)
+    model.train(was_training)
+    maps = torch.cat([weights.mean(dim=1, keepdim=True), weights], dim=1)  # (B, 1 + h, N)
+    low, high = maps.amin(dim=-1, keepdim=True), maps.amax(dim=-1, keepdim=True)
+    maps = patch_maps(model, ((maps - low) / (high - low).clamp_min(1e-12)).transpose(1, 2), imgs.shape[-2:])
+    original = as_rgb(denormalize(imgs.float(), mean, std))  # (B, 3, H, W)
+    maps = maps.to(original.device)
+    heads = maps[:, 1:].unsqueeze(2).expand(-1, -1, 3, -1, -1)  # (B, h, 3, H, W)
+    rows = torch.cat([original.unsqueeze(1), (original * maps[:, :1]).unsqueeze(1), heads], dim=1)
+    return make_grid(rows.flatten(0, 1).cpu(), nrow=rows.shape[1], padding=2, pad_value=1.0)
+
+
 def save_png(grid: torch.Tensor, path: Path) -> None:
     """Write the picture atomically, so readers never see half a PNG."""
     with atomic_write(path) as tmp:
@@ -97,14 +180,17 @@ def write_pictures(
     model: PretrainVisionTransformer, pictures: PictureBatch, *, mean: Sequence[float], std: Sequence[float],
     output_dir: Optional[str], log_writer: Optional[Any], epoch: int,
 ) -> None:
-    """``reconstruction.png`` in output_dir (latest) and an image series in TensorBoard. Every rank
-    draws a sharded model's (it gathers each block's weights from all of them); rank 0 writes."""
+    """``reconstruction.png`` and ``features.png`` in output_dir (latest) and image series in
+    TensorBoard. Every rank draws a sharded model's (it gathers each block's weights from all of
+    them); rank 0 writes."""
     if not (is_main_process() or is_sharded(model)):
         return
-    grid = reconstruction_grid(model, pictures.imgs, pictures.masks, mean, std)
+    grids = {"reconstruction": reconstruction_grid(model, pictures.imgs, pictures.masks, mean, std),
+             "features": feature_grid(model, pictures.imgs, mean, std)}
     if not is_main_process():
         return
-    if output_dir:
-        save_png(grid, Path(output_dir) / "reconstruction.png")
-    if log_writer is not None:
-        log_writer.add_image("reconstruction", grid, epoch)
+    for name, grid in grids.items():
+        if output_dir:
+            save_png(grid, Path(output_dir) / f"{name}.png")
+        if log_writer is not None:
+            log_writer.add_image(name, grid, epoch)

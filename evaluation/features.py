@@ -6,7 +6,7 @@ encoder."""
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
 from training.checkpoint_files import save_files
+from training.preemption import worker_init_fn
 
 Embed = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (encoder, images) -> (B, D) features
 FEATURES = ("cls", "avgpool", "both")
@@ -52,26 +53,59 @@ def extract_features(
     embed: Embed = model_features,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(N, D)`` float features and ``(N,)`` labels of the whole dataset, on every rank (a
-    collective).
+    collective): each rank encodes its share (``encode_share``), ``all_gather`` puts every feature
+    back at its index."""
+    share = encode_share(model, dataset, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
+                         batch_transform=batch_transform, embed=embed)
+    return gather_by_index(*share, len(dataset))
 
-    Rank r encodes samples r, r + world, ... (no padding, so each sample is encoded once) and
-    ``all_gather`` puts every feature back at its index.
+
+@torch.no_grad()
+def encode_share(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    amp: str,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor],
+    embed: Embed = model_features,
+    padded: bool = False,
+    stop_signals: Sequence[str] = ("none",),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's ``(n_r, D)`` features and ``(n_r, 2)`` (index, label) keys: rank r encodes samples
+    r, r + world, ... (no padding, so each sample is encoded once), in eval mode; with ``padded`` a
+    collective, every rank calling it.
+
+    ``padded``: every rank runs as many forward passes as the rank with the most batches (the
+    missing ones on a blank image), as a sharded model needs, whose every pass gathers weights from
+    all ranks. The loader's workers leave ``stop_signals`` to this process.
     """
     model.eval()
     indices = torch.tensor(utils.rank_shard(len(dataset)), dtype=torch.long)  # (n_r,) this rank's shard
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=num_workers,
+                        worker_init_fn=worker_init_fn(stop_signals))
+    passes = utils.all_reduce_max(len(loader), device) if padded else len(loader)
     features, labels = [], []
     for imgs, targets in loader:
         imgs = batch_transform(imgs.to(device, non_blocking=True))  # (B, 3, H, W) uint8 -> float
         with utils.autocast(device, amp):
             features.append(embed(model, imgs).float())  # (B, D)
         labels.append(targets.to(device))
+    for _ in range(passes - len(loader)):
+        with utils.autocast(device, amp):
+            embed(model, blank_image(dataset, device))
     if not features:  # more ranks than samples: the width from one blank image
         with utils.autocast(device, amp):
-            width = embed(model, torch.zeros(1, *dataset[0][0].shape, device=device)).shape[1]
+            width = embed(model, blank_image(dataset, device)).shape[1]
         features, labels = [torch.empty(0, width, device=device)], [indices.to(device)]
-    local_keys = torch.stack([indices.to(device), torch.cat(labels)], dim=1)  # (n_r, 2): index, label
-    return gather_by_index(torch.cat(features), local_keys, len(dataset))
+    return torch.cat(features), torch.stack([indices.to(device), torch.cat(labels)], dim=1)
+
+
+def blank_image(dataset: Dataset, device: torch.device) -> torch.Tensor:
+    """One image of zeros the size of the dataset's: (1, C, H, W)."""
+    return torch.zeros(1, *dataset[0][0].shape, device=device)
 
 
 def gather_by_index(features: torch.Tensor, keys: torch.Tensor, num_samples: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ $FAULT_SCRIPT: the script's module (run_mae_pretraining by default); $FAULT, one
   nan_loss      the loss of this process's micro-step $FAULT_STEP (counted from 0) is NaN;
   corrupt_read  reading checkpoint-last.pth fails as a truncated file does;
   memory_error  reading any checkpoint file raises MemoryError;
-  bad_shard     this rank finds a tar shard truncated (a node whose copy stopped short).
+  bad_shard     this rank finds a tar shard truncated (a node whose copy stopped short);
+  eval_error    the k-NN of the evaluation during pretraining fails on this rank.
 Every rank writes its exit code to $RECORD_DIR/exit_rank{RANK}.
 """
 import importlib
@@ -17,6 +18,7 @@ import torch
 
 import datasets
 import engine_for_pretraining
+import evaluation.online
 import utils
 from helpers import exit_code_recorded
 
@@ -63,6 +65,11 @@ elif FAULTED and FAULT == "bad_shard":
         raise utils.UsageError(f"shard {spec} is truncated: it ends inside a member")
 
     datasets.catalog_shards = truncated
+elif FAULTED and FAULT == "eval_error":
+    def failing_knn(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    evaluation.online.knn_accuracy = failing_knn
 
 
 if __name__ == "__main__":

@@ -160,6 +160,20 @@ def test_finetuning_from_an_exported_folder_gives_the_encoder_of_our_file(tmp_pa
 
 
 @needs_transformers
+@pytest.mark.parametrize("show", ["pca", "attention"])
+def test_pictures_of_the_features_of_a_hugging_face_folder_are_those_of_our_file(show, pretrained_mae, tmp_path):
+    """The pretrained tiny MAE and its Hugging Face conversion, read back: the same pixels."""
+    folder = convert(pretrained_mae, tmp_path / "hf")
+    pictures = []
+    for source in (pretrained_mae, folder):
+        [path] = run_mae_vis.main(run_mae_vis.get_args_parser().parse_args(
+            ["synthetic", str(tmp_path / source.name), "--model_path", str(source), "--show", show, "--num_images", "4",
+             "--device", "cpu"]))
+        pictures.append(np.asarray(Image.open(path)))
+    assert pictures[0].shape[0] > 4 * 32 and np.array_equal(pictures[0], pictures[1])
+
+
+@needs_transformers
 def test_pretraining_continues_from_a_hugging_face_folder(tmp_path):
     folder = convert(our_checkpoint(tmp_path / "ours.pth", norm_pix_loss=False), tmp_path / "hf")
     args = run_mae_pretraining.get_args_parser().parse_args([

@@ -18,6 +18,7 @@ import run_linear_probe
 import run_mae_vis
 import run_synthetic_results
 import utils
+from evaluation.knn import knn_accuracy, knn_predict
 from optim_factory import create_lars
 from helpers import TINY_VIT, free_port
 
@@ -34,10 +35,10 @@ def test_knn_votes_weigh_exp_similarity_over_temperature():
     train = torch.tensor([unit(10), unit(12), unit(-12), unit(90)])
     labels = torch.tensor([0, 1, 1, 2])
     query = torch.tensor([unit(0)])
-    predictions = run_knn_eval.knn_predict(train, labels, query, 3, [1, 3, 4], temperature=0.07)
+    predictions = knn_predict(train, labels, query, 3, [1, 3, 4], temperature=0.07)
     assert predictions[1].tolist() == [0] and predictions[3].tolist() == [1] and predictions[4].tolist() == [1]
     # a high temperature flattens the weights to a plain majority vote
-    assert run_knn_eval.knn_predict(train, labels, query, 3, [3], temperature=100.0)[3].tolist() == [1]
+    assert knn_predict(train, labels, query, 3, [3], temperature=100.0)[3].tolist() == [1]
 
 
 def test_knn_accuracy_counts_each_k():
@@ -45,7 +46,7 @@ def test_knn_accuracy_counts_each_k():
     train = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
     labels = torch.tensor([0, 0, 1, 1])
     test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.9, 0.2]]) * 5  # scale is irrelevant: normalized
-    accuracy = run_knn_eval.knn_accuracy(train, labels, test, torch.tensor([0, 1, 1]), 2, [1, 2], 0.07)
+    accuracy = knn_accuracy(train, labels, test, torch.tensor([0, 1, 1]), 2, [1, 2], 0.07)
     assert accuracy == pytest.approx({1: 200 / 3, 2: 200 / 3})
 
 

@@ -79,7 +79,8 @@ def test_lr_schedule_warmup_then_half_cosine():
 def test_two_epochs_write_checkpoint_log_pictures_and_resume(tmp_path):
     out = tmp_path / "out"
     run(TINY + ["--epochs", "2", "--output_dir", str(out)])
-    assert {"checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "reconstruction.png"} <= set(os.listdir(out))
+    assert {"checkpoint-1.pth", "checkpoint-last.pth", "log.txt", "reconstruction.png", "features.png"} <= set(
+        os.listdir(out))
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]

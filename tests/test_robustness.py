@@ -191,6 +191,13 @@ PRETRAIN_ERRORS = [
     (["--model", "pretrain_mae_bas_patch16_224"], "did you mean pretrain_mae_base_patch16_224"),
     (["--data_path", "/no/such/folder"], "--data_path /no/such/folder is neither a directory nor tar shards"),
     (["--resume", "/no/such/checkpoint.pth"], "does not exist"),
+    (["--eval_data_path", "/no/such/folder"], "--eval_data_path /no/such/folder is neither a directory nor tar shards"),
+    (["--eval_data_set", "IMNET"], "--eval_data_set IMNET needs --eval_data_path"),
+    (["--eval_val_path", "{labelled}"], "--eval_val_path names the validation split of --eval_data_path"),
+    (["--eval_data_path", "{flat}"], "has no class subfolders with images"),
+    (["--eval_data_set", "image_folder", "--eval_data_path", "{labelled}/train"], "--eval_val_path, which is missing"),
+    (["--in_chans", "1", "--mean", "0.5", "--std", "0.5", "--eval_data_set", "CIFAR10", "--eval_data_path", "{flat}"],
+     "CIFAR10 images are RGB"),
 ]
 FINETUNE_ERRORS = [
     (["--finetune", "/no/such/mae.pth"], "--finetune /no/such/mae.pth does not exist"),
@@ -201,7 +208,14 @@ FINETUNE_ERRORS = [
 
 @pytest.mark.parametrize("extra, message", PRETRAIN_ERRORS)
 def test_bad_pretraining_command_lines_exit_2_and_write_nothing(extra, message, tmp_path, capsys):
+    """``{flat}``: train/ and val/ of images without class folders; ``{labelled}``: with them."""
     out = tmp_path / "out"
+    for root, kind in (("flat", ""), ("labelled", "a")):
+        for split in ("train", "val"):
+            (tmp_path / root / split / kind).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / root / split / kind / "x.png")
+    extra = [item.replace("{flat}", str(tmp_path / "flat")).replace("{labelled}", str(tmp_path / "labelled"))
+             for item in extra]
     parser = run_mae_pretraining.get_args_parser()
     error = usage_error(run_mae_pretraining.main, parser, PRETRAIN + extra + ["--output_dir", str(out)], capsys)
     assert message in error and error.count("\n") == 1

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 import consolidate_checkpoint
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import run_class_finetuning
+import run_knn_eval
 import run_mae_pretraining
 import utils
 from helpers import (
@@ -44,14 +45,27 @@ from training.sharded_checkpoint import SafeReader
 from training.sharding import shard_model
 
 SHARDED = ["--fsdp", "--grad_checkpointing"]
+# k-NN on 9 labelled images a split after each epoch: 5 on rank 0 (2 batches of 4), 4 on rank 1 (1 batch), so
+# rank 1 runs a blank pass to join rank 0's second all-gather of the sharded weights
+ONLINE = ["--eval_data_set", "synthetic", "--eval_num_samples", "9", "--eval_freq", "1", "--no-eval_probe"]
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    """The 2-process FSDP run (with activation checkpointing) of ``uninterrupted``'s command."""
+    """The 2-process FSDP run (with activation checkpointing) of ``uninterrupted``'s command, with
+    the evaluation during pretraining on."""
     out = tmp_path_factory.mktemp("sharded")
-    run(torchrun(out / "out", SHARDED), out / "records")
+    run(torchrun(out / "out", [*SHARDED, *ONLINE]), out / "records")
     return out
+
+
+def test_under_fsdp_every_rank_encodes_for_the_evaluation_and_it_finds_the_scripts_knn(sharded, tmp_path):
+    logged = [json.loads(line) for line in (sharded / "out" / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in logged if "knn_acc1" in line] == [0, 1]
+    knn = run_knn_eval.main(run_knn_eval.get_args_parser().parse_args(
+        [*TINY_VIT, "--data_set", "synthetic", "--num_samples", "9", "--finetune",
+         str(sharded / "out" / "checkpoint-1-consolidated.pth"), "--output_dir", str(tmp_path)]))
+    assert logged[-1]["knn_acc1"] == pytest.approx(knn["knn_acc1"]["9"], abs=0.1)
 
 
 def test_fsdp_trains_as_ddp_does_to_1e_5(uninterrupted, sharded):

@@ -12,14 +12,16 @@ resumed checkpoint settles (the epoch and step to continue from) is the loop's
 (``training.resume.resume_training_state``), since every rank must load the same one.
 """
 import argparse
+import re
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import utils
-from datasets import Loading, count_classes, require_data_path, require_eval_data_path
+from datasets import Loading, check_rgb, count_classes, require_data_path, require_eval_data_path
+from evaluation.online import OnlineSettings
 from evaluation.setup import Encoder, EvalLoading, LabelledData
 from image_data.augmentation import RGB
 from image_data.shard_names import is_shard_spec, shard_paths
@@ -116,41 +118,75 @@ def check_data_path(path: str, flag: str) -> bool:
 
 
 def labelled_data_values(args: argparse.Namespace, *, train: bool) -> Dict[str, Any]:
+    """The evaluations' labelled data (``labelled_values``) and the ``--finetune`` checkpoint."""
+    if args.finetune and not Path(args.finetune).exists():
+        raise UsageError(f"--finetune {args.finetune} does not exist; check the path")
+    return labelled_values(data_set=args.data_set, data_path=args.data_path, eval_data_path=args.eval_data_path,
+                           nb_classes=args.nb_classes, index_dir=args.output_dir, train=train)
+
+
+def labelled_values(*, data_set: Optional[str], data_path: Optional[str], eval_data_path: Optional[str],
+                    nb_classes: Optional[int], index_dir: Optional[str], train: bool) -> Dict[str, Any]:
     """The data set (IMNET with a ``--data_path`` folder, image_folder with shards, synthetic
     without), its paths, and ``--nb_classes``. For folders it defaults to the evaluation data's
     count and must match it when given, and with ``train`` the training data must have as many
     classes; for tar shards, whose labels are numbers, it defaults to the largest label + 1 of
     either split and may be larger."""
-    shards = bool(args.data_path) and check_data_path(args.data_path, "--data_path")
-    data_set = args.data_set or ("image_folder" if shards else "IMNET" if args.data_path else "synthetic")
+    shards = bool(data_path) and check_data_path(data_path, "--data_path")
+    data_set = data_set or ("image_folder" if shards else "IMNET" if data_path else "synthetic")
     try:
-        require_data_path(data_set, args.data_path)
-        require_eval_data_path(data_set, args.eval_data_path)
+        require_data_path(data_set, data_path)
+        require_eval_data_path(data_set, eval_data_path)
     except ValueError as error:
         raise UsageError(str(error)) from error
     if data_set == "image_folder":
-        shards = check_data_path(args.eval_data_path, "--eval_data_path") or shards
-    if args.finetune and not Path(args.finetune).exists():
-        raise UsageError(f"--finetune {args.finetune} does not exist; check the path")
+        shards = check_data_path(eval_data_path, "--eval_data_path") or shards
     try:
-        nb_classes, train_classes = (count_classes(data_set, is_train, data_path=args.data_path,
-                                                   eval_data_path=args.eval_data_path, index_dir=args.output_dir)
-                                     for is_train in (False, train))
+        counted, train_classes = (count_classes(data_set, is_train, data_path=data_path,
+                                                eval_data_path=eval_data_path, index_dir=index_dir)
+                                  for is_train in (False, train))
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from error
     if shards:
-        nb_classes = max(nb_classes, train_classes)
-        if args.nb_classes is not None and args.nb_classes < nb_classes:
-            raise UsageError(f"--nb_classes {args.nb_classes}, but the shards hold labels up to {nb_classes - 1}; "
-                             f"pass --nb_classes {nb_classes} or more, or leave it out")
-        return {"data_set": data_set, "nb_classes": args.nb_classes or nb_classes, "shards": True}
-    if train_classes != nb_classes:
-        raise UsageError(f"the training data has {train_classes} classes but the evaluation data {nb_classes}; "
+        counted = max(counted, train_classes)
+        if nb_classes is not None and nb_classes < counted:
+            raise UsageError(f"--nb_classes {nb_classes}, but the shards hold labels up to {counted - 1}; "
+                             f"pass --nb_classes {counted} or more, or leave it out")
+        return {"data_set": data_set, "nb_classes": nb_classes or counted, "shards": True}
+    if train_classes != counted:
+        raise UsageError(f"the training data has {train_classes} classes but the evaluation data {counted}; "
                          "both need the same class folders")
-    if args.nb_classes is not None and args.nb_classes != nb_classes:
-        raise UsageError(f"--nb_classes {args.nb_classes} does not match the {nb_classes} classes of --data_set "
-                         f"{data_set}; pass --nb_classes {nb_classes} or leave it out")
-    return {"data_set": data_set, "nb_classes": nb_classes, "shards": False}
+    if nb_classes is not None and nb_classes != counted:
+        raise UsageError(f"--nb_classes {nb_classes} does not match the {counted} classes of --data_set "
+                         f"{data_set}; pass --nb_classes {counted} or leave it out")
+    return {"data_set": data_set, "nb_classes": counted, "shards": False}
+
+
+ONLINE_FLAGS = {"data_set": "eval_data_set", "data_path": "eval_data_path", "eval_data_path": "eval_val_path"}
+
+
+def online_eval_values(args: argparse.Namespace, in_chans: int) -> Dict[str, Any]:
+    """The labelled set pretraining evaluates on (``--eval_data_set``, ``--eval_data_path``,
+    ``--eval_val_path``: what ``run_knn_eval.py`` reads as ``--data_set``, ``--data_path`` and
+    ``--eval_data_path``), settled as the evaluation scripts settle theirs, in the words of these flags."""
+    if not (args.eval_data_set or args.eval_data_path):
+        if args.eval_val_path:
+            raise UsageError("--eval_val_path names the validation split of --eval_data_path, which is missing")
+        return {"eval_data_set": None, "eval_nb_classes": None, "eval_shards": False}
+    if args.eval_data_set not in (None, "synthetic") and not args.eval_data_path:
+        raise UsageError(f"--eval_data_set {args.eval_data_set} needs --eval_data_path; --eval_data_set synthetic "
+                         "evaluates on the built-in labelled set")
+    try:
+        found = labelled_values(data_set=args.eval_data_set, data_path=args.eval_data_path,
+                                eval_data_path=args.eval_val_path, nb_classes=None, index_dir=args.output_dir,
+                                train=True)
+        if found["data_set"] in ("synthetic", "CIFAR10", "CIFAR100"):
+            check_rgb(found["data_set"], in_chans)
+    except (UsageError, ValueError) as error:
+        renamed = re.sub(r"--(data_set|data_path|eval_data_path)\b", lambda flag: f"--{ONLINE_FLAGS[flag[1]]}",
+                         str(error))
+        raise UsageError(renamed) from error
+    return {"eval_data_set": found["data_set"], "eval_nb_classes": found["nb_classes"], "eval_shards": found["shards"]}
 
 
 def resolved(args: argparse.Namespace, *parts: Mapping[str, Any], **fixed: Any) -> ResolvedArgs:
@@ -181,7 +217,8 @@ def resolve_pretraining(args: argparse.Namespace) -> ResolvedArgs:
         check_data_path(args.data_path, "--data_path")
     if args.init_from and not Path(args.init_from).exists():
         raise UsageError(f"--init_from {args.init_from} does not exist; check the path")
-    return resolved(args, launch, images, training, {"data_set": data_set})
+    return resolved(args, launch, images, training, {"data_set": data_set},
+                    online_eval_values(args, images["in_chans"]))
 
 
 def resolve_classification(args: argparse.Namespace, **fixed: Any) -> ResolvedArgs:
@@ -272,6 +309,19 @@ def encoder_of(args: argparse.Namespace) -> Encoder:
 
 def labelled_data_of(args: argparse.Namespace) -> LabelledData:
     return pick(LabelledData, vars(args))
+
+
+def online_of(args: argparse.Namespace) -> OnlineSettings:
+    return pick(OnlineSettings, vars(args), mean=tuple(args.mean), std=tuple(args.std), sharded=args.fsdp,
+                preempt_signals=tuple(args.preempt_signals))
+
+
+def online_data_of(args: argparse.Namespace) -> LabelledData:
+    """The labelled set pretraining evaluates on, as ``online_eval_values`` settled it."""
+    return LabelledData(data_set=args.eval_data_set, nb_classes=args.eval_nb_classes, input_size=args.input_size,
+                        in_chans=args.in_chans, data_path=args.eval_data_path, eval_data_path=args.eval_val_path,
+                        shards=args.eval_shards, num_samples=args.eval_num_samples,
+                        max_image_pixels=args.max_image_pixels, output_dir=args.output_dir)
 
 
 def resuming_of(args: argparse.Namespace) -> Resuming:

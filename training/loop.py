@@ -123,7 +123,8 @@ class Stage:
 
     loss_fn: LossFn  # a loader batch -> the loss to minimize
     evaluate: Optional[Evaluation] = None  # after each epoch
-    after_epoch: Optional[Callable[[int, Optional[Any]], None]] = None  # (epoch, TensorBoard writer), once saved
+    # (epoch, TensorBoard writer) -> figures for the epoch's log line, once the epoch is saved
+    after_epoch: Optional[Callable[[int, Optional[Any]], Optional[Mapping[str, float]]]] = None
 
 
 def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torch.device,
@@ -170,7 +171,7 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
                 save_training_state(state, Path(output_dir), [BEST], epoch=epoch,
                                     record=settings.checkpointing.record, **kept())
             if stage.after_epoch:
-                stage.after_epoch(epoch, log_writer)
+                record.update(stage.after_epoch(epoch, log_writer) or {})
             record.update(epoch=epoch, **kept(), n_parameters=n_parameters,
                           skipped_images=loader.skipped_images(device))
             log_epoch(record, test_stats, log_writer, output_dir, evaluation)

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 
 from utils import AMP_DTYPES, UsageError, get_world_size
 
-FORWARD_METHODS = ("reconstruct",)  # called outside forward (pictures), so they need FSDP's gathering too
+FORWARD_METHODS = ("reconstruct", "encode")  # called outside forward (pictures, evaluation): FSDP gathers for them too
 
 
 def check_sharding(*, fsdp: bool, amp: str) -> None:
