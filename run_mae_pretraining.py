@@ -169,8 +169,9 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
                   f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
             if online:
                 print(f"evaluating on {args.eval_data_set} ({len(online.train)} training and {len(online.val)} "
-                      f"validation images, {online.num_classes} classes) every {args.eval_freq} epochs and after the "
-                      "last: k-NN" + (" and the sweep probe" if args.eval_probe else ""))
+                      f"validation images, {online.num_classes} classes) "
+                      + (f"every {args.eval_freq} epochs and after the last" if args.eval_freq > 1 else "every epoch")
+                      + ": k-NN" + (" and the sweep probe" if args.eval_probe else ""))
         pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
                                  std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
         pretrain(state, loader, pictures=pictures, device=device, training=training_of(args), mean=args.mean,

@@ -4,10 +4,12 @@ and relaunch, the run ends bitwise where ``uninterrupted`` ends), repeats no eva
 relaunch, and a failure in it is every rank's; and the pictures of the features."""
 import json
 import os
+import random
 import signal
 from pathlib import Path
 from typing import List
 
+import numpy as np
 import pytest
 import torch
 from sklearn.decomposition import PCA
@@ -30,6 +32,7 @@ from helpers import (
     torchrun_logged,
     wait_for_step,
 )
+from evaluation.online import rngs_kept
 from visualization import cls_attention, patch_pca
 
 # 64 labelled images a split (synthetic), an evaluation after every epoch, and every epoch's checkpoint kept
@@ -111,3 +114,17 @@ def test_the_cls_attention_is_what_timms_attention_computes():
     last.attn_drop.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     model.encode(imgs)
     torch.testing.assert_close(cls_attention(model, imgs), seen[0][:, :, 0, 1:])
+
+
+def test_the_evaluation_puts_back_every_generator_the_training_draws_from(device):
+    def draws():
+        return (torch.rand(3).tolist(), torch.rand(3, device=device).tolist(), np.random.rand(3).tolist(),
+                random.random())
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    expected = draws()
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    with rngs_kept(device):
+        draws()
+        torch.manual_seed(6), np.random.seed(6), random.seed(6)
+    assert draws() == expected
