@@ -7,7 +7,8 @@
 #   PART=1 bash benchmarks/gpu_checks.sh   # at most 6 minutes: what users run on a GPU, never checked on one
 #     env, tests: the versions, and the CUDA cases of the tests;
 #     fsdp_bf16: --fsdp pretraining in bf16 on one GPU (NCCL, world size 1): a few steps, finite
-#       losses, the sharded checkpoint written, then resumed by a relaunch;
+#       losses, the sharded checkpoint written, then resumed by a relaunch that evaluates the encoder
+#       (k-NN and the sweep probe on 256 synthetic images a split);
 #     sigterm: SIGTERM mid-epoch on CUDA, exit 143, and the relaunch continuing from the step;
 #     max_batch_large, max_batch_huge: with --fsdp --grad_checkpointing in bf16 at 224 px, the largest
 #       batch one GPU holds for ViT-L/16 and ViT-H/14 (doubling, then bisection on out-of-memory),
@@ -96,17 +97,20 @@ pretrain_args() {  # pretrain_args DIR EPOCHS: a short synthetic pretraining tha
         --device "$device" --amp "$amp" --num_workers "$workers" --print_freq 1 --save_ckpt_steps 5 --output_dir "$1"
 }
 
-fsdp_bf16() {  # two epochs of --fsdp pretraining, the second from the first's sharded checkpoint
+fsdp_bf16() {  # two epochs of --fsdp pretraining, the second from the first's sharded checkpoint and evaluated
     local dir
     dir=$(mktemp -d)
     # shellcheck disable=SC2046
     one_gpu run_mae_pretraining.py $(pretrain_args "$dir" 1) --fsdp || return 1
     verify test -f "$dir/checkpoint-0/meta.json" || { echo "no sharded checkpoint"; return 1; }
     # shellcheck disable=SC2046
-    one_gpu run_mae_pretraining.py $(pretrain_args "$dir" 2) --fsdp | tee "$dir/second.log" || return 1
+    one_gpu run_mae_pretraining.py $(pretrain_args "$dir" 2) --fsdp --eval_data_set synthetic --eval_num_samples 256 \
+        | tee "$dir/second.log" || return 1
     verify grep -q "resumed from .*checkpoint-last at epoch 1" "$dir/second.log" || { echo "did not resume"; return 1; }
-    python3 -c "import json, math, sys; losses = [json.loads(l)['train_loss'] for l in open(sys.argv[1])]
-print('losses', losses); sys.exit(not (len(losses) == 2 and all(map(math.isfinite, losses))))" "$dir/log.txt"
+    python3 -c "import json, math, sys; lines = [json.loads(l) for l in open(sys.argv[1])]
+losses = [line['train_loss'] for line in lines]; evaluated = lines[-1].get('knn_acc1'), lines[-1].get('probe_acc1')
+print('losses', losses, 'evaluation', evaluated)
+sys.exit(not (len(losses) == 2 and all(map(math.isfinite, losses)) and None not in evaluated))" "$dir/log.txt"
     local code=$?
     rm -rf "$dir"
     return $code
