@@ -40,24 +40,12 @@ def token_features(kind: str) -> Embed:
     return embed
 
 
-@torch.no_grad()
-def extract_features(
-    model: torch.nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    amp: str,
-    batch_transform: Callable[[torch.Tensor], torch.Tensor],
-    embed: Embed = model_features,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract_features(model: torch.nn.Module, dataset: Dataset, **encoding: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(N, D)`` float features and ``(N,)`` labels of the whole dataset, on every rank (a
-    collective): each rank encodes its share (``encode_share``), ``all_gather`` puts every feature
-    back at its index."""
-    share = encode_share(model, dataset, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
-                         batch_transform=batch_transform, embed=embed)
-    return gather_by_index(*share, len(dataset))
+    collective): each rank encodes its share (``encode_share``, which takes ``encoding``: batch size,
+    workers, device, precision, batch transform, feature), ``all_gather`` puts every feature back at
+    its index."""
+    return gather_by_index(*encode_share(model, dataset, **encoding), len(dataset))
 
 
 @torch.no_grad()
