@@ -37,6 +37,7 @@ from image_data.files import (
     wrapped,
 )
 from image_data.geometry import to_grid
+from image_data.idx import SPLIT_FILES, IdxImages, idx_path, read_idx, read_split
 from image_data.shard_names import is_shard_spec
 from image_data.shards import ShardCatalog, ShardImages, catalog_shards
 from image_data.synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
@@ -44,9 +45,10 @@ from training.preemption import worker_init_fn
 from training.settings import Settings
 from utils import UsageError, seed_everything
 
-DATA_SETS = ("image_folder", "synthetic")
+IDX_SETS = ("FashionMNIST",)  # a folder of MNIST-style IDX files (image_data.idx)
+DATA_SETS = ("image_folder", "synthetic", *IDX_SETS)
 DECODERS = ("pil", "tensor", "device")
-CLASSIFICATION_SETS = ("IMNET", "image_folder", "CIFAR10", "CIFAR100", "synthetic")
+CLASSIFICATION_SETS = ("IMNET", "image_folder", "CIFAR10", "CIFAR100", "synthetic", *IDX_SETS)
 CIFAR_FOLDERS = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
 CIFAR_CLASSES = {"CIFAR10": 10, "CIFAR100": 100}
 
@@ -125,10 +127,10 @@ def build_pretraining_dataset(
     split, the images finetuning also trains on, and is drawn, so it has no files to decode.
     """
     transform, loader = pretraining_reader(decoder, crops, in_chans=in_chans, max_pixels=max_pixels)
+    if decoder != "pil" and data_set in ("synthetic", *IDX_SETS):
+        raise ValueError(f"decoder {decoder!r} decodes image files and the {data_set} dataset has none: "
+                         "use decoder 'pil' (the default) or an image folder")
     if data_set == "synthetic":
-        if decoder != "pil":
-            raise ValueError(f"decoder {decoder!r} decodes image files and the synthetic dataset has none: "
-                             "use decoder 'pil' (the default) or an image folder")
         check_rgb(data_set, in_chans)
         dataset: Dataset = synthetic_split("train", max(to_grid(crops.size)), num_samples, transform)
     elif data_set == "image_folder":
@@ -136,6 +138,9 @@ def build_pretraining_dataset(
         if is_shard_spec(data_path):
             return shard_images(catalog_shards(data_path, index_dir), transform, loader, num_samples)
         dataset = build_image_folder(data_path, transform, loader)
+    elif data_set in IDX_SETS:
+        require_data_path(data_set, data_path)
+        dataset = IdxImages(*read_split(data_path, "train"), transform, in_chans)
     else:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
     return first_samples(dataset, num_samples)
@@ -200,6 +205,9 @@ def build_classification_dataset(
         dataset = synthetic_split("train" if is_train else "val", image_size, num_samples, transform)
         return dataset, SYNTHETIC_NUM_CLASSES
     require_data_path(data_set, data_path)
+    if data_set in IDX_SETS:
+        dataset = IdxImages(*read_split(data_path, "train" if is_train else "val"), transform, in_chans)
+        return first_samples(dataset, num_samples), len(dataset.classes)
     if data_set in CIFAR_FOLDERS:
         check_rgb(data_set, in_chans)
         dataset = cifar(data_set, data_path, is_train, transform)
@@ -238,6 +246,9 @@ def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], ev
     if data_set not in CLASSIFICATION_SETS:
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
     require_data_path(data_set, data_path)
+    if data_set in IDX_SETS:  # the labels' file alone; the images' are checked when the split is built
+        labels = read_idx(idx_path(data_path, SPLIT_FILES["train" if is_train else "val"][1]), dims=1)
+        return int(labels.max()) + 1 if len(labels) else 0
     root = classification_root(data_set, is_train, data_path, eval_data_path)
     if is_shard_spec(root):
         return catalog_shards(root, index_dir).num_classes(root)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from modeling_pretrain import load_mae_weights  # and the pretrain_mae_* models, registered with timm
 import utils
-from datasets import CLASSIFICATION_SETS, DECODERS, build_pretraining_dataset, build_train_loader, check_readable
+from datasets import CLASSIFICATION_SETS, DATA_SETS, DECODERS, build_pretraining_dataset, build_train_loader, check_readable
 from engine_for_pretraining import pretrain
 from evaluation.online import OnlineEvaluation
 from evaluation.setup import build_datasets, unaugmented
@@ -74,8 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_path", default=None, type=str,
                       help="image folder (ImageFolder layout or flat) or WebDataset tar shards: a.tar, "
                            "a-{000000..000099}.tar, a folder of .tar files, or a text file listing them")
-    data.add_argument("--data_set", default=None, choices=["image_folder", "synthetic"],
-                      help="default: image_folder with --data_path, synthetic without")
+    data.add_argument("--data_set", default=None, choices=DATA_SETS,
+                      help="default: image_folder with --data_path, synthetic without; FashionMNIST: --data_path is "
+                           "the folder of its IDX files (apt-get install dataset-fashion-mnist)")
     data.add_argument("--decoder", default="pil", choices=DECODERS,
                       help="tensor: decode with torchcodec/torchvision.io and augment uint8 tensors in the workers, "
                            "about 2x PIL's images/s; device: the workers read JPEG bytes and draw the crops, the "

@@ -95,7 +95,8 @@ def add_data_args(parser: argparse.ArgumentParser, *, trains: bool) -> None:
     data = add_loading_args(parser)
     data.add_argument("--data_path", default=None, type=str,
                       help="IMNET: folder with train/ and val/; image_folder: the training folder or tar shards "
-                           "(a.tar, a-{000..099}.tar, a folder of .tar files or a file listing them); CIFAR: its files")
+                           "(a.tar, a-{000..099}.tar, a folder of .tar files or a file listing them); CIFAR: its files; "
+                           "FashionMNIST: the folder of its IDX files")
     data.add_argument("--eval_data_path", default=None, type=str,
                       help="image_folder: the evaluation folder or tar shards")
     data.add_argument("--data_set", default=None, choices=CLASSIFICATION_SETS,

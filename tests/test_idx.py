@@ -1,0 +1,101 @@
+"""MNIST-style IDX files (Fashion-MNIST as Debian ships it) as a labelled dataset: read as LeCun's
+format says, written here byte by byte (no test needs the Debian package); pretraining, its
+evaluation and the evaluation scripts run on them; a missing, foreign or truncated file is one
+``error:`` line, exit 2, nothing written."""
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import run_knn_eval
+import run_mae_pretraining
+import utils
+from datasets import build_classification_dataset
+from helpers import TINY_MAE, TINY_VIT
+from image_data.idx import read_split
+
+GRAY = ["--in_chans", "1", "--mean", "0.3", "--std", "0.35"]
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    """LeCun's layout: 0, 0, type 0x08 (unsigned byte), the number of dimensions, each size as a
+    big-endian 32-bit integer, then the bytes."""
+    data = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", size) for size in array.shape)
+    data += array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def idx_folder(root: Path, gz: bool = True, train: int = 40, val: int = 20) -> Path:
+    """Four IDX files of 28 x 28 noise with labels 0-9 in turn."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", train), ("t10k", val)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10, gz)
+    return root
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_a_split_reads_back_the_bytes_written_and_samples_are_what_an_image_file_gives(gz, tmp_path):
+    folder = idx_folder(tmp_path / "idx", gz=gz)
+    images, labels = read_split(str(folder), "val")
+    rng = np.random.default_rng(0)
+    rng.integers(0, 256, (40, 28, 28))  # the training images come first
+    assert np.array_equal(images, rng.integers(0, 256, (20, 28, 28))) and labels.tolist() == [i % 10 for i in range(20)]
+    dataset, classes = build_classification_dataset("FashionMNIST", False, data_path=str(folder), transform=None,
+                                                    image_size=28, in_chans=1)
+    image, label = dataset[3]
+    assert classes == 10 and label == 3 and image.shape == (1, 28, 28)
+    assert torch.equal(image, torch.tensor(images[3]).float().div(255)[None])  # load_image's grayscale
+    rgb, _ = build_classification_dataset("FashionMNIST", False, data_path=str(folder), transform=None,
+                                          image_size=28, in_chans=3)[0][3]
+    assert np.array_equal(np.asarray(rgb), np.repeat(images[3][..., None], 3, axis=2))
+
+
+def test_pretraining_with_its_evaluation_and_the_knn_script_run_on_idx_files(tmp_path):
+    folder = str(idx_folder(tmp_path / "idx"))
+    data = ["--data_set", "FashionMNIST", "--data_path", folder]
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(
+        [*TINY_MAE, *GRAY, *data, "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "1", "--eval_data_set",
+         "FashionMNIST", "--eval_data_path", folder, "--no-eval_probe", "--output_dir", str(tmp_path / "pre")]))
+    logged = (tmp_path / "pre" / "log.txt").read_text()
+    assert '"knn_acc1"' in logged
+    record = run_knn_eval.main(run_knn_eval.get_args_parser().parse_args(
+        [*TINY_VIT, *GRAY, *data, "--finetune", str(tmp_path / "pre" / "checkpoint-last.pth"),
+         "--output_dir", str(tmp_path / "knn")]))
+    assert record["num_train"] == 40 and record["num_val"] == 20
+
+
+def damage(folder: Path, fault: str) -> None:
+    labels = folder / "t10k-labels-idx1-ubyte.gz"
+    if fault == "missing":
+        labels.unlink()
+    elif fault == "magic":
+        labels.write_bytes(gzip.compress(struct.pack(">BBBBI", 0, 0, 0x0D, 1, 20) + bytes(80)))  # floats
+    else:
+        labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes())[:-5]))
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("missing", "t10k-labels-idx1-ubyte[.gz] does not exist"),
+    ("magic", "is no IDX file of 1-dimensional unsigned bytes (magic number 00000d01"),
+    ("truncated", "holds 23 bytes where its header (20,) says 28: truncated"),
+])
+def test_a_missing_foreign_or_truncated_idx_file_is_one_line_and_exit_2(fault, message, tmp_path, capsys):
+    folder = idx_folder(tmp_path / "idx")
+    damage(folder, fault)
+    out = tmp_path / "out"
+    argv = [*TINY_MAE, *GRAY, "--epochs", "1", "--eval_data_set", "FashionMNIST", "--eval_data_path", str(folder),
+            "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(argv))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and error.count("\n") == 1, error
+    assert not out.exists()
