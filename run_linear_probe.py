@@ -107,8 +107,9 @@ def add_protocol_args(parser: argparse.ArgumentParser) -> None:
                        help="mae: the paper's (LARS, augmented images, its batch of 16384); sweep: a grid of linear "
                             "heads on features extracted once, chosen on a held-out tenth of the training split")
     group.add_argument("--features", default=None, choices=FEATURES,
-                       help="sweep: the cls token, the average of the patch tokens, or both side by side "
-                            "(default: avgpool with --global_pool, else cls)")
+                       help="sweep: the cls token, the average of the patch tokens, both side by side, or the "
+                            "normalized pixels without an encoder (the raw-pixel floor) (default: avgpool with "
+                            "--global_pool, else cls)")
     group.add_argument("--sweep_lrs", default=list(LEARNING_RATES), type=float, nargs="+", metavar="LR",
                        help="sweep: the heads' learning rates (SGD, momentum 0.9, cosine)")
     group.add_argument("--sweep_weight_decays", default=list(WEIGHT_DECAYS), type=float, nargs="+", metavar="WD",
@@ -140,6 +141,9 @@ def build_probe(args: argparse.Namespace) -> LinearProbe:
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Probe (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
     args = resolve_classification(args, fsdp=False, grad_checkpointing=False)
+    if args.features == "pixels" and (args.finetune or args.protocol != "sweep"):
+        raise utils.UsageError("--features pixels is the sweep's raw-pixel floor, without an encoder: give it with "
+                               "--protocol sweep and without --finetune")
     protocol = run_sweep if args.protocol == "sweep" else run
     return utils.run_distributed(functools.partial(protocol, args), process_group_of(args))
 

@@ -17,7 +17,7 @@ from training.checkpoint_files import save_files
 from training.preemption import worker_init_fn
 
 Embed = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (encoder, images) -> (B, D) features
-FEATURES = ("cls", "avgpool", "both")
+FEATURES = ("cls", "avgpool", "both", "pixels")
 
 
 def model_features(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
@@ -28,9 +28,12 @@ def model_features(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
 
 def token_features(kind: str) -> Embed:
     """``cls``: the cls token after the final norm; ``avgpool``: the average of the patch tokens
-    after the final norm; ``both``: the two side by side, (B, 2D)."""
+    after the final norm; ``both``: the two side by side, (B, 2D); ``pixels``: the normalized
+    pixels themselves, (B, C * H * W), no encoder: the floor a linear model on raw pixels sets."""
     if kind not in FEATURES:
         raise ValueError(f"unknown feature {kind!r}; choose from {', '.join(FEATURES)}")
+    if kind == "pixels":
+        return lambda model, imgs: imgs.flatten(1).float()  # (B, C * H * W)
 
     def embed(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
         tokens = model.forward_features(imgs)  # (B, T, D), the final norm applied

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import run_knn_eval
+import run_linear_probe
 import run_mae_pretraining
 import utils
 from datasets import build_classification_dataset
@@ -99,3 +100,24 @@ def test_a_missing_foreign_or_truncated_idx_file_is_one_line_and_exit_2(fault, m
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error and error.count("\n") == 1, error
     assert not out.exists()
+
+
+def test_the_raw_pixel_floor_reads_classes_that_a_linear_model_of_the_pixels_separates(tmp_path, capsys):
+    """Class k is a uniform gray of 25 k (with noise): a linear model of the pixels separates them,
+    any encoder aside; ``--features pixels`` takes none (with ``--finetune`` it is one error line)."""
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for prefix, count in (("train", 60), ("t10k", 30)):
+        labels = np.arange(count) % 10
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", labels[:, None, None] * 25 + rng.integers(0, 8, (count, 28, 28)),
+                  gz=True)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz=True)
+    argv = [*TINY_VIT, *GRAY, "--data_set", "FashionMNIST", "--data_path", str(folder), "--protocol", "sweep",
+            "--features", "pixels", "--output_dir", str(tmp_path / "sweep")]
+    record = run_linear_probe.main(run_linear_probe.get_args_parser().parse_args(argv))
+    assert record["features"] == "pixels" and record["acc1"] == 100.0
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_linear_probe.main, run_linear_probe.get_args_parser().parse_args(
+            [*argv, "--finetune", str(folder / "train-images-idx3-ubyte.gz")]))
+    assert exit_info.value.code == 2 and "--features pixels is the sweep's raw-pixel floor" in capsys.readouterr().err
