@@ -4,11 +4,13 @@ patch tokens as RGB (``features.png``, as DINOv2 shows features) and the cls tok
 the last block; and the fixed batch pretraining draws after every epoch, so that successive
 pictures compare. Images of more than three channels show their first three, of one or two their
 first (``shown_channels``)."""
+import math
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
@@ -194,3 +196,49 @@ def write_pictures(
             save_png(grid, Path(output_dir) / f"{name}.png")
         if log_writer is not None:
             log_writer.add_image(name, grid, epoch)
+
+
+CHART_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+
+
+def line_chart(series: Dict[str, Sequence[Tuple[float, float]]], *, x_label: str, y_label: str, title: str,
+               path: Path, size: Tuple[int, int] = (480, 320)) -> None:
+    """A PNG of one line per named series of (x, y) points, with marked points, axis ticks at the
+    points' x values and at round y values, and a legend (results figures, without matplotlib)."""
+    width, height = size
+    left, right, top, bottom = 52, 16, 28, 40
+    xs = sorted({x for points in series.values() for x, _ in points})
+    ys = [y for points in series.values() for _, y in points]
+    y_low, y_high = math.floor(min(ys) / 5) * 5, math.ceil(max(ys) / 5) * 5 + (5 if min(ys) == max(ys) else 0)
+    x_low, x_high = xs[0], xs[-1] if xs[-1] > xs[0] else xs[0] + 1
+
+    def at(x: float, y: float) -> Tuple[float, float]:
+        return (left + (x - x_low) / (x_high - x_low) * (width - left - right),
+                height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom))
+
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=11)
+    draw.text((left, 6), title, fill="black", font=font)
+    draw.line([at(x_low, y_low), at(x_high, y_low)], fill="black")
+    draw.line([at(x_low, y_low), at(x_low, y_high)], fill="black")
+    for x in xs:
+        px, py = at(x, y_low)
+        draw.line([(px, py), (px, py + 4)], fill="black")
+        draw.text((px - 8, py + 6), f"{x:g}", fill="black", font=font)
+    for y in range(int(y_low), int(y_high) + 1, 5 if y_high - y_low <= 40 else 10):
+        px, py = at(x_low, y)
+        draw.line([(px - 4, py), (px, py)], fill="black")
+        draw.text((6, py - 6), f"{y:g}", fill="black", font=font)
+    draw.text(((width - left) // 2, height - 16), x_label, fill="black", font=font)
+    draw.text((6, top - 14), y_label, fill="black", font=font)
+    for index, (name, points) in enumerate(series.items()):
+        colour = CHART_COLOURS[index % len(CHART_COLOURS)]
+        corners = [at(x, y) for x, y in sorted(points)]
+        if len(corners) > 1:
+            draw.line(corners, fill=colour, width=2)
+        for px, py in corners:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.text((width - 150, top + 14 * index), f"- {name}", fill=colour, font=font)
+    with atomic_write(path) as tmp:
+        canvas.save(tmp, format="PNG")

@@ -1,17 +1,20 @@
 """What the tests share (tests import this module, never each other): the tiny runs' flags;
 launching tiny pretraining runs, one process or two under torchrun, and reading what they did
 (every step's (epoch, index) keys and loss, ``recording``; exit codes); comparing checkpoints; a
-malicious pickle."""
+malicious pickle; a tiny MAE; IDX files written byte by byte."""
 import contextlib
+import gzip
 import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,3 +231,25 @@ def tiny_mae(img_size: int = 64, **kwargs) -> torch.nn.Module:
 
     torch.manual_seed(0)
     return timm.create_model("pretrain_mae_tiny_patch16_224", img_size=img_size, depth=2, **kwargs).eval()
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    """LeCun's layout: 0, 0, type 0x08 (unsigned byte), the number of dimensions, each size as a
+    big-endian 32-bit integer, then the bytes."""
+    data = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", size) for size in array.shape)
+    data += array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def idx_folder(root: Path, gz: bool = True, train: int = 40, val: int = 20) -> Path:
+    """Four IDX files of 28 x 28 noise with labels 0-9 in turn."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", train), ("t10k", val)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10, gz)
+    return root

@@ -13,34 +13,13 @@ import torch
 import run_knn_eval
 import run_linear_probe
 import run_mae_pretraining
+import run_synthetic_results
 import utils
 from datasets import build_classification_dataset
-from helpers import TINY_MAE, TINY_VIT
+from helpers import TINY_MAE, TINY_VIT, idx_folder, write_idx
 from image_data.idx import read_split
 
 GRAY = ["--in_chans", "1", "--mean", "0.3", "--std", "0.35"]
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
-    """LeCun's layout: 0, 0, type 0x08 (unsigned byte), the number of dimensions, each size as a
-    big-endian 32-bit integer, then the bytes."""
-    data = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", size) for size in array.shape)
-    data += array.astype(np.uint8).tobytes()
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-
-
-def idx_folder(root: Path, gz: bool = True, train: int = 40, val: int = 20) -> Path:
-    """Four IDX files of 28 x 28 noise with labels 0-9 in turn."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix, count in (("train", train), ("t10k", val)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)), gz)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10, gz)
-    return root
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -121,3 +100,23 @@ def test_the_raw_pixel_floor_reads_classes_that_a_linear_model_of_the_pixels_sep
         utils.exit_on_usage_error(run_linear_probe.main, run_linear_probe.get_args_parser().parse_args(
             [*argv, "--finetune", str(folder / "train-images-idx3-ubyte.gz")]))
     assert exit_info.value.code == 2 and "--features pixels is the sweep's raw-pixel floor" in capsys.readouterr().err
+
+
+def test_the_fashion_mnist_results_script_runs_every_step_and_draws_its_figures(tmp_path, capsys):
+    """On 40 + 20 tiny images, one epoch each: every row with its command, both figures; without
+    the files, one line naming the apt-get command and nothing written."""
+    folder = idx_folder(tmp_path / "idx")
+    argv = ["--data_set", "FashionMNIST", "--data_path", str(folder), "--output_dir", str(tmp_path / "out"),
+            "--num_samples", "40", "--eval_samples", "20", "--batch_size", "8", "--pretrain_epochs", "1",
+            "--finetune_epochs", "1", "--num_workers", "0", "--patch_size", "14"]
+    report = run_synthetic_results.main(run_synthetic_results.get_args_parser().parse_args(argv))
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "`python run_" in line]
+    pretrainings = [row for row in rows if "run_mae_pretraining.py" in row]
+    assert len(rows) - len(pretrainings) == 7 and 5 <= len(pretrainings) <= 9  # seed 1 of up to 4 close runs
+    assert all((tmp_path / "out" / name).is_file() for name in ("results.md", "curve.png", "mask_ratio.png"))
+    missing = ["--data_set", "FashionMNIST", "--data_path", str(tmp_path / "none"), "--output_dir", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_synthetic_results.main, run_synthetic_results.get_args_parser().parse_args(missing))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "apt-get install dataset-fashion-mnist" in error and error.count("\n") == 1
+    assert not (tmp_path / "x").exists()
