@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", default=128, type=int, help="images per step in every stage")
     parser.add_argument("--pretrain_epochs", default=None, type=int, help="synthetic: 240; FashionMNIST: 12")
     parser.add_argument("--probe_epochs", default=10, type=int)
-    parser.add_argument("--finetune_epochs", default=None, type=int, help="synthetic: 8; FashionMNIST: 4")
+    parser.add_argument("--finetune_epochs", default=None, type=int, help="synthetic: 8; FashionMNIST: 15")
     parser.add_argument("--num_workers", default=2, type=int, help="data-loader processes of every stage")
     parser.add_argument("--data_set", default="synthetic", choices=["synthetic", "FashionMNIST"])
     parser.add_argument("--data_path", default=DEBIAN_FOLDER, help="FashionMNIST: the folder of its four IDX files")
@@ -142,7 +142,7 @@ def table(results: Dict[str, object], seconds: Dict[str, float], steps: Dict[str
 
 
 DEFAULTS = {"synthetic": {"num_samples": 2048, "pretrain_epochs": 240, "finetune_epochs": 8},
-            "FashionMNIST": {"num_samples": 5000, "pretrain_epochs": 12, "finetune_epochs": 4}}
+            "FashionMNIST": {"num_samples": 5000, "pretrain_epochs": 12, "finetune_epochs": 15}}
 
 
 def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
