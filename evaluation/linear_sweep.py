@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from utils import all_gather_objects, get_rank, get_world_size
+from utils import all_gather_objects, get_rank, get_world_size, raise_on_all_ranks
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
@@ -122,17 +122,21 @@ def sweep(
     fit_y, held_y = train_y[fit_index], train_y[held_index]
     grid = [(lr, decay) for lr in lrs for decay in weight_decays]
     mine = list(range(get_rank(), len(grid), get_world_size()))
-    heads = {}
-    if mine:
-        weights, biases = train_heads(
-            fit_x, fit_y, num_classes=num_classes, lrs=torch.tensor([grid[i][0] for i in mine]),
-            weight_decays=torch.tensor([grid[i][1] for i in mine]), seed=seed, batch_size=batch_size,
-            steps=default_steps(len(fit_x), min(batch_size, len(fit_x)), epochs),
-        )
-        held = top_k_accuracy(weights, biases, held_x, held_y, 1).tolist()
-        val1 = top_k_accuracy(weights, biases, val_x, val_y, 1).tolist()
-        val5 = top_k_accuracy(weights, biases, val_x, val_y, 5).tolist()
-        heads = {i: Head(*grid[i], held[n], val1[n], val5[n]) for n, i in enumerate(mine)}
+    heads, error = {}, None
+    try:  # each rank's own heads; an error in them is every rank's, before the gathering below
+        if mine:
+            weights, biases = train_heads(
+                fit_x, fit_y, num_classes=num_classes, lrs=torch.tensor([grid[i][0] for i in mine]),
+                weight_decays=torch.tensor([grid[i][1] for i in mine]), seed=seed, batch_size=batch_size,
+                steps=default_steps(len(fit_x), min(batch_size, len(fit_x)), epochs),
+            )
+            held = top_k_accuracy(weights, biases, held_x, held_y, 1).tolist()
+            val1 = top_k_accuracy(weights, biases, val_x, val_y, 1).tolist()
+            val5 = top_k_accuracy(weights, biases, val_x, val_y, 5).tolist()
+            heads = {i: Head(*grid[i], held[n], val1[n], val5[n]) for n, i in enumerate(mine)}
+    except Exception as raised:  # noqa: BLE001 - every rank must hear of it, whatever it is
+        error = raised
+    raise_on_all_ranks(error)
     for part in all_gather_objects(heads):
         heads.update(part)
     every = [heads[i] for i in range(len(grid))]

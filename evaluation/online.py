@@ -122,8 +122,11 @@ class OnlineEvaluation:
             error = failure(epoch, raised)
         raise_on_all_ranks(error)
         if settings.eval_probe:
-            chosen, _ = sweep((train_x.cpu(), train_y.cpu()), (val_x.cpu(), val_y.cpu()), num_classes=self.num_classes,
-                              seed=settings.seed)
+            try:  # the sweep agrees on its own errors: every rank raises here, or none
+                chosen, _ = sweep((train_x.cpu(), train_y.cpu()), (val_x.cpu(), val_y.cpu()),
+                                  num_classes=self.num_classes, seed=settings.seed)
+            except Exception as raised:  # noqa: BLE001
+                raise failure(epoch, raised) from raised
             figures["probe_acc1"] = chosen.val_acc1
         return broadcast_from_main(figures)  # rank 0's figures on every rank, as the loop logs them
 

@@ -7,7 +7,8 @@ $FAULT_SCRIPT: the script's module (run_mae_pretraining by default); $FAULT, one
   corrupt_read  reading checkpoint-last.pth fails as a truncated file does;
   memory_error  reading any checkpoint file raises MemoryError;
   bad_shard     this rank finds a tar shard truncated (a node whose copy stopped short);
-  eval_error    the k-NN of the evaluation during pretraining fails on this rank.
+  eval_error    the k-NN of the evaluation during pretraining fails on this rank;
+  probe_error   the sweep probe's heads of that evaluation fail on this rank (the others train theirs).
 Every rank writes its exit code to $RECORD_DIR/exit_rank{RANK}.
 """
 import importlib
@@ -18,6 +19,7 @@ import torch
 
 import datasets
 import engine_for_pretraining
+import evaluation.linear_sweep
 import evaluation.online
 import utils
 from helpers import exit_code_recorded
@@ -70,6 +72,11 @@ elif FAULTED and FAULT == "eval_error":
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     evaluation.online.knn_accuracy = failing_knn
+elif FAULTED and FAULT == "probe_error":
+    def failing_heads(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    evaluation.linear_sweep.train_heads = failing_heads
 
 
 if __name__ == "__main__":

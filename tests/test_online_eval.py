@@ -81,12 +81,16 @@ def test_killed_and_relaunched_with_evaluation_it_logs_the_scripts_figures_once_
             assert line[name] == pytest.approx(value, abs=0.1), (line["epoch"], name)
 
 
-def test_an_evaluation_failing_on_one_rank_stops_every_rank_after_the_epochs_checkpoint(tmp_path):
+@pytest.mark.parametrize("fault, probe, line", [
+    ("eval_error", "--no-eval_probe",
+     "error: on rank 1: the evaluation after epoch 0 failed (RuntimeError: CUDA error: an illegal memory access"),
+    ("probe_error", "--eval_probe",  # in the sweep, whose ranks each train a share of the heads
+     "error: the evaluation after epoch 0 failed (RunFailure: on rank 1: CUDA error: an illegal memory access"),
+])
+def test_an_evaluation_failing_on_one_rank_stops_every_rank_after_the_epochs_checkpoint(fault, probe, line, tmp_path):
     out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
-    command = torchrun_logged([*PRETRAIN, *ONLINE, "--eval_num_samples", "16", "--no-eval_probe", "--output_dir",
-                               str(out)], logs)
-    run_faulted(command, records, "eval_error")
-    line = "error: on rank 1: the evaluation after epoch 0 failed (RuntimeError: CUDA error: an illegal memory access"
+    command = torchrun_logged([*PRETRAIN, *ONLINE, "--eval_num_samples", "16", probe, "--output_dir", str(out)], logs)
+    run_faulted(command, records, fault)
     for rank, (code, text) in enumerate(rank_outputs(logs, records)):
         assert code == 1 and text.count(line) == 1 and "Traceback" not in text, f"rank {rank}:\n{text[-3000:]}"
     assert torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)["epoch"] == 0
