@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from PIL import Image
+from torch.distributed.checkpoint.api import CheckpointException
 
 import run_mae_pretraining
 import utils
@@ -33,7 +35,7 @@ from helpers import (
     torchrun_logged,
     wait_for_step,
 )
-from training import output_dir
+from training import output_dir, sharded_checkpoint
 
 NOT_A_CAUSE = ("Connection", "connection", "Traceback")  # what a rank says when another left it alone
 
@@ -226,3 +228,14 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_keeps_the_prev
     assert not list(out.glob(".*.tmp"))
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, 3)  # the first step checkpoint, whole
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_full_disk_under_a_sharded_save_names_the_os_cause_not_dcps_traceback(small_disk):
+    """DCP wraps each rank's error in a CheckpointException whose text is a traceback; the line names
+    the OS's words instead (here without a process group: DCP wraps the same way on one process)."""
+    target = small_disk / ".checkpoint-last.tmp"
+    with pytest.raises(CheckpointException) as raised:
+        dcp.save({"weights": torch.zeros(40_000_000)}, checkpoint_id=target)  # 160 MB
+    assert str(sharded_checkpoint.write_failure(target, raised.value)) == (
+        f"could not write checkpoint {target}: No space left on device; the checkpoints written before it are intact")

@@ -154,9 +154,19 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, output_dir: P
 
 def write_failure(folder: Path, error: BaseException) -> RunFailure:
     """A sharded checkpoint that could not be written (a full disk, a quota), and what is left."""
+    return RunFailure(f"could not write checkpoint {folder}: {root_cause(error)}; the checkpoints written before it "
+                      "are intact")
+
+
+def root_cause(error: BaseException) -> str:
+    """One line for what went wrong: the OS's words for a failed write, else the first failing
+    rank's exception that DCP wrapped (its own message starts with a traceback)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = error.failures[min(error.failures)][0]
     causes = [found for found in (error, error.__cause__, error.__context__) if isinstance(found, OSError)]
-    cause = causes[0].strerror if causes and causes[0].strerror else " ".join(str(error).split())[:200]
-    return RunFailure(f"could not write checkpoint {folder}: {cause}; the checkpoints written before it are intact")
+    if causes and causes[0].strerror:
+        return causes[0].strerror
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
 def replace_folder(new: Path, folder: Path) -> None:
