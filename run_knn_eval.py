@@ -16,7 +16,7 @@ import torch
 
 import utils
 from training.cli import add_device_args
-from evaluation.features import extract_features
+from evaluation.features import FEATURES, check_pixel_floor, extract_features, model_features, token_features
 from evaluation.knn import NB_KNN, TEMPERATURE, knn_accuracy
 from evaluation.setup import (
     add_data_args,
@@ -37,6 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     knn = parser.add_argument_group("k-NN")
     knn.add_argument("--nb_knn", default=list(NB_KNN), type=int, nargs="+",
                      help="neighbour counts, all evaluated in one pass")
+    knn.add_argument("--features", default=None, choices=FEATURES,
+                     help="the cls token, the average of the patch tokens, both side by side, or the normalized "
+                          "pixels without an encoder (the raw-pixel floor) (default: the encoder's output, the cls "
+                          "token or with --global_pool the pooled patch tokens after fc_norm)")
     knn.add_argument("--temperature", default=TEMPERATURE, type=float, help="votes weigh exp(cosine similarity / T)")
     add_data_args(parser, trains=False)
     run = parser.add_argument_group("run")
@@ -49,6 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> Dict[str, object]:
     """Evaluate as ``args`` say; returns the JSON record it prints and logs."""
     args = resolve_knn(args)
+    check_pixel_floor(features=args.features, finetune=args.finetune)
     return utils.run_distributed(functools.partial(run, args), process_group_of(args))
 
 
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
     with claim_output_dir(args.output_dir, lock=False):  # only once the inputs are known good
         model.to(device)
         loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, amp=args.amp,
-                       batch_transform=normalizing_batch_transform(mean=args.mean, std=args.std))
+                       batch_transform=normalizing_batch_transform(mean=args.mean, std=args.std),
+                       embed=token_features(args.features) if args.features else model_features)
         train_features, train_labels = extract_features(model, train_set, **loading)
         val_features, val_labels = extract_features(model, val_set, **loading)
         ks = sorted({min(k, len(train_set)) for k in args.nb_knn})  # k beyond the training set is all of it
@@ -70,7 +76,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, object]:
                                 args.temperature)
         record = {"knn_acc1": {str(k): value for k, value in accuracy.items()}, "temperature": args.temperature,
                   "num_train": len(train_set), "num_val": len(val_set), "model": args.model,
-                  "finetune": args.finetune, "global_pool": args.global_pool}
+                  "finetune": args.finetune, "global_pool": args.global_pool,
+                  "features": args.features or "model"}
         utils.append_log(args.output_dir, record)
         if utils.is_main_process():
             for k, value in accuracy.items():

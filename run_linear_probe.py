@@ -21,7 +21,7 @@ from timm.layers import trunc_normal_
 import utils
 from datasets import build_train_loader
 from engine_for_finetuning import ClassificationTask, evaluate_checkpoint, train_and_evaluate
-from evaluation.features import FEATURES, cached_features, extract_features, token_features
+from evaluation.features import FEATURES, cached_features, check_pixel_floor, extract_features, token_features
 from evaluation.linear_sweep import LEARNING_RATES, MIN_STEPS, WEIGHT_DECAYS, sweep
 from evaluation.setup import (
     add_data_args,
@@ -141,9 +141,9 @@ def build_probe(args: argparse.Namespace) -> LinearProbe:
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Probe (or with ``--eval`` only evaluate) as ``args`` say; returns the last test stats."""
     args = resolve_classification(args, fsdp=False, grad_checkpointing=False)
-    if args.features == "pixels" and (args.finetune or args.protocol != "sweep"):
-        raise utils.UsageError("--features pixels is the sweep's raw-pixel floor, without an encoder: give it with "
-                               "--protocol sweep and without --finetune")
+    check_pixel_floor(features=args.features, finetune=args.finetune)
+    if args.features == "pixels" and args.protocol != "sweep":
+        raise utils.UsageError("--features pixels is the sweep's raw-pixel floor: give it with --protocol sweep")
     protocol = run_sweep if args.protocol == "sweep" else run
     return utils.run_distributed(functools.partial(protocol, args), process_group_of(args))
 

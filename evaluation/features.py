@@ -43,6 +43,13 @@ def token_features(kind: str) -> Embed:
     return embed
 
 
+def check_pixel_floor(*, features: Optional[str], finetune: str) -> None:
+    """The raw pixels have no encoder, so a checkpoint beside them would be read for nothing."""
+    if features == "pixels" and finetune:
+        raise utils.UsageError("--features pixels is the raw-pixel floor, without an encoder: give it without "
+                               "--finetune")
+
+
 def extract_features(model: torch.nn.Module, dataset: Dataset, **encoding: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(N, D)`` float features and ``(N,)`` labels of the whole dataset, on every rank (a
     collective): each rank encodes its share (``encode_share``, which takes ``encoding``: batch size,

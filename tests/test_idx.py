@@ -81,25 +81,31 @@ def test_a_missing_foreign_or_truncated_idx_file_is_one_line_and_exit_2(fault, m
     assert not out.exists()
 
 
-def test_the_raw_pixel_floor_reads_classes_that_a_linear_model_of_the_pixels_separates(tmp_path, capsys):
-    """Class k is a uniform gray of 25 k (with noise): a linear model of the pixels separates them,
-    any encoder aside; ``--features pixels`` takes none (with ``--finetune`` it is one error line)."""
+def test_the_raw_pixel_floor_reads_classes_that_the_pixels_themselves_separate(tmp_path, capsys):
+    """Class k is a bright band across rows 2k+4 and 2k+5 of a noisy image: a linear model of the
+    pixels separates the classes and each image's nearest neighbours are of its class, any encoder
+    aside. ``--features pixels`` takes none: with ``--finetune`` it is one error line."""
     folder = tmp_path / "idx"
     folder.mkdir()
     rng = np.random.default_rng(1)
     for prefix, count in (("train", 60), ("t10k", 30)):
         labels = np.arange(count) % 10
-        write_idx(folder / f"{prefix}-images-idx3-ubyte", labels[:, None, None] * 25 + rng.integers(0, 8, (count, 28, 28)),
-                  gz=True)
+        images = rng.integers(0, 8, (count, 28, 28))
+        for image, label in zip(images, labels):
+            image[2 * label + 4:2 * label + 6] += 200
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images, gz=True)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz=True)
-    argv = [*TINY_VIT, *GRAY, "--data_set", "FashionMNIST", "--data_path", str(folder), "--protocol", "sweep",
-            "--features", "pixels", "--output_dir", str(tmp_path / "sweep")]
+    pixels = [*TINY_VIT, *GRAY, "--data_set", "FashionMNIST", "--data_path", str(folder), "--features", "pixels"]
+    argv = [*pixels, "--protocol", "sweep", "--output_dir", str(tmp_path / "sweep")]
     record = run_linear_probe.main(run_linear_probe.get_args_parser().parse_args(argv))
     assert record["features"] == "pixels" and record["acc1"] == 100.0
-    with pytest.raises(SystemExit) as exit_info:
-        utils.exit_on_usage_error(run_linear_probe.main, run_linear_probe.get_args_parser().parse_args(
-            [*argv, "--finetune", str(folder / "train-images-idx3-ubyte.gz")]))
-    assert exit_info.value.code == 2 and "--features pixels is the sweep's raw-pixel floor" in capsys.readouterr().err
+    knn = run_knn_eval.main(run_knn_eval.get_args_parser().parse_args([*pixels, "--output_dir", str(tmp_path / "knn")]))
+    assert knn["features"] == "pixels" and set(knn["knn_acc1"].values()) == {100.0}
+    for script, command in ((run_linear_probe, argv), (run_knn_eval, [*pixels, "--output_dir", str(tmp_path / "k")])):
+        with pytest.raises(SystemExit) as exit_info:
+            utils.exit_on_usage_error(script.main, script.get_args_parser().parse_args(
+                [*command, "--finetune", str(folder / "train-images-idx3-ubyte.gz")]))
+        assert exit_info.value.code == 2 and "--features pixels is the raw-pixel floor" in capsys.readouterr().err
 
 
 def test_the_fashion_mnist_results_script_runs_every_step_and_draws_its_figures(tmp_path, capsys):
@@ -112,7 +118,7 @@ def test_the_fashion_mnist_results_script_runs_every_step_and_draws_its_figures(
     report = run_synthetic_results.main(run_synthetic_results.get_args_parser().parse_args(argv))
     rows = [line for line in report.splitlines() if line.startswith("| ") and "`python run_" in line]
     pretrainings = [row for row in rows if "run_mae_pretraining.py" in row]
-    assert len(rows) - len(pretrainings) == 7 and 5 <= len(pretrainings) <= 9  # seed 1 of up to 4 close runs
+    assert len(rows) - len(pretrainings) == 8 and 5 <= len(pretrainings) <= 9  # seed 1 of up to 4 close runs
     assert all((tmp_path / "out" / name).is_file() for name in ("results.md", "curve.png", "mask_ratio.png"))
     missing = ["--data_set", "FashionMNIST", "--data_path", str(tmp_path / "none"), "--output_dir", str(tmp_path / "x")]
     with pytest.raises(SystemExit) as exit_info:
