@@ -42,7 +42,9 @@ SCRIPTS = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE results on the synthetic dataset", add_help=True)
-    parser.add_argument("--output_dir", default="output_dir/synthetic_results", help="one folder per step")
+    parser.add_argument("--output_dir", default=None,
+                        help="one folder per step (synthetic: output_dir/synthetic_results; FashionMNIST: "
+                             "output_dir/fashion_mnist_results, so that the two never share a step's folder)")
     parser.add_argument("--num_samples", default=None, type=int,
                         help="training images (synthetic: 2048, validation 500; FashionMNIST: 5000 for pretraining "
                              "and finetuning)")
@@ -145,9 +147,12 @@ def table(results: Dict[str, object], seconds: Dict[str, float], steps: Dict[str
 # FashionMNIST's recipe fits the hour on 2 CPU cores (benchmarks/RESULTS.md, "Fashion-MNIST: choosing the
 # recipe"): 7-pixel patches (16 a image) pretrain as well as 4-pixel ones (49) in half the time, and batch 32
 # (4 times the steps) gives a better encoder than batch 128 in the same time
-DEFAULTS = {"synthetic": {"num_samples": 2048, "pretrain_epochs": 240, "finetune_epochs": 8, "batch_size": 128},
-            "FashionMNIST": {"num_samples": 5000, "pretrain_epochs": 16, "finetune_epochs": 10, "batch_size": 32,
-                             "patch_size": 7}}
+DEFAULTS = {
+    "synthetic": {"output_dir": "output_dir/synthetic_results", "num_samples": 2048, "pretrain_epochs": 240,
+                  "finetune_epochs": 8, "batch_size": 128},
+    "FashionMNIST": {"output_dir": "output_dir/fashion_mnist_results", "num_samples": 5000, "pretrain_epochs": 16,
+                     "finetune_epochs": 10, "batch_size": 32, "patch_size": 7},
+}
 
 
 def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
