@@ -12,11 +12,12 @@ from pathlib import Path
 import utils
 from training.checkpoint import consolidated_name
 from training.checkpoint_files import read_checkpoint, save_atomic
+from training.config_file import ConfigArgumentParser
 from training.sharded_checkpoint import is_sharded_checkpoint, read_model_state
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Consolidate a sharded MAE checkpoint", add_help=True)
+    parser = ConfigArgumentParser("Consolidate a sharded MAE checkpoint", add_help=True)
     parser.add_argument("checkpoint", help="a checkpoint folder written with --fsdp (e.g. output_dir/checkpoint-last)")
     parser.add_argument("--output", default=None,
                         help="the file to write (default: checkpoint-{epoch}[-step{step}]-consolidated.pth beside it)")

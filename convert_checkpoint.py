@@ -19,13 +19,14 @@ from pathlib import Path
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models with timm)
 import utils
 from training.checkpoint_files import save_atomic
+from training.config_file import ConfigArgumentParser
 from training.weight_files import read_weights
 from training.hf_checkpoint import hf_folder, write_hf
 from modeling_finetune import unwrap_state_dict
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Convert MAE checkpoints to and from Hugging Face ViTMAE", add_help=True)
+    parser = ConfigArgumentParser("Convert MAE checkpoints to and from Hugging Face ViTMAE", add_help=True)
     parser.add_argument("source", help="a checkpoint (file or sharded folder) or a Hugging Face folder / weight file")
     parser.add_argument("destination", help="a folder to write (to Hugging Face) or a .pth file (from it)")
     parser.add_argument("--model", default=None,

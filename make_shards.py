@@ -27,10 +27,11 @@ import utils
 from image_data.files import class_folders, find_images, has_class_folders
 from image_data.shard_names import shard_paths
 from image_data.shards import INDEX_SUFFIX, LABEL_EXTENSION, build_index, catalog_shards, write_index
+from training.config_file import ConfigArgumentParser
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", help="the image folder to convert (ImageFolder layout or flat)")
     parser.add_argument("--output_dir", help="where the shards go (with --index: where the indexes of shards in "
                                              "read-only folders go)")

@@ -37,17 +37,19 @@ from training.config import (
     optimizer_of,
     process_group_of,
     resolve_classification,
+    save_run_config,
     resuming_of,
     training_of,
     wrapping_of,
 )
+from training.config_file import ConfigArgumentParser
 from training.output_dir import claim_output_dir
 from training.performance import use_fastest_attention
 from training.wrapping import wrap_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE finetuning", add_help=True)
+    parser = ConfigArgumentParser("MAE finetuning", add_help=True)
     parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
     parser.add_argument("--epochs", default=50, type=int, help="length of the schedule")
     parser.add_argument("--accum_iter", default=1, type=int, help="micro-steps per optimizer step")
@@ -143,6 +145,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     if args.finetune and not args.eval:
         load_finetune_weights(model, args.finetune)
     with claim_output_dir(args.output_dir, lock=not args.eval):  # once the inputs are known good; held to the end
+        if not args.eval:
+            save_run_config(args, get_args_parser())
         model.to(device)
         use_fastest_attention(model, device, args.amp)
         model.set_grad_checkpointing(args.grad_checkpointing)

@@ -28,10 +28,11 @@ from evaluation.setup import (
     unaugmented,
 )
 from training.config import encoder_of, labelled_data_of, process_group_of, resolve_knn
+from training.config_file import ConfigArgumentParser
 from training.output_dir import claim_output_dir
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE k-NN evaluation", add_help=True)
+    parser = ConfigArgumentParser("MAE k-NN evaluation", add_help=True)
     parser.add_argument("--batch_size", default=256, type=int, help="images per process per forward pass")
     add_encoder_args(parser, global_pool=False)
     knn = parser.add_argument_group("k-NN")

@@ -45,10 +45,12 @@ from training.config import (
     loading_of,
     process_group_of,
     resolve_classification,
+    save_run_config,
     resuming_of,
     training_of,
     wrapping_of,
 )
+from training.config_file import ConfigArgumentParser
 from training.output_dir import claim_output_dir
 from training.wrapping import wrap_model
 
@@ -84,7 +86,7 @@ class LinearProbe(nn.Module):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE linear probing", add_help=True)
+    parser = ConfigArgumentParser("MAE linear probing", add_help=True)
     parser.add_argument("--batch_size", default=512, type=int, help="images per GPU per step")
     parser.add_argument("--epochs", default=90, type=int, help="length of the schedule")
     parser.add_argument("--accum_iter", default=1, type=int, help="micro-steps per optimizer step")
@@ -154,6 +156,8 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
                                            train=not args.eval)
     model = build_probe(args)
     with claim_output_dir(args.output_dir, lock=not args.eval):  # once the inputs are known good; held to the end
+        if not args.eval:
+            save_run_config(args, get_args_parser())
         model.to(device)
         eval_loading = eval_loading_of(args)
         val_loader = build_eval_loader(val_set, eval_loading)
@@ -227,6 +231,7 @@ def run_sweep(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     if args.finetune:
         load_finetune_weights(encoder, args.finetune)
     with claim_output_dir(args.output_dir):
+        save_run_config(args, get_args_parser())
         timer = utils.Timer()
         encoder.to(device)
         kind = feature_kind(args)

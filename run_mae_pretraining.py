@@ -21,6 +21,7 @@ from image_data.device_decoder import collate_encoded
 from image_data.geometry import to_grid
 from optim_factory import add_optimizer_args, create_optimizer
 from training.checkpoint import TrainingState
+from training.config_file import ConfigArgumentParser
 from training.weight_files import read_weights
 from training.cli import (
     add_crop_args,
@@ -41,6 +42,7 @@ from training.config import (
     optimizer_of,
     process_group_of,
     resolve_pretraining,
+    save_run_config,
     training_of,
     wrapping_of,
 )
@@ -51,7 +53,7 @@ from visualization import picture_batch
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE pretraining", add_help=True)
+    parser = ConfigArgumentParser("MAE pretraining", add_help=True)
     parser.add_argument("--batch_size", default=64, type=int, help="images per GPU per step")
     parser.add_argument("--epochs", default=400, type=int, help="length of the schedule")
     parser.add_argument("--accum_iter", default=1, type=int, help="micro-steps per optimizer step")
@@ -161,6 +163,7 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     loader = build_loader(args)
     online = build_online_evaluation(args)
     with claim_output_dir(args.output_dir):  # once the inputs are known good; held until the run ends
+        save_run_config(args, get_args_parser())
         wrapped = wrap_model(model, device, wrapping_of(args))  # before the optimizer, which must see FSDP's shards
         state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
                               utils.make_grad_scaler(device, args.amp))

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from modeling_pretrain import load_mae_weights  # and the pretrain_mae_* models, registered with timm
 import utils
 from image_data.augmentation import eval_transform, normalize_on_device
+from training.config_file import ConfigArgumentParser
 from training.weight_files import read_weights
 from training.cli import check_model_name, check_patch_grid, patch_size_kwargs
 from training.config import resolve_visualization
@@ -45,7 +46,7 @@ CAPTION_LINE = 12  # pixels per caption line with PIL's default font
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE reconstruction pictures", add_help=True)
+    parser = ConfigArgumentParser("MAE reconstruction pictures", add_help=True)
     parser.add_argument("image_path", help="an image, a folder of images, or 'synthetic'")
     parser.add_argument("output_dir", help="where the PNG pictures go")
     parser.add_argument("--model_path", required=True,

@@ -30,6 +30,7 @@ import run_mae_vis
 import utils
 from image_data.idx import DEBIAN_FOLDER, read_split
 from visualization import line_chart
+from training.config_file import ConfigArgumentParser
 
 SCRIPTS = {
     "run_mae_pretraining.py": run_mae_pretraining,
@@ -41,7 +42,7 @@ SCRIPTS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MAE results on the synthetic dataset", add_help=True)
+    parser = ConfigArgumentParser("MAE results on the synthetic dataset", add_help=True)
     parser.add_argument("--output_dir", default=None,
                         help="one folder per step (synthetic: output_dir/synthetic_results; FashionMNIST: "
                              "output_dir/fashion_mnist_results, so that the two never share a step's folder)")

@@ -121,6 +121,8 @@ WHOLE_NAMESPACE_ALLOWED = {
     # the scripts' harness: it hands the parsed command line to the script's own main, and reads
     # --output_dir and --auto_resume only for the one line it prints after a Ctrl-C before training
     "utils.exit_on_usage_error",
+    # argparse's own method, overridden to read --config first: it makes the command line, reads none of it
+    "training.config_file.parse_known_args",
 }
 
 

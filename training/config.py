@@ -28,6 +28,7 @@ from image_data.shard_names import is_shard_spec, shard_paths
 from optim_factory import OptimizerSettings
 from training.checkpoint import Checkpointing
 from training.cli import one_size
+from training.config_file import resolved_config, write_config
 from training.loop import Stepping, TrainingSettings
 from training.lr_schedule import Schedule
 from training.preemption import Stopping
@@ -269,6 +270,21 @@ def plain_record(args: argparse.Namespace) -> Dict[str, Any]:
         return str(value)
 
     return {key: plain(value) for key, value in vars(args).items()}
+
+
+def save_run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``OUTPUT_DIR/config.yaml`` (``training.config_file``) on the main process: every flag as
+    resolved, where ``lr`` (from ``--blr``) and the TensorBoard folder (from ``--output_dir``) are
+    comments when they were derived, so that ``--config`` with another ``--blr`` or folder derives
+    them anew."""
+    if not utils.is_main_process():
+        return
+    derived = {}
+    if "blr" in vars(args) and args.lr == args.blr * args.eff_batch_size / 256:
+        derived["lr"] = f"blr x effective batch {args.eff_batch_size} / 256"
+    if args.output_dir and getattr(args, "log_dir", None) == str(Path(args.output_dir) / "tensorboard"):
+        derived["log_dir"] = "output_dir/tensorboard"
+    write_config(args.output_dir, resolved_config(parser, plain_record(args), derived))
 
 
 def process_group_of(args: argparse.Namespace) -> ProcessGroup:
