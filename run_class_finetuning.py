@@ -37,7 +37,6 @@ from training.config import (
     optimizer_of,
     process_group_of,
     resolve_classification,
-    save_run_config,
     resuming_of,
     training_of,
     wrapping_of,
@@ -145,8 +144,6 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     if args.finetune and not args.eval:
         load_finetune_weights(model, args.finetune)
     with claim_output_dir(args.output_dir, lock=not args.eval):  # once the inputs are known good; held to the end
-        if not args.eval:
-            save_run_config(args, get_args_parser())
         model.to(device)
         use_fastest_attention(model, device, args.amp)
         model.set_grad_checkpointing(args.grad_checkpointing)
@@ -173,7 +170,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
             print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} training and "
                   f"{len(val_set)} evaluation images, {args.nb_classes} classes; effective batch "
                   f"{args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-        return train_and_evaluate(state, task, device=device, training=training_of(args))
+        return train_and_evaluate(state, task, device=device, training=training_of(args, get_args_parser()))
 
 
 if __name__ == "__main__":

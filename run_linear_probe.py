@@ -156,8 +156,6 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
                                            train=not args.eval)
     model = build_probe(args)
     with claim_output_dir(args.output_dir, lock=not args.eval):  # once the inputs are known good; held to the end
-        if not args.eval:
-            save_run_config(args, get_args_parser())
         model.to(device)
         eval_loading = eval_loading_of(args)
         val_loader = build_eval_loader(val_set, eval_loading)
@@ -180,7 +178,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
             print(f"linear probe on {args.model} from {source}: {n_trainable} trainable parameters; "
                   f"{len(train_set)} training and {len(val_set)} evaluation images, {args.nb_classes} classes; "
                   f"effective batch {args.eff_batch_size}; lr {args.lr:.3e} (blr {args.blr:g}); amp {args.amp}")
-        return train_and_evaluate(state, task, device=device, training=training_of(args))
+        return train_and_evaluate(state, task, device=device, training=training_of(args, get_args_parser()))
 
 
 def head_movement(lr: float, optimizer_steps: int, momentum: float = 0.9) -> float:

@@ -42,7 +42,6 @@ from training.config import (
     optimizer_of,
     process_group_of,
     resolve_pretraining,
-    save_run_config,
     training_of,
     wrapping_of,
 )
@@ -163,7 +162,6 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     loader = build_loader(args)
     online = build_online_evaluation(args)
     with claim_output_dir(args.output_dir):  # once the inputs are known good; held until the run ends
-        save_run_config(args, get_args_parser())
         wrapped = wrap_model(model, device, wrapping_of(args))  # before the optimizer, which must see FSDP's shards
         state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
                               utils.make_grad_scaler(device, args.amp))
@@ -178,8 +176,8 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
                       + ": k-NN" + (" and the sweep probe" if args.eval_probe else ""))
         pictures = picture_batch(loader, device, num_patches=model.patch_embed.num_patches, mean=args.mean,
                                  std=args.std, mask_ratio=args.mask_ratio, seed=args.seed)
-        pretrain(state, loader, pictures=pictures, device=device, training=training_of(args), mean=args.mean,
-                 std=args.std, mask_ratio=args.mask_ratio, online=online)
+        pretrain(state, loader, pictures=pictures, device=device, training=training_of(args, get_args_parser()),
+                 mean=args.mean, std=args.std, mask_ratio=args.mask_ratio, online=online)
         return model
 
 

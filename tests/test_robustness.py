@@ -21,7 +21,8 @@ import utils
 from training.checkpoint import TrainingState
 from training.checkpoint_files import load_checkpoint, save_atomic
 from training.config import optimizer_of, resolve_pretraining, training_of
-from training.loop import NonFiniteWatch, train_epoch
+from training.loop import train_epoch
+from training.nonfinite import NonFiniteWatch
 from datasets import DECODERS, build_pretraining_dataset
 from helpers import TINY_MAE, TINY_VIT, WritesAFile, assert_bitwise_equal, final_state
 from image_data.augmentation import Crops
@@ -330,7 +331,7 @@ def test_500_steps_do_not_grow_process_memory(tmp_path):
         steps.append(batch)
         return model.forward_loss(imgs, model(imgs, mask, 3), mask)
 
-    training = training_of(args)
+    training = training_of(args, run_mae_pretraining.get_args_parser())
     train_epoch(TrainingState(model, optimizer, scaler), [None] * 500, loss_fn, device=torch.device("cpu"), epoch=0,
                 stepping=training.stepping, schedule=training.schedule)
     warm, end = rss

@@ -38,12 +38,14 @@ class TrainingState:
 @dataclass(frozen=True)
 class Checkpointing(Settings):
     """Where checkpoints go and which are kept; ``record``: the run's settings as plain values, the
-    flat ``args`` every checkpoint stores (``training.config.plain_record``), which a resume reads."""
+    flat ``args`` every checkpoint stores (``training.config.plain_record``), which a resume reads;
+    ``config_yaml``: the same as ``OUTPUT_DIR/config.yaml`` (``training.config_file``)."""
 
     output_dir: Optional[str]
     save_ckpt_freq: int
     epochs: int
     record: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    config_yaml: str = field(default="", repr=False)
 
 
 def save_training_state(

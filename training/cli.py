@@ -11,6 +11,7 @@ import torch
 
 from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
 from image_data.geometry import to_grid
+from training.trackers import TRACKERS
 from utils import UsageError, add_amp_arg
 
 
@@ -59,6 +60,11 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", default="./output_dir", type=str, help="checkpoints, log.txt, pictures")
     group.add_argument("--log_dir", default=None, type=str, help="TensorBoard logs (default: output_dir/tensorboard)")
+    group.add_argument("--report_to", default=["tensorboard"], nargs="+", choices=TRACKERS, metavar="TRACKER",
+                       help="where the curves go: any of tensorboard, wandb, mlflow, or none (W&B and MLflow read "
+                            "their usual environment: WANDB_MODE, WANDB_PROJECT, MLFLOW_TRACKING_URI, ...)")
+    group.add_argument("--run_name", default=None, type=str,
+                       help="the W&B and MLflow run's name (default: the output folder's name)")
     add_device_args(group)
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model (slow first steps, faster after; see benchmarks/RESULTS.md)")

@@ -34,6 +34,7 @@ from training.lr_schedule import Schedule
 from training.preemption import Stopping
 from training.resume import ORDER_FLAGS, Resuming
 from training.settings import pick, validate_numbers
+from training.trackers import Tracking, check_trackers
 from training.weight_files import read_args
 from training.wrapping import Wrapping
 from utils import ProcessGroup, UsageError
@@ -100,6 +101,7 @@ def training_values(args: argparse.Namespace, world_size: int) -> Dict[str, Any]
     """The log folder, and ``lr = blr * effective batch / 256`` unless ``--lr`` is given, as in MAE."""
     validate_numbers(args)
     stopping_of(args)  # the signals and --requeue check themselves
+    check_trackers(tuple(args.report_to))
     eff_batch_size = args.batch_size * args.accum_iter * world_size
     log_dir = args.log_dir
     if log_dir is None and args.output_dir:
@@ -273,18 +275,22 @@ def plain_record(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def save_run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """``OUTPUT_DIR/config.yaml`` (``training.config_file``) on the main process: every flag as
-    resolved, where ``lr`` (from ``--blr``) and the TensorBoard folder (from ``--output_dir``) are
-    comments when they were derived, so that ``--config`` with another ``--blr`` or folder derives
-    them anew."""
-    if not utils.is_main_process():
-        return
+    """``run_config`` written as ``OUTPUT_DIR/config.yaml`` on the main process (for a script
+    without the loop, which writes it once the checkpoint to resume from is read)."""
+    if utils.is_main_process():
+        write_config(args.output_dir, run_config(args, parser))
+
+
+def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The YAML of ``OUTPUT_DIR/config.yaml`` (``training.config_file``): every flag as resolved,
+    where ``lr`` (from ``--blr``) and the TensorBoard folder (from ``--output_dir``) are comments
+    when they were derived, so that ``--config`` with another ``--blr`` or folder derives them anew."""
     derived = {}
     if "blr" in vars(args) and args.lr == args.blr * args.eff_batch_size / 256:
         derived["lr"] = f"blr x effective batch {args.eff_batch_size} / 256"
     if args.output_dir and getattr(args, "log_dir", None) == str(Path(args.output_dir) / "tensorboard"):
         derived["log_dir"] = "output_dir/tensorboard"
-    write_config(args.output_dir, resolved_config(parser, plain_record(args), derived))
+    return resolved_config(parser, plain_record(args), derived)
 
 
 def process_group_of(args: argparse.Namespace) -> ProcessGroup:
@@ -346,12 +352,15 @@ def resuming_of(args: argparse.Namespace) -> Resuming:
     return pick(Resuming, values, order={flag: values[flag] for flag in ORDER_FLAGS if flag in values})
 
 
-def training_of(args: argparse.Namespace) -> TrainingSettings:
+def training_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainingSettings:
     """``training.loop.fit``'s settings: the schedule, the steps, checkpointing (with the record every
-    checkpoint stores), resuming, stopping and the TensorBoard folder."""
-    values = vars(args)
+    checkpoint stores and the run's ``config.yaml``), resuming, stopping and the trackers (which log
+    the same record)."""
+    values, record = vars(args), plain_record(args)
     return TrainingSettings(
         schedule=pick(Schedule, values), stepping=pick(Stepping, values),
-        checkpointing=pick(Checkpointing, values, record=plain_record(args)), resuming=resuming_of(args),
-        stopping=stopping_of(args), log_dir=args.log_dir,
+        checkpointing=pick(Checkpointing, values, record=record, config_yaml=run_config(args, parser)),
+        resuming=resuming_of(args),
+        stopping=stopping_of(args),
+        tracking=pick(Tracking, values, report_to=tuple(args.report_to), config=record),
     )

@@ -28,25 +28,25 @@ from training.checkpoint import (
     save_training_state,
     step_saver,
 )
+from training.config_file import write_config
 from training.epoch_position import EpochStart, epoch_start
 from training.lr_schedule import Schedule, lr_at, max_lr, set_learning_rate
+from training.nonfinite import FP16_NONFINITE_PATIENCE, NonFiniteWatch
 from training.preemption import Preempted, PreemptionWatch, Stopping, preemptible
-from training.progress import Progress, training_writer
+from training.progress import Progress
 from training.resume import Resuming, resume_training_state
 from training.settings import Settings
+from training.trackers import Tracking, training_writer
 from training.wrapping import unwrap_model
 from utils import (
-    NonFiniteLossError,
     Timer,
     all_gather_floats,
-    all_reduce_min,
     all_reduce_sum,
     append_log,
     autocast,
     barrier,
     broadcast_from_main,
     format_eta,
-    get_rank,
     get_world_size,
     is_main_process,
     seed_everything,
@@ -107,14 +107,14 @@ class Stepping(Settings):
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What ``fit`` reads: each part's own settings, handed on to the part, and the TensorBoard folder."""
+    """What ``fit`` reads: each part's own settings, handed on to the part, and the trackers'."""
 
     schedule: Schedule
     stepping: Stepping
     checkpointing: Checkpointing
     resuming: Resuming
     stopping: Stopping
-    log_dir: Optional[str] = None
+    tracking: Tracking = Tracking()
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,8 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
     signal 128 + its number once the step is saved.
     """
     resume = resume_training_state(state, settings.resuming)
+    if is_main_process() and settings.checkpointing.config_yaml:  # once the run's inputs are known good
+        write_config(settings.checkpointing.output_dir, settings.checkpointing.config_yaml)
     epochs, output_dir = settings.schedule.epochs, settings.checkpointing.output_dir
     evaluation = stage.evaluate
     if evaluation:
@@ -149,7 +151,10 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
     timer = Timer()
     n_parameters = sum(p.numel() for p in state.model.parameters())
     test_stats: Dict[str, float] = {}
-    with preemptible(settings.stopping) as preemption, training_writer(settings.log_dir) as log_writer:
+    with preemptible(settings.stopping) as preemption, training_writer(
+            settings.tracking, resume.checkpoint.get("tracker_runs", {})) as log_writer:
+        # every checkpoint keeps the trackers' run ids (rank 0's), so a resumed run logs on into the same runs
+        tracker_runs = broadcast_from_main(log_writer.run_ids() if log_writer else {})
         for epoch in range(resume.epoch, epochs):
             start = epoch_start(resume.checkpoint, epoch)
             loader.start_epoch(epoch, start.samples_done)
@@ -157,7 +162,7 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
                                       schedule=settings.schedule, log_writer=log_writer, start=start,
                                       preemption=preemption,
                                       save_step=step_saver(state, epoch=epoch, checkpointing=settings.checkpointing,
-                                                           **kept()))
+                                                           tracker_runs=tracker_runs, **kept()))
             record = {f"train_{key}": value for key, value in train_stats.items()}
             best = False
             if evaluation:
@@ -166,10 +171,10 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
                 test_stats = broadcast_from_main(evaluation())
                 best = evaluation.judge(test_stats)
                 record.update({f"test_{key}": value for key, value in test_stats.items()})
-            save_epoch(state, epoch=epoch, checkpointing=settings.checkpointing, **kept())
+            save_epoch(state, epoch=epoch, checkpointing=settings.checkpointing, tracker_runs=tracker_runs, **kept())
             if best and output_dir:
                 save_training_state(state, Path(output_dir), [BEST], epoch=epoch,
-                                    record=settings.checkpointing.record, **kept())
+                                    record=settings.checkpointing.record, tracker_runs=tracker_runs, **kept())
             if stage.after_epoch:
                 record.update(stage.after_epoch(epoch, log_writer) or {})
             record.update(epoch=epoch, **kept(), n_parameters=n_parameters,
@@ -187,13 +192,12 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
 
 def log_epoch(record: Dict[str, Any], test_stats: Mapping[str, float], log_writer: Optional[Any],
               output_dir: Optional[str], evaluation: Optional[Evaluation]) -> None:
-    """The epoch's line in ``log.txt`` and on the console, the evaluation's own line, and its
-    figures (the fractional ones; counts are no curves) in TensorBoard."""
+    """The epoch's line in ``log.txt`` and on the console, the evaluation's own line, and in the
+    trackers its figures (the fractional ones; counts are no curves) and the unreadable images."""
     append_log(output_dir, record)
     if log_writer is not None:
-        for key, value in test_stats.items():
-            if isinstance(value, float):
-                log_writer.add_scalar(f"test/{key}", value, record["epoch"])
+        figures = {f"test/{key}": value for key, value in test_stats.items() if isinstance(value, float)}
+        log_writer.add_scalars({**figures, "epoch/skipped_images": record["skipped_images"]}, record["epoch"])
     if is_main_process():
         print(json.dumps(record), flush=True)
         if evaluation:
@@ -346,54 +350,3 @@ def optimizer_step(
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-# ----------------------------------------------------------------------------- non-finite losses
-
-
-FP16_NONFINITE_PATIENCE = 10  # consecutive skipped fp16 steps before the run is called lost
-NO_BAD_STEP = 2**62  # what a rank whose losses are all finite contributes to the agreement
-
-
-class NonFiniteWatch:
-    """Tracks, on the device, the first step that ends a run of ``patience`` non-finite losses.
-
-    Without a grad scaler one bad loss already poisons the weights, so patience is 1. With fp16
-    the scaler skips such steps and lowers the scale; only a run of them means the run is lost.
-    Reading a loss back every step would stall the host while the GPU drains, so the check stays
-    on the device and is read only at logging steps, before step checkpoints and at epoch end.
-    """
-
-    def __init__(self, device: torch.device, patience: int = 1) -> None:
-        self.patience = patience
-        self.streak = torch.zeros((), dtype=torch.long, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-
-    def observe(self, loss: torch.Tensor, step: int) -> None:
-        finite = torch.isfinite(loss.detach())
-        self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
-        bad_now = (self.streak >= self.patience) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad_now, torch.full_like(self.first_bad, step), self.first_bad)
-
-    def raise_if_bad_on_any_rank(self, epoch: int, steps_per_epoch: int, schedule: Schedule,
-                                 scaler: torch.amp.GradScaler) -> None:
-        """A collective: when any rank's loss went bad, every rank raises the same error, naming the
-        first bad step and its rank, so no rank goes on alone into the next collective (under NCCL
-        it would wait there for the watchdog) and no checkpoint is written from that step on."""
-        world_size = get_world_size()
-        first = int(self.first_bad)
-        code = first * world_size + get_rank() if first >= 0 else NO_BAD_STEP
-        code = all_reduce_min(code, self.first_bad.device)
-        if code == NO_BAD_STEP:
-            return
-        step, rank = divmod(code, world_size)
-        lr = lr_at(epoch + step / steps_per_epoch, schedule)
-        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-        where = f" on rank {rank}" if world_size > 1 else ""
-        raise NonFiniteLossError(
-            f"loss is not finite{where} at epoch {epoch} step {step} (lr {lr:.3g}, loss scale {scale:g}); "
-            "stopping without saving, the last good checkpoint is untouched. Lower --blr, "
-            "raise --warmup_epochs or use --amp bf16"
-        )
-
-

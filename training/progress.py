@@ -1,16 +1,16 @@
-"""What a training epoch shows while it runs: progress lines on the main process and TensorBoard
-curves, with running medians and exact epoch averages (the averages go to ``log.txt``), and the
-run's TensorBoard writer. These are the only places the loss is read back from the device."""
-import sys
+"""What a training epoch shows while it runs: progress lines on the main process and the trackers'
+curves (``training.trackers``), with running medians and exact epoch averages (the averages go to
+``log.txt``). These are the only places the loss is read back from the device."""
 from collections import defaultdict, deque
-from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
 from training.lr_schedule import max_lr
-from utils import FAILURE_EXIT_CODE, RunFailure, Timer, format_eta, get_world_size, is_main_process
+from utils import Timer, format_eta, get_world_size, is_main_process
+
+GIB = 2**30
 
 class SmoothedValue:
     """A running window for progress lines plus the exact average over everything seen."""
@@ -52,7 +52,7 @@ class MetricLogger:
 
 
 class Progress:
-    """Progress lines and TensorBoard curves of one epoch: the only places the loss is read back.
+    """Progress lines and the trackers' curves of one epoch: the only places the loss is read back.
 
     Throughput and ETA count the steps this process ran, from ``start_step`` after a resume.
     """
@@ -72,48 +72,24 @@ class Progress:
 
     def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
             data_time: float) -> None:
-        """A progress line on the main process and the step's scalars in TensorBoard."""
+        """A progress line on the main process and the step's scalars in the trackers: loss, lr,
+        gradient norm, images/s, the wait for data, and on a GPU the peak memory."""
         self.metrics.update(grad_norm=float(grad_norm), data_time=data_time)
-        if is_main_process():
-            elapsed = self.timer.elapsed()
-            done = step + 1 - self.start_step
-            images_per_s = self.batch_size * get_world_size() * done / max(elapsed, 1e-9)
-            eta = format_eta(elapsed / done * (self.steps - step - 1))
-            print(
-                f"epoch {self.epoch} [{step + 1}/{self.steps}]  loss {loss.detach().item():.4f}  "
-                f"lr {max_lr(optimizer):.3e}  {self.metrics.line()}  {images_per_s:.1f} img/s  eta {eta}",
-                flush=True,
-            )
+        if not is_main_process():
+            return
+        elapsed = self.timer.elapsed()
+        done = step + 1 - self.start_step
+        images_per_s = self.batch_size * get_world_size() * done / max(elapsed, 1e-9)
+        eta = format_eta(elapsed / done * (self.steps - step - 1))
+        print(
+            f"epoch {self.epoch} [{step + 1}/{self.steps}]  loss {loss.detach().item():.4f}  "
+            f"lr {max_lr(optimizer):.3e}  {self.metrics.line()}  {images_per_s:.1f} img/s  eta {eta}",
+            flush=True,
+        )
         if self.log_writer is not None:
-            global_step = self.epoch * self.steps + step
-            self.log_writer.add_scalar("train/loss", loss.detach().item(), global_step)
-            self.log_writer.add_scalar("train/lr", max_lr(optimizer), global_step)
-            self.log_writer.add_scalar("train/grad_norm", float(grad_norm), global_step)
-
-
-# ----------------------------------------------------------------------------- TensorBoard
-
-
-def make_tensorboard_writer(log_dir: Optional[str]):
-    """A TensorBoard writer on the main process when ``log_dir`` is set, else None."""
-    if not log_dir or not is_main_process():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=log_dir)
-
-
-@contextmanager
-def training_writer(log_dir: Optional[str]) -> Iterator[Optional[Any]]:
-    """The TensorBoard writer of a training run (None off the main process), closed however the run
-    ends; a ``RunFailure`` (a non-finite loss, a checkpoint that cannot be written) ends the
-    process with exit code 1 and its message, not a traceback."""
-    writer = make_tensorboard_writer(log_dir)
-    try:
-        yield writer
-    except RunFailure as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(FAILURE_EXIT_CODE)
-    finally:
-        if writer is not None:
-            writer.close()
+            scalars = {"train/loss": loss.detach().item(), "train/lr": max_lr(optimizer),
+                       "train/grad_norm": float(grad_norm), "train/images_per_s": images_per_s,
+                       "train/data_time": data_time}
+            if loss.device.type == "cuda":
+                scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(loss.device) / GIB
+            self.log_writer.add_scalars(scalars, self.epoch * self.steps + step)
