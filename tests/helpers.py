@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import numpy as np
+import pytest
 import torch
+
+import utils
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDER = REPO / "tests" / "pretrain_record_samples.py"
@@ -253,3 +256,17 @@ def idx_folder(root: Path, gz: bool = True, train: int = 40, val: int = 20) -> P
         write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)), gz)
         write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10, gz)
     return root
+
+
+def usage_error(main, parser, argv, capsys) -> str:
+    """What ``main`` printed on stderr when the command line ``argv`` ended it with exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(main, parser.parse_args(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def usage_error_of(module, argv, capsys) -> str:
+    """``usage_error`` of a ``run_*`` script's ``main`` and parser."""
+    return usage_error(module.main, module.get_args_parser(), argv, capsys)
+

@@ -11,7 +11,7 @@ import yaml
 import run_class_finetuning
 import run_linear_probe
 import run_mae_pretraining
-from tests.helpers import REPO, assert_bitwise_equal, final_state
+from helpers import REPO, assert_bitwise_equal, final_state
 
 RECIPES = REPO / "recipes"
 

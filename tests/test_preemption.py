@@ -16,9 +16,9 @@ from PIL import Image
 import run_class_finetuning
 import run_knn_eval
 import run_mae_pretraining
-import utils
 from training.epoch_position import EpochStart, epoch_start
 from helpers import (
+    usage_error,
     PRETRAIN,
     TINY_VIT,
     assert_bitwise_equal,
@@ -96,13 +96,6 @@ def test_max_image_pixels_lets_large_images_in(tmp_path):
     assert json.loads((out / "log.txt").read_text().splitlines()[-1])["skipped_images"] == 7  # all but the first
     run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(argv + ["--epochs", "2"]))
     assert json.loads((out / "log.txt").read_text().splitlines()[-1])["skipped_images"] == 0  # a new process
-
-
-def usage_error(main, parser, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        utils.exit_on_usage_error(main, parser.parse_args(argv))
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 FINETUNE = [*TINY_VIT, "--num_samples", "8", "--batch_size", "4", "--epochs", "1"]

@@ -24,7 +24,7 @@ from training.config import optimizer_of, resolve_pretraining, training_of
 from training.loop import train_epoch
 from training.nonfinite import NonFiniteWatch
 from datasets import DECODERS, build_pretraining_dataset
-from helpers import TINY_MAE, TINY_VIT, WritesAFile, assert_bitwise_equal, final_state
+from helpers import TINY_MAE, TINY_VIT, WritesAFile, assert_bitwise_equal, final_state, usage_error
 from image_data.augmentation import Crops
 from image_data.files import count_skipped
 from modeling_finetune import create_finetune_model
@@ -164,13 +164,6 @@ def test_a_folder_with_unreadable_and_oversized_files_trains_to_the_end_and_logs
         run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(argv))
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert record["epoch"] == 0 and record["skipped_images"] == 4  # distinct files, not reads
-
-
-def usage_error(main, parser, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        utils.exit_on_usage_error(main, parser.parse_args(argv))
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

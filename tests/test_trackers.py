@@ -1,0 +1,129 @@
+"""Experiment trackers: W&B in offline mode and MLflow against a real tracking server started here on
+127.0.0.1 survive a kill and resume into the same runs; a server that vanishes mid-run costs one
+warning and never the run; a tracker that is not installed is one ``error:`` line."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_mae_pretraining
+from helpers import PRETRAIN, environment, finish, free_port, start, usage_error_of, wait_for_step
+
+SERVER_START_SECONDS = 60
+
+
+class MlflowServer:
+    """``mlflow server`` on a free loopback port with a SQLite store, stopped afterwards."""
+
+    def __init__(self, folder: Path) -> None:
+        self.uri = f"http://127.0.0.1:{free_port()}"
+        self.log = open(folder / "server.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.uri.rsplit(":", 1)[1],
+             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--default-artifact-root",
+             str(folder / "artifacts"), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def ready(self) -> bool:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    return answer.status == 200
+            except OSError:
+                time.sleep(0.5)
+        return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    if not server.ready():
+        server.stop()
+        pytest.fail(f"the MLflow server did not answer within {SERVER_START_SECONDS} s: "
+                    f"{(server.log.name and Path(server.log.name).read_text()[-2000:])}")
+    yield server
+    server.stop()
+
+
+def tracked_env(tmp_path: Path, uri: str) -> dict:
+    return dict(environment(tmp_path / "record"), WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_TRACKING_URI=uri,
+                MLFLOW_EXPERIMENT_NAME="tests")
+
+
+def checkpoint_runs(out: Path) -> dict:
+    return torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)["tracker_runs"]
+
+
+def test_wandb_offline_and_mlflow_survive_a_kill_and_resume_into_the_same_runs(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    command = [sys.executable, "run_mae_pretraining.py", *PRETRAIN, "--report_to", "tensorboard", "wandb", "mlflow",
+               "--output_dir", str(out)]
+    env = tracked_env(tmp_path, mlflow_server.uri)
+    seen = []
+    process = start(command, tmp_path / "record", env=env)
+    wait_for_step(process, epoch=0, step=5, seen=seen)  # after the step checkpoint of the third update
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    killed_at = checkpoint_runs(out)
+    relaunched = start(command, tmp_path / "record", env=env)
+    output = finish(relaunched, [])
+    assert relaunched.returncode == 0 and "warning" not in output, output[-3000:]
+    runs = checkpoint_runs(out)
+    assert runs == killed_at and set(runs) == {"wandb", "mlflow"}
+    # W&B: one offline folder per launch, both of the same run
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(folder.name.endswith(f"-{runs['wandb']}") for folder in folders), folders
+    # MLflow: one run in the experiment, finished, its loss curve from before the kill and after
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    experiment = client.get_experiment_by_name("tests")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == runs["mlflow"] and run.info.status == "FINISHED"
+    steps = sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps[0] == 0 and steps[-1] == 15 and len(set(steps)) == 16, steps  # 8 steps an epoch, 2 epochs
+    assert run.data.params["blr"] == "0.001" and run.data.params["report_to"] == "['tensorboard', 'wandb', 'mlflow']"
+    assert {"train/images_per_s", "train/data_time", "train/grad_norm", "epoch/skipped_images"} <= set(run.data.metrics)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "wandb" else real(name, *rest))
+    error = usage_error_of(run_mae_pretraining, [*PRETRAIN, "--report_to", "wandb", "--output_dir", str(tmp_path / "o")],
+                           capsys)
+    assert error == "error: --report_to wandb: the wandb client is not installed; pip install wandb\n"
+    assert not (tmp_path / "o").exists()
+    error = usage_error_of(run_mae_pretraining, [*PRETRAIN, "--report_to", "none", "mlflow"], capsys)
+    assert "--report_to none means no tracker" in error
+
+
+def test_a_tracking_server_that_vanishes_mid_run_costs_one_warning(tmp_path, mlflow_server):
+    """Runs last: it stops the module's server."""
+    out = tmp_path / "out"
+    command = [sys.executable, "run_mae_pretraining.py", *PRETRAIN, "--report_to", "mlflow", "--output_dir", str(out)]
+    seen = []
+    process = start(command, tmp_path / "record", env=tracked_env(tmp_path, mlflow_server.uri))
+    wait_for_step(process, epoch=0, step=2, seen=seen)
+    mlflow_server.stop()
+    output = finish(process, seen)
+    assert process.returncode == 0, output[-3000:]
+    warnings = [line for line in output.splitlines() if line.startswith("warning: the mlflow tracker failed")]
+    assert len(warnings) == 1 and "the run goes on without it" in warnings[0], output[-3000:]
+    assert len((out / "log.txt").read_text().splitlines()) == 2  # both epochs logged
+    assert torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)["epoch"] == 1
