@@ -20,6 +20,7 @@ import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* models wit
 import utils
 from training.checkpoint_files import save_atomic
 from training.config_file import ConfigArgumentParser
+from training.hub import resolve_checkpoint
 from training.weight_files import read_weights
 from training.hf_checkpoint import hf_folder, write_hf
 from modeling_finetune import unwrap_state_dict
@@ -69,7 +70,9 @@ def to_hugging_face(args: argparse.Namespace) -> Path:
 
 
 def main(args: argparse.Namespace) -> Path:
-    """Convert in the direction the source says; returns what was written."""
+    """Convert in the direction the source says (a Hub name is a source in the Hub cache); returns
+    what was written."""
+    args = argparse.Namespace(**{**vars(args), "source": resolve_checkpoint(args.source, "source")})
     if not Path(args.source).exists():
         raise utils.UsageError(f"{args.source} does not exist; check the path")
     written = from_hugging_face(args) if hf_folder(Path(args.source)) else to_hugging_face(args)

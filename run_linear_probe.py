@@ -103,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def add_protocol_args(parser: argparse.ArgumentParser) -> None:
-    """``--protocol`` and the fast probe's grid (README, "Linear probing")."""
+    """``--protocol`` and the fast probe's grid (docs/evaluation.md, "Linear probing")."""
     group = parser.add_argument_group("protocol")
     group.add_argument("--protocol", default="mae", choices=PROTOCOLS,
                        help="mae: the paper's (LARS, augmented images, its batch of 16384); sweep: a grid of linear "
@@ -201,7 +201,7 @@ def warn_if_the_head_cannot_move(args: argparse.Namespace, optimizer_steps: int)
         print(f"warning: --protocol mae at lr {args.lr:.3g} for {optimizer_steps} optimizer steps lets LARS move "
               f"the head by about {movement:.2g} times its norm, against {PAPER_HEAD_MOVEMENT:.0f} in the paper's "
               "ImageNet probe (batch 16384, lr 6.4, 90 epochs): expect an accuracy near chance that says little "
-              "about the features. --protocol sweep measures them at any batch size (README, 'Linear probing')",
+              "about the features. --protocol sweep measures them at any batch size (docs/evaluation.md, 'Linear probing')",
               flush=True)
 
 

@@ -23,6 +23,7 @@ from modeling_pretrain import load_mae_weights  # and the pretrain_mae_* models,
 import utils
 from image_data.augmentation import eval_transform, normalize_on_device
 from training.config_file import ConfigArgumentParser
+from training.hub import resolve_checkpoint
 from training.weight_files import read_weights
 from training.cli import check_model_name, check_patch_grid, patch_size_kwargs
 from training.config import resolve_visualization
@@ -143,7 +144,7 @@ def save_picture(image: Image.Image, lines: List[str], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> List[Path]:
     """Write one picture per image (one for the synthetic batch); returns their paths."""
-    checkpoint = read_weights(Path(args.model_path))
+    checkpoint = read_weights(Path(resolve_checkpoint(args.model_path, "--model_path")))
     checkpoint_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     args = resolve_visualization(args, checkpoint_args)
     model = load_model(args, checkpoint)

@@ -1,4 +1,4 @@
-"""The README's results tables. On the synthetic dataset (the default): one MAE pretraining, then
+"""The results tables of docs/results.md. On the synthetic dataset (the default): one MAE pretraining, then
 k-NN, linear probe and finetuning accuracy of a random encoder (from scratch) and of the MAE encoder.
 With ``--data_set FashionMNIST`` (its IDX files in ``--data_path``, Debian's by default): the same
 comparison on real images with the raw pixels as the floor, the run's own evaluation curve, and
@@ -10,8 +10,8 @@ script would take, prints a markdown table with those commands and the time each
 writes the table to output_dir/results.md and a reconstruction picture to output_dir/vis. Run
 again into the same output_dir, every step resumes its own folder: finished ones only evaluate,
 and the table marks their times "(resumed)".
-Pretraining takes most of the time (the README gives it): 240 epochs, because 40 left an encoder
-that finetuned worse than a random one (README).
+Pretraining takes most of the time (docs/results.md gives it): 240 epochs, because 40 left an encoder
+that finetuned worse than a random one (docs/results.md).
 """
 import argparse
 import json
@@ -74,7 +74,7 @@ def commands(args: argparse.Namespace) -> Dict[str, Tuple[str, List[str]]]:
     train = ["--batch_size", str(args.batch_size), "--print_freq", "1000"]
     vit = ["--model", "vit_tiny_patch16_224", *shared]
     # The paper's probe lr at its batch of 16384 (blr 0.1 x 16384 / 256 = 6.4), kept at batch 128, where
-    # the lr the batch would give (0.05) leaves the head at its initialization (README, "Linear probing")
+    # the lr the batch would give (0.05) leaves the head at its initialization (docs/evaluation.md, "Linear probing")
     probe = [*vit, *train, "--epochs", str(args.probe_epochs), "--warmup_epochs", "1", "--lr", "6.4"]
     # No RandAugment or random erasing: with them 8 epochs leave both encoders near chance.
     finetune = [*vit, *train, "--epochs", str(args.finetune_epochs), "--warmup_epochs", "1", "--blr", "4e-3",

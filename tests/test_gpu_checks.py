@@ -107,11 +107,13 @@ BENCHMARKS = ("bench_train", "bench_max_batch")
 
 
 def precisions_named_anywhere() -> set:
-    """Every ``--amp`` value and ``AMP=`` the README, the results page and the scripts use."""
+    """Every ``--amp`` value and ``AMP=`` the README, the docs pages, the recipes, the results page and
+    the scripts use."""
     texts = [(REPO / name).read_text() for name in ("README.md", "benchmarks/RESULTS.md", "benchmarks/gpu_checks.sh")]
+    texts += [path.read_text() for path in (*(REPO / "docs").glob("*.md"), *(REPO / "recipes").glob("*.yaml"))]
     texts += [path.read_text() for path in REPO.glob("*.py")] + [path.read_text() for path in
                                                                    (REPO / "benchmarks").glob("*.py")]
-    return {value for text in texts for value in re.findall(r"(?:--amp |AMP=|AMP:-)(\w+)", text)}
+    return {value for text in texts for value in re.findall(r"(?:--amp |AMP=|AMP:-|(?m:^)amp: )(\w+)", text)}
 
 
 def test_every_entry_point_takes_every_precision_any_other_one_names(monkeypatch):

@@ -1,4 +1,4 @@
-"""The README's "Where things are" tables are the layout: every module (a file at the root or in one
+"""The "Where things are" tables (``docs/design.md``) are the layout: every module (a file at the root or in one
 of the packages) has a row, imports only what its row allows, and the imports form no cycle; no
 library module imports a ``run_*`` script; the root holds at most 18 files, and a test imports the
 shared helpers, never another test."""
@@ -13,11 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("training", "image_data", "evaluation")
 LIBRARY = "library modules"
 MAX_ROOT_FILES = 18
+DESIGN = "docs/design.md"  # where the "Where things are" tables live; the README links to it
 
 
 def table_rows() -> List[List[str]]:
-    """The cells of the README's "Where things are" tables, one list per row, in order."""
-    readme = (REPO / "README.md").read_text()
+    """The cells of the "Where things are" tables (``docs/design.md``), one list per row, in order."""
+    readme = (REPO / DESIGN).read_text()
     section = readme.split("## Where things are", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| `")]
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
@@ -254,3 +255,39 @@ def test_every_function_that_runs_a_collective_says_so():
     silent = [key for key in collective if key.rsplit(".", 1)[1] not in ENTRY_POINTS
               and not NAMED_COLLECTIVE.search(key.rsplit(".", 1)[1]) and not SAYS_COLLECTIVE.search(docs[key])]
     assert not silent, f"these run a collective without saying so: {sorted(silent)}"
+
+
+PAGES = ("README.md", "docs/*.md", "benchmarks/RESULTS.md")
+README_LINES = 200  # the README is read in five minutes; the rest is in docs/
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_pages_leads_somewhere():
+    """Each relative link of the README, the docs pages and the results page names a file that
+    exists, and its ``#anchor`` a heading of that page."""
+    broken = []
+    for pattern in PAGES:
+        for page in REPO.glob(pattern):
+            for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                linked = (page.parent / path).resolve() if path else page
+                if not linked.exists():
+                    broken.append(f"{page.relative_to(REPO)}: {target}")
+                elif anchor and linked.suffix == ".md":
+                    headings = re.findall(r"(?m)^#+ (.+)$", linked.read_text())
+                    if anchor not in {heading_anchor(heading) for heading in headings}:
+                        broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_the_readme_is_short_and_maps_every_docs_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_LINES
+    for page in (REPO / "docs").glob("*.md"):
+        assert f"](docs/{page.name})" in readme, f"the README's map lacks docs/{page.name}"

@@ -1,1 +1,1 @@
-"""The machinery of a run: settings, the loop, checkpoints, sharding, preemption (README, "Where things are")."""
+"""The machinery of a run: settings, the loop, checkpoints, sharding, preemption (docs/design.md, "Where things are")."""

@@ -78,6 +78,10 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; check the path")
+    if path.suffix == ".safetensors":  # timm's and the Hub's weight files: a state dict, no code
+        from safetensors.torch import load_file
+
+        return {"model": load_file(str(path))}
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -119,7 +119,7 @@ def add_device_args(group: argparse._ArgumentGroup) -> None:
                        help="set by torch.distributed.launch; the environment wins")
     group.add_argument("--dist_timeout", default=None, type=float, metavar="MINUTES",
                        help="how long a collective waits for a rank that does not come before the run stops "
-                            "(default: torch's, 10 minutes on NCCL, 30 on gloo); README, 'Preemptible clusters'")
+                            "(default: torch's, 10 minutes on NCCL, 30 on gloo); docs/clusters.md")
 
 
 def one_size(size: Union[int, Sequence[int]]) -> Union[int, List[int]]:

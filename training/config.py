@@ -30,6 +30,7 @@ from training.checkpoint import Checkpointing
 from training.cli import one_size
 from training.config_file import resolved_config, write_config
 from training.loop import Stepping, TrainingSettings
+from training.hub import resolve_checkpoint
 from training.lr_schedule import Schedule
 from training.preemption import Stopping
 from training.resume import ORDER_FLAGS, Resuming
@@ -206,8 +207,15 @@ def resolved(args: argparse.Namespace, *parts: Mapping[str, Any], **fixed: Any) 
 # ----------------------------------------------------------------------------- one per script
 
 
+def with_local_checkpoint(args: argparse.Namespace, flag: str) -> argparse.Namespace:
+    """The command line with the checkpoint ``--{flag}`` names as a local path: a Hugging Face Hub
+    name (``training.hub``) becomes its folder or file in the Hub cache."""
+    return argparse.Namespace(**{**vars(args), flag: resolve_checkpoint(getattr(args, flag), f"--{flag}")})
+
+
 def resolve_pretraining(args: argparse.Namespace) -> ResolvedArgs:
     """``run_mae_pretraining.py``'s settings."""
+    args = with_local_checkpoint(args, "init_from")
     images = image_values(args, starting_args(args.init_from))
     launch = launch_values(args)
     training = training_values(args, launch["world_size"])
@@ -226,6 +234,7 @@ def resolve_pretraining(args: argparse.Namespace) -> ResolvedArgs:
 
 def resolve_classification(args: argparse.Namespace, **fixed: Any) -> ResolvedArgs:
     """Finetuning's and the linear probe's settings; ``fixed`` for the flags the probe has not."""
+    args = with_local_checkpoint(args, "finetune")
     images = image_values(args, starting_args(args.finetune))
     launch = launch_values(args)
     training = training_values(args, launch["world_size"])
@@ -234,6 +243,7 @@ def resolve_classification(args: argparse.Namespace, **fixed: Any) -> ResolvedAr
 
 def resolve_knn(args: argparse.Namespace) -> ResolvedArgs:
     """``run_knn_eval.py``'s settings: no training, so no schedule, checkpoints or sharding."""
+    args = with_local_checkpoint(args, "finetune")
     data = labelled_data_values(args, train=True)
     images = image_values(args, starting_args(args.finetune))
     validate_numbers(args)

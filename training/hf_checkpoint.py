@@ -168,7 +168,15 @@ def hf_folder(path: Path) -> Optional[Path]:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     named = path.is_dir() or path.name in WEIGHT_FILES
-    return folder if named and (folder / CONFIG).is_file() and weights_file(folder) else None
+    return folder if named and is_vit_mae_config(folder / CONFIG) and weights_file(folder) else None
+
+
+def is_vit_mae_config(path: Path) -> bool:
+    """A transformers ``ViTMAE`` config (a timm repository's ``config.json`` names an architecture)."""
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("model_type") == "vit_mae"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def weights_file(folder: Path) -> Optional[Path]:

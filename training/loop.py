@@ -314,7 +314,7 @@ def is_step_checkpoint(step: int, stepping: Stepping) -> bool:
 def grad_sync(model: torch.nn.Module, update: bool) -> ContextManager:
     """DDP's ``no_sync`` on micro-steps that do not update, so gradients are all-reduced once. A
     sharded model reduce-scatters every micro-step instead: its gradients then accumulate sharded,
-    where skipping the sync would hold them whole between micro-steps (README)."""
+    where skipping the sync would hold them whole between micro-steps (docs/memory.md)."""
     if update or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return nullcontext()
     return model.no_sync()

@@ -2,7 +2,7 @@
 encoder and decoder, and the rest of the model, over the ranks, so each holds 1/W of the weights,
 gradients and AdamW state and gathers a block's weights only while it runs; activation
 checkpointing (``--grad_checkpointing``) recomputes each block's activations in the backward pass
-instead of keeping them. When to use which: README, "Beyond one GPU's memory".
+instead of keeping them. When to use which: docs/memory.md.
 """
 import itertools
 import warnings
