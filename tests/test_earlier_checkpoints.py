@@ -73,6 +73,9 @@ def run_recording(stage, argv: List[str], out: Path, monkeypatch) -> List[Dict]:
     return written
 
 
+NEW_KEYS = {"tracker_runs"}  # written since dfbc291: the trackers' run ids ({} with TensorBoard alone)
+
+
 @pytest.mark.parametrize("stage_name", sorted(STAGES))
 def test_checkpoints_in_the_format_of_dfbc291_resume_and_end_where_an_uninterrupted_run_ends(
         stage_name, tmp_path, monkeypatch, capsys):
@@ -81,8 +84,8 @@ def test_checkpoints_in_the_format_of_dfbc291_resume_and_end_where_an_uninterrup
     written = run_recording(stage, argv, straight, monkeypatch)
     extra = {"max_accuracy"} if stage is run_class_finetuning else set()
     by_place = {(payload["epoch"], payload.get("step")): payload for payload in written}
-    for payload in written:  # this version writes what dfbc291 wrote, and new flags beside it
-        expected_keys = EPOCH_KEYS | extra | (STEP_KEYS if "step" in payload else set())
+    for payload in written:  # this version writes what dfbc291 wrote, and new keys and flags beside it
+        expected_keys = EPOCH_KEYS | extra | NEW_KEYS | (STEP_KEYS if "step" in payload else set())
         assert set(payload) == expected_keys
         assert as_written(old_args, straight).items() <= payload["args"].items()
     for place, epoch_line in (((0, None), "at epoch 1"), ((1, 2), "at epoch 1 step 2")):
