@@ -43,3 +43,33 @@ def pretrained_mae(tmp_path_factory) -> Path:
         [*TINY_MAE, "--num_samples", "256", "--batch_size", "64", "--epochs", "4", "--warmup_epochs", "1",
          "--blr", "1.5e-3", "--norm_pix_loss", "--print_freq", "1000", "--output_dir", str(out)]))
     return out / "checkpoint-last.pth"
+
+
+SERVERS = {}  # started once the session's tests are collected
+
+
+def pytest_collection_finish(session) -> None:
+    """Start the MLflow server the tracker tests need as soon as they are selected: it boots on the
+    second core while the tests before them run."""
+    if any(item.nodeid.startswith("tests/test_trackers.py") for item in session.items):
+        import tempfile
+
+        from helpers import MlflowServer
+
+        SERVERS["mlflow"] = MlflowServer(Path(tempfile.mkdtemp(prefix="mlflow-server-")))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    server = SERVERS["mlflow"]
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import shutil
+
+    for server in SERVERS.values():
+        server.stop()
+        shutil.rmtree(server.log_path.parent, ignore_errors=True)

@@ -7,10 +7,13 @@ import gzip
 import json
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -269,4 +272,41 @@ def usage_error(main, parser, argv, capsys) -> str:
 def usage_error_of(module, argv, capsys) -> str:
     """``usage_error`` of a ``run_*`` script's ``main`` and parser."""
     return usage_error(module.main, module.get_args_parser(), argv, capsys)
+
+
+MLFLOW_START_SECONDS = 60
+
+
+class MlflowServer:
+    """``mlflow server`` on a free loopback port with a SQLite store, stopped afterwards. Started
+    when the session's tests are known (``tests/conftest.py``), so it boots while others run."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.uri = f"http://127.0.0.1:{free_port()}"
+        self.log_path = folder / "server.log"
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+                 self.uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                 "--default-artifact-root", str(folder / "artifacts"), "--workers", "1"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + MLFLOW_START_SECONDS
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"the MLflow server did not answer within {MLFLOW_START_SECONDS} s: "
+                    f"{self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
 

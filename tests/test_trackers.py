@@ -3,60 +3,13 @@
 warning and never the run; a tracker that is not installed is one ``error:`` line."""
 import os
 import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 import torch
 
 import run_mae_pretraining
-from helpers import PRETRAIN, environment, finish, free_port, start, usage_error_of, wait_for_step
-
-SERVER_START_SECONDS = 60
-
-
-class MlflowServer:
-    """``mlflow server`` on a free loopback port with a SQLite store, stopped afterwards."""
-
-    def __init__(self, folder: Path) -> None:
-        self.uri = f"http://127.0.0.1:{free_port()}"
-        self.log = open(folder / "server.log", "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.uri.rsplit(":", 1)[1],
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--default-artifact-root",
-             str(folder / "artifacts"), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def ready(self) -> bool:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                    return answer.status == 200
-            except OSError:
-                time.sleep(0.5)
-        return False
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-        self.log.close()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    if not server.ready():
-        server.stop()
-        pytest.fail(f"the MLflow server did not answer within {SERVER_START_SECONDS} s: "
-                    f"{(server.log.name and Path(server.log.name).read_text()[-2000:])}")
-    yield server
-    server.stop()
-
+from helpers import PRETRAIN, environment, finish, start, usage_error_of, wait_for_step
 
 def tracked_env(tmp_path: Path, uri: str) -> dict:
     return dict(environment(tmp_path / "record"), WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_TRACKING_URI=uri,
@@ -114,7 +67,7 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys, monkeypat
 
 
 def test_a_tracking_server_that_vanishes_mid_run_costs_one_warning(tmp_path, mlflow_server, monkeypatch, capsys):
-    """Runs last: it stops the module's server, for real, right after the run's first curves reached it."""
+    """Runs last: it stops the session's server, for real, right after the run's first curves reached it."""
     import training.trackers
 
     logged = training.trackers.MLflow.scalars
