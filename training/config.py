@@ -285,10 +285,9 @@ def plain_record(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def save_run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """``run_config`` written as ``OUTPUT_DIR/config.yaml`` on the main process (for a script
-    without the loop, which writes it once the checkpoint to resume from is read)."""
-    if utils.is_main_process():
-        write_config(args.output_dir, run_config(args, parser))
+    """``run_config`` written as ``OUTPUT_DIR/config.yaml`` (a collective), for a script without the
+    loop, which writes it once the checkpoint to resume from is read."""
+    write_config(args.output_dir, run_config(args, parser))
 
 
 def run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from training.settings import validate_numbers
-from utils import USAGE_EXIT_CODE, UsageError, atomic_write
+from utils import USAGE_EXIT_CODE, RunFailure, UsageError, atomic_write, is_main_process, raise_on_all_ranks
 
 CONFIG_NAME = "config.yaml"
 NOT_IN_FILE = ("config", "help", "local_rank")  # the file itself, and what the launcher sets
@@ -161,11 +161,14 @@ def resolved_config(parser: argparse.ArgumentParser, record: Mapping[str, Any],
     return "\n".join(lines) + "\n"
 
 
-def write_config(output_dir: Optional[str], text: str) -> Optional[Path]:
-    """``OUTPUT_DIR/config.yaml``, atomically (call it on the main process); None without a folder."""
-    if not output_dir:
-        return None
-    path = Path(output_dir) / CONFIG_NAME
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-    return path
+def write_config(output_dir: Optional[str], text: str) -> None:
+    """``OUTPUT_DIR/config.yaml``, atomically, written by rank 0; its failure (a full disk) stops
+    every rank with the cause (a collective: call it on every rank)."""
+    error = None
+    if output_dir and text and is_main_process():
+        try:
+            with atomic_write(Path(output_dir) / CONFIG_NAME) as tmp:
+                tmp.write_text(text)
+        except OSError as failure:
+            error = RunFailure(f"could not write {Path(output_dir) / CONFIG_NAME}: {failure}")
+    raise_on_all_ranks(error)

@@ -39,7 +39,6 @@ from training.settings import Settings
 from training.trackers import Tracking, training_writer
 from training.wrapping import unwrap_model
 from utils import (
-    RunFailure,
     Timer,
     all_gather_floats,
     all_reduce_sum,
@@ -50,7 +49,6 @@ from utils import (
     format_eta,
     get_world_size,
     is_main_process,
-    raise_on_all_ranks,
     seed_everything,
 )
 
@@ -140,7 +138,7 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
     signal 128 + its number once the step is saved.
     """
     resume = resume_training_state(state, settings.resuming)
-    write_run_config(settings.checkpointing)
+    write_config(settings.checkpointing.output_dir, settings.checkpointing.config_yaml)  # inputs known good
     epochs, output_dir = settings.schedule.epochs, settings.checkpointing.output_dir
     evaluation = stage.evaluate
     if evaluation:
@@ -189,18 +187,6 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
     if is_main_process():
         print(f"training time {format_eta(timer.elapsed())}")
     return test_stats
-
-
-def write_run_config(checkpointing: Checkpointing) -> None:
-    """``OUTPUT_DIR/config.yaml``, once the run's inputs are known good, written by rank 0; its
-    failure (a full disk) stops every rank with the cause (a collective)."""
-    error = None
-    if is_main_process() and checkpointing.config_yaml:
-        try:
-            write_config(checkpointing.output_dir, checkpointing.config_yaml)
-        except OSError as failure:
-            error = RunFailure(f"could not write {checkpointing.output_dir}/config.yaml: {failure}")
-    raise_on_all_ranks(error)
 
 
 def log_epoch(record: Dict[str, Any], test_stats: Mapping[str, float], log_writer: Optional[Any],

@@ -77,17 +77,18 @@ class Progress:
         self.metrics.update(grad_norm=float(grad_norm), data_time=data_time)
         if not is_main_process():
             return
+        loss_value = loss.detach().item()  # the one read-back of the loss at a logging step
         elapsed = self.timer.elapsed()
         done = step + 1 - self.start_step
         images_per_s = self.batch_size * get_world_size() * done / max(elapsed, 1e-9)
         eta = format_eta(elapsed / done * (self.steps - step - 1))
         print(
-            f"epoch {self.epoch} [{step + 1}/{self.steps}]  loss {loss.detach().item():.4f}  "
+            f"epoch {self.epoch} [{step + 1}/{self.steps}]  loss {loss_value:.4f}  "
             f"lr {max_lr(optimizer):.3e}  {self.metrics.line()}  {images_per_s:.1f} img/s  eta {eta}",
             flush=True,
         )
         if self.log_writer is not None:
-            scalars = {"train/loss": loss.detach().item(), "train/lr": max_lr(optimizer),
+            scalars = {"train/loss": loss_value, "train/lr": max_lr(optimizer),
                        "train/grad_norm": float(grad_norm), "train/images_per_s": images_per_s,
                        "train/data_time": data_time}
             if loss.device.type == "cuda":
