@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from image_data.augmentation import BatchTransform
 from training.checkpoint import TrainingState
+from training.flops import vit_train_flops
 from training.loop import EpochLoader, Stage, TrainingSettings, fit
 from training.resume import Resuming, resume_training_state
 from training.wrapping import is_sharded, unwrap_model
@@ -154,5 +155,5 @@ def train_and_evaluate(
                         reduce=task.reduce_eval)
 
     loss_fn = classification_loss(state.model, task.criterion, device, task.train_batch, task.mixup_fn)
-    return fit(state, Stage(loss_fn=loss_fn, evaluate=BestAccuracy(evaluate_epoch)), loader=task.train_loader,
-               device=device, settings=training)
+    stage = Stage(loss_fn=loss_fn, evaluate=BestAccuracy(evaluate_epoch), flops_per_sample=vit_train_flops(model))
+    return fit(state, stage, loader=task.train_loader, device=device, settings=training)

@@ -10,6 +10,7 @@ from image_data.augmentation import normalize_on_device
 from image_data.device_decoder import batch_images
 from masking_generator import num_masked_patches, random_masks
 from training.checkpoint import TrainingState
+from training.flops import mae_train_flops
 from training.loop import Stage, TrainingSettings, fit
 from training.wrapping import unwrap_model
 from visualization import PictureBatch, write_pictures
@@ -51,4 +52,7 @@ def pretrain(state: TrainingState, loader: DataLoader, *, pictures: PictureBatch
         return online(model, device, epoch, log_writer) if online else {}
 
     loss_fn = reconstruction_loss(state.model, device, mean, std, mask_ratio)
-    fit(state, Stage(loss_fn=loss_fn, after_epoch=after_epoch), loader=loader, device=device, settings=training)
+    mae = unwrap_model(state.model)
+    flops = mae_train_flops(mae, num_masked_patches(mae.patch_embed.num_patches, mask_ratio))
+    fit(state, Stage(loss_fn=loss_fn, after_epoch=after_epoch, flops_per_sample=flops), loader=loader, device=device,
+        settings=training)

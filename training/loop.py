@@ -32,6 +32,7 @@ from training.config_file import write_config
 from training.epoch_position import EpochStart, epoch_start
 from training.lr_schedule import Schedule, lr_at, max_lr, set_learning_rate
 from training.nonfinite import FP16_NONFINITE_PATIENCE, NonFiniteWatch
+from training.performance import peak_flops
 from training.preemption import Preempted, PreemptionWatch, Stopping, preemptible
 from training.progress import Progress
 from training.resume import Resuming, resume_training_state
@@ -125,6 +126,7 @@ class Stage:
     evaluate: Optional[Evaluation] = None  # after each epoch
     # (epoch, TensorBoard writer) -> figures for the epoch's log line, once the epoch is saved
     after_epoch: Optional[Callable[[int, Optional[Any]], Optional[Mapping[str, float]]]] = None
+    flops_per_sample: Optional[float] = None  # a training step's FLOPs per image (training.flops), for the MFU
 
 
 def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torch.device,
@@ -159,7 +161,7 @@ def fit(state: TrainingState, stage: Stage, *, loader: EpochLoader, device: torc
             loader.start_epoch(epoch, start.samples_done)
             train_stats = train_epoch(state, loader, stage.loss_fn, device=device, epoch=epoch, stepping=settings.stepping,
                                       schedule=settings.schedule, log_writer=log_writer, start=start,
-                                      preemption=preemption,
+                                      preemption=preemption, flops_per_sample=stage.flops_per_sample,
                                       save_step=step_saver(state, epoch=epoch, checkpointing=settings.checkpointing,
                                                            tracker_runs=tracker_runs, **kept()))
             record = {f"train_{key}": value for key, value in train_stats.items()}
@@ -219,6 +221,7 @@ def train_epoch(
     start: EpochStart = EpochStart(),
     save_step: Optional[StepSaver] = None,
     preemption: Optional[PreemptionWatch] = None,
+    flops_per_sample: Optional[float] = None,
 ) -> Dict[str, float]:
     """One epoch of any stage: ``loss_fn(batch)`` gives the loss, this does the rest (a collective,
     on every rank).
@@ -238,7 +241,8 @@ def train_epoch(
     samples_per_epoch = start.samples_per_epoch or steps * global_batch
     first_step = start.samples_done // global_batch
     progress = Progress(epoch=epoch, steps=steps, start_step=first_step, batch_size=stepping.batch_size,
-                        log_writer=log_writer)
+                        log_writer=log_writer, flops_per_sample=flops_per_sample,
+                        peak_flops=peak_flops(device, stepping.amp))
     watch = NonFiniteWatch(device, FP16_NONFINITE_PATIENCE if scaler.is_enabled() else 1)
     loss_total = torch.tensor(start.loss_sum_of(stepping.rank, world_size), dtype=torch.float64, device=device)
     grad_norm = torch.zeros((), device=device)

@@ -3,6 +3,7 @@ path for each device and precision (``torch.compile`` is ``training.wrapping``'s
 ``benchmarks/RESULTS.md``; this module imports nothing of the repository.
 """
 import ctypes
+from typing import Optional
 
 import timm
 import torch
@@ -41,3 +42,17 @@ def use_fastest_attention(model: torch.nn.Module, device: torch.device, amp: str
     for module in model.modules():
         if isinstance(module, timm.layers.Attention):
             module.fused_attn = fused
+
+
+# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, TFLOP/s, first match of the name wins
+PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4), ("A100", 312.0),
+               ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0))
+
+
+def peak_flops(device: torch.device, amp: str) -> Optional[float]:
+    """The device's peak FLOP/s in the run's precision where its datasheet is known here (a GPU of
+    ``PEAK_TFLOPS`` under bf16 or fp16), else None: the MFU curve needs it."""
+    if device.type != "cuda" or amp not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)

@@ -57,9 +57,11 @@ class Progress:
     Throughput and ETA count the steps this process ran, from ``start_step`` after a resume.
     """
 
-    def __init__(self, *, epoch: int, steps: int, start_step: int, batch_size: int, log_writer: Optional[Any]) -> None:
+    def __init__(self, *, epoch: int, steps: int, start_step: int, batch_size: int, log_writer: Optional[Any],
+                 flops_per_sample: Optional[float] = None, peak_flops: Optional[float] = None) -> None:
         self.epoch, self.steps, self.start_step, self.batch_size = epoch, steps, start_step, batch_size
         self.log_writer = log_writer
+        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         self.metrics = MetricLogger()
         self.timer = Timer()
 
@@ -73,7 +75,8 @@ class Progress:
     def log(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
             data_time: float) -> None:
         """A progress line on the main process and the step's scalars in the trackers: loss, lr,
-        gradient norm, images/s, the wait for data, and on a GPU the peak memory."""
+        gradient norm, images/s, the wait for data, on a GPU the peak memory, and the model FLOPs
+        utilisation where the device's peak is known (``training.performance.peak_flops``)."""
         self.metrics.update(grad_norm=float(grad_norm), data_time=data_time)
         if not is_main_process():
             return
@@ -93,4 +96,12 @@ class Progress:
                        "train/data_time": data_time}
             if loss.device.type == "cuda":
                 scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(loss.device) / GIB
+            if self.flops_per_sample and self.peak_flops:
+                scalars["train/mfu"] = mfu(self.flops_per_sample, images_per_s / get_world_size(), self.peak_flops)
             self.log_writer.add_scalars(scalars, self.epoch * self.steps + step)
+
+
+def mfu(flops_per_sample: float, samples_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation of one device: the FLOP/s its images cost over its peak FLOP/s."""
+    return flops_per_sample * samples_per_s / peak_flops
+
