@@ -10,9 +10,10 @@ from image_data.augmentation import BatchTransform
 from training.checkpoint import TrainingState
 from training.flops import vit_train_flops
 from training.loop import EpochLoader, Stage, TrainingSettings, fit
+from training.precision import autocast
 from training.resume import Resuming, resume_training_state
 from training.wrapping import is_sharded, unwrap_model
-from utils import UsageError, all_reduce_max, all_reduce_sum, autocast, is_main_process
+from utils import UsageError, all_reduce_max, all_reduce_sum, is_main_process
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

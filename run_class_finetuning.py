@@ -27,6 +27,7 @@ from evaluation.setup import (
 )
 from image_data.augmentation import CLASSIFY_CROP_SCALE, RGB, BatchTransform, Crops, build_classification_transform
 from optim_factory import add_optimizer_args, create_optimizer
+from training import precision
 from training.checkpoint import TrainingState
 from training.cli import add_crop_args, add_memory_args, add_run_args, add_schedule_args
 from training.config import (
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         val_loader = build_eval_loader(val_set, eval_loading)
         normalizing = normalizing_batch_transform(mean=args.mean, std=args.std)
         state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
-                              utils.make_grad_scaler(device, args.amp))
+                              precision.make_grad_scaler(device, args.amp))
         if args.eval:
             return evaluate_checkpoint(state, val_loader, normalizing, device=device, resuming=resuming_of(args),
                                        amp=args.amp, reduce=eval_loading.split)

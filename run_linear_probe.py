@@ -36,6 +36,7 @@ from evaluation.setup import (
 )
 from image_data.augmentation import CLASSIFY_CROP_SCALE, Crops, build_pil_pretraining_transform, eval_transform
 from optim_factory import create_lars
+from training import precision
 from training.checkpoint import TrainingState
 from training.cli import add_crop_args, add_run_args, add_schedule_args
 from training.config import (
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
         normalizing = normalizing_batch_transform(mean=args.mean, std=args.std)
         optimizer = create_lars(model, args.lr, args.weight_decay)
         state = TrainingState(wrap_model(model, device, wrapping_of(args)), optimizer,
-                              utils.make_grad_scaler(device, args.amp))
+                              precision.make_grad_scaler(device, args.amp))
         if args.eval:
             return evaluate_checkpoint(state, val_loader, normalizing, device=device, resuming=resuming_of(args),
                                        amp=args.amp, reduce=eval_loading.split)

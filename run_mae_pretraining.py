@@ -20,6 +20,7 @@ from image_data.augmentation import PRETRAIN_CROP_SCALE, Crops
 from image_data.device_decoder import collate_encoded
 from image_data.geometry import to_grid
 from optim_factory import add_optimizer_args, create_optimizer
+from training import precision
 from training.checkpoint import TrainingState
 from training.config_file import ConfigArgumentParser
 from training.weight_files import read_weights
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     with claim_output_dir(args.output_dir):  # once the inputs are known good; held until the run ends
         wrapped = wrap_model(model, device, wrapping_of(args))  # before the optimizer, which must see FSDP's shards
         state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
-                              utils.make_grad_scaler(device, args.amp))
+                              precision.make_grad_scaler(device, args.amp))
         if utils.is_main_process():
             n_params = sum(p.numel() for p in model.parameters())
             print(f"model {args.model}: {n_params / 1e6:.2f}M parameters; {len(loader.dataset)} images; "

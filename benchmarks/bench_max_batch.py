@@ -30,6 +30,7 @@ import utils  # noqa: E402
 from bench_train import pretrain_loss, train_step  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
+from training import precision  # noqa: E402
 from training.checkpoint import TrainingState  # noqa: E402
 from training.config import optimizer_of  # noqa: E402
 from training.performance import use_fastest_attention  # noqa: E402
@@ -42,7 +43,7 @@ MODELS = ("pretrain_mae_large_patch16_224", "pretrain_mae_huge_patch14_224", "pr
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=list(MODELS), nargs="+", help="pretrain_mae_* names")
-    utils.add_amp_arg(parser, default="bf16", help="precision of the steps")
+    precision.add_amp_arg(parser, default="bf16", help="precision of the steps")
     parser.add_argument("--fsdp", action="store_true", help="shard over the processes (FSDP2), as --fsdp trains")
     parser.add_argument("--grad_checkpointing", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -66,7 +67,7 @@ def build(name: str, batch: int, args: argparse.Namespace, device: torch.device)
     model.set_grad_checkpointing(args.grad_checkpointing)
     wrapped = wrap_model(model, device, Wrapping(fsdp=args.fsdp, amp=args.amp, distributed=utils.get_world_size() > 1))
     state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
-                          utils.make_grad_scaler(device, args.amp))
+                          precision.make_grad_scaler(device, args.amp))
     imgs = torch.randn(batch, 3, args.input_size, args.input_size, device=device)  # (B, 3, H, W)
     masks = random_masks(batch, model.patch_embed.num_patches, 0.75, device=device)  # (B, N)
     return train_step(state, pretrain_loss(imgs, masks), device, args.amp)

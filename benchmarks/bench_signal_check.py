@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import modeling_pretrain  # noqa: E402,F401  registers the pretrain_mae_* models
 import utils  # noqa: E402
 from bench_train import pretrain_loss, train_step  # noqa: E402
+from training import precision  # noqa: E402
 from training.checkpoint import TrainingState  # noqa: E402
 from masking_generator import random_masks  # noqa: E402
 from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
@@ -62,7 +63,7 @@ def main(args: argparse.Namespace) -> dict:
     masks = random_masks(args.batch_size, model.patch_embed.num_patches, 0.75, device=device)  # (B, N)
     wrapping = Wrapping(distributed=utils.get_world_size() > 1)
     state = TrainingState(wrap_model(model, device, wrapping), create_optimizer(optimizer_of(args), model, device),
-                          utils.make_grad_scaler(device, "none"))
+                          precision.make_grad_scaler(device, "none"))
     step = train_step(state, pretrain_loss(imgs, masks), device, "none")
     watch = PreemptionWatch([signal.SIGTERM])
     step()  # warm-up

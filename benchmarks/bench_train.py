@@ -41,6 +41,7 @@ import timm  # noqa: E402
 
 import modeling_pretrain  # noqa: E402,F401  registers the pretrain_mae_* models
 import utils  # noqa: E402
+from training import precision  # noqa: E402
 from training.checkpoint import TrainingState  # noqa: E402
 from training.config import optimizer_of  # noqa: E402
 from training.loop import optimizer_step  # noqa: E402
@@ -50,7 +51,7 @@ from optim_factory import add_optimizer_args, create_optimizer  # noqa: E402
 from training.performance import fused_attention_is_faster, use_fastest_attention  # noqa: E402
 from training.wrapping import Wrapping, unwrap_model, wrap_model  # noqa: E402
 
-MATMUL_DTYPES = {"none": torch.float32, **utils.AMP_DTYPES}  # the step's dtype under each --amp
+MATMUL_DTYPES = {"none": torch.float32, **precision.AMP_DTYPES}  # the step's dtype under each --amp
 STAGES = ("pretrain", "finetune")
 HF_STAGE = "vitmae_pretrain"
 PROBE = "matmul"  # the peak-rate probe, timed before and between the training steps
@@ -64,7 +65,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", default="pretrain_mae_base_patch16_224",
                         help="pretraining model; finetuning times the ViT of the same size (vit_*)")
     parser.add_argument("--batch_size", default=8, type=int, help="images per step")
-    utils.add_amp_arg(parser, default="bf16", help="precision of the step")
+    precision.add_amp_arg(parser, default="bf16", help="precision of the step")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the model (the same switch the run_* scripts have)")
     parser.add_argument("--fsdp", action="store_true", help="shard the model over the processes (FSDP2)")
@@ -162,7 +163,7 @@ def train_step(state: TrainingState, loss_fn: LossFn, device: torch.device, amp:
     """One step as ``training.loop.train_epoch`` takes it between progress lines; the loss stays on the device."""
 
     def step() -> torch.Tensor:
-        with utils.autocast(device, amp):
+        with precision.autocast(device, amp):
             loss = loss_fn(state.model)
         state.scaler.scale(loss).backward()
         optimizer_step(state, clip_grad=None, measure_norm=False)  # as the steps between progress lines
@@ -242,7 +243,7 @@ def prepare_stage(model: nn.Module, loss_fn: LossFn, args: argparse.Namespace, d
     wrapping = Wrapping(fsdp=args.fsdp, compile=args.compile, amp=args.amp, distributed=utils.get_world_size() > 1)
     wrapped = wrap_model(model, device, wrapping)
     state = TrainingState(wrapped, create_optimizer(optimizer_of(args), model, device),
-                          utils.make_grad_scaler(device, args.amp))
+                          precision.make_grad_scaler(device, args.amp))
     eager = TrainingState(unwrap_model(wrapped), state.optimizer, state.scaler)  # FLOPs are counted uncompiled
     flops = count_flops(train_step(eager, loss_fn, device, args.amp))
     step = train_step(state, loss_fn, device, args.amp)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import utils
+from training import precision
 from training.checkpoint_files import save_files
 from training.preemption import worker_init_fn
 
@@ -88,14 +89,14 @@ def encode_share(
     features, labels = [], []
     for imgs, targets in loader:
         imgs = batch_transform(imgs.to(device, non_blocking=True))  # (B, 3, H, W) uint8 -> float
-        with utils.autocast(device, amp):
+        with precision.autocast(device, amp):
             features.append(embed(model, imgs).float())  # (B, D)
         labels.append(targets.to(device))
     for _ in range(passes - len(loader)):
-        with utils.autocast(device, amp):
+        with precision.autocast(device, amp):
             embed(model, blank_image(dataset, device))
     if not features:  # more ranks than samples: the width from one blank image
-        with utils.autocast(device, amp):
+        with precision.autocast(device, amp):
             width = embed(model, blank_image(dataset, device)).shape[1]
         features, labels = [torch.empty(0, width, device=device)], [indices.to(device)]
     return torch.cat(features), torch.stack([indices.to(device), torch.cat(labels)], dim=1)

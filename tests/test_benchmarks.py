@@ -10,8 +10,8 @@ import timm
 import torch
 
 import modeling_pretrain  # noqa: F401  (registers the pretrain_mae_* names with timm)
-import utils
 from masking_generator import random_masks
+from training import precision
 from training.performance import use_fastest_attention
 from training.wrapping import Wrapping, unwrap_model, wrap_model
 
@@ -133,7 +133,7 @@ def batch():
 
 
 def mae_loss(model: torch.nn.Module, imgs: torch.Tensor, masks: torch.Tensor, amp: str) -> float:
-    with torch.no_grad(), utils.autocast(imgs.device, amp):
+    with torch.no_grad(), precision.autocast(imgs.device, amp):
         pred = model(imgs, masks, int(masks[0].sum()))
         return float(unwrap_model(model).forward_loss(imgs, pred, masks))
 

@@ -14,6 +14,7 @@ from PIL import Image
 import modeling_pretrain  # noqa: F401
 import run_mae_pretraining
 import utils
+from training import precision
 from training.checkpoint import TrainingState
 from training.optimizer_state import load_optimizer_state
 from training.config import optimizer_of, resolve_pretraining, training_values
@@ -185,7 +186,7 @@ def test_only_the_updates_whose_norm_a_progress_line_shows_measure_it(accum_iter
     args.rank, args.world_size, args.amp = 0, 1, "none"
     model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=1, decoder_depth=1)
     optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
-    scaler = utils.make_grad_scaler(torch.device("cpu"), "none")
+    scaler = precision.make_grad_scaler(torch.device("cpu"), "none")
     imgs, masks = torch.randn(2, 3, 32, 32), torch.tensor([[True, True, True, False]] * 2)
     steps, measured = [], []
     total_norm = torch.nn.utils.get_total_norm

@@ -17,7 +17,7 @@ from PIL import Image
 import modeling_pretrain
 import run_class_finetuning
 import run_mae_pretraining
-import utils
+from training import precision
 from training.checkpoint import TrainingState
 from training.checkpoint_files import load_checkpoint, save_atomic
 from training.config import optimizer_of, resolve_pretraining, training_of
@@ -314,7 +314,7 @@ def test_500_steps_do_not_grow_process_memory(tmp_path):
     args = resolve_pretraining(args)  # one process on the CPU: rank 0 of 1, amp none
     model = timm.create_model("pretrain_mae_tiny_patch16_224", img_size=32, depth=1, decoder_depth=1)  # fast steps
     optimizer = create_optimizer(optimizer_of(args), model, torch.device("cpu"))
-    scaler = utils.make_grad_scaler(torch.device("cpu"), "none")
+    scaler = precision.make_grad_scaler(torch.device("cpu"), "none")
     imgs, mask = torch.randn(4, 3, 32, 32), torch.tensor([[True, True, True, False]] * 4)
     steps, rss = [], []
 

@@ -11,8 +11,9 @@ import torch
 
 from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
 from image_data.geometry import to_grid
+from training.precision import add_amp_arg
 from training.trackers import TRACKERS
-from utils import UsageError, add_amp_arg
+from utils import UsageError
 
 
 def add_schedule_args(parser: argparse.ArgumentParser, *, blr: float, min_lr: float, warmup_epochs: float) -> None:

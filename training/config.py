@@ -26,6 +26,7 @@ from evaluation.setup import Encoder, EvalLoading, LabelledData
 from image_data.augmentation import RGB
 from image_data.shard_names import is_shard_spec, shard_paths
 from optim_factory import OptimizerSettings
+from training import precision
 from training.checkpoint import Checkpointing
 from training.cli import one_size
 from training.config_file import resolved_config, write_config
@@ -65,7 +66,7 @@ def launch_values(args: argparse.Namespace) -> Dict[str, Any]:
     utils.check_device(args.device)
     launch = utils.launch_env(args.local_rank)
     return {"rank": launch.rank, "world_size": launch.world_size, "local_rank": launch.local_rank,
-            "distributed": launch.world_size > 1, "amp": utils.resolve_amp(args.amp, torch.device(args.device))}
+            "distributed": launch.world_size > 1, "amp": precision.resolve_amp(args.amp, torch.device(args.device))}
 
 
 def image_values(args: argparse.Namespace, saved: Mapping[str, Any]) -> Dict[str, Any]:

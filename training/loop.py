@@ -33,6 +33,7 @@ from training.epoch_position import EpochStart, epoch_start
 from training.lr_schedule import Schedule, lr_at, max_lr, set_learning_rate
 from training.nonfinite import FP16_NONFINITE_PATIENCE, NonFiniteWatch
 from training.performance import peak_flops
+from training.precision import autocast
 from training.preemption import Preempted, PreemptionWatch, Stopping, preemptible
 from training.progress import Progress
 from training.resume import Resuming, resume_training_state
@@ -44,7 +45,6 @@ from utils import (
     all_gather_floats,
     all_reduce_sum,
     append_log,
-    autocast,
     barrier,
     broadcast_from_main,
     format_eta,

@@ -13,7 +13,8 @@ from timm.models.vision_transformer import Block
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from utils import AMP_DTYPES, UsageError, get_world_size
+from training.precision import AMP_DTYPES
+from utils import UsageError, get_world_size
 
 FORWARD_METHODS = ("reconstruct", "encode")  # called outside forward (pictures, evaluation): FSDP gathers for them too
 
