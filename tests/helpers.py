@@ -1,5 +1,6 @@
 """What the tests share (tests import this module, never each other): the tiny runs' flags;
-launching tiny pretraining runs, one process or two under torchrun, and reading what they did
+launching tiny pretraining runs, one process, or two under torchrun or started one by one (each rank
+a process of the test's, as ``srun`` starts them), and reading what they did
 (every step's (epoch, index) keys and loss, ``recording``; exit codes); comparing checkpoints; a
 malicious pickle; a tiny MAE; IDX files written byte by byte."""
 import contextlib
@@ -184,18 +185,38 @@ class WritesAFile:
 FAULTER = REPO / "tests" / "fault_rank.py"
 
 
-def torchrun_logged(script_args: List[str], log_dir: Path, nproc: int = 2) -> List[str]:
-    """torchrun running ``fault_rank.py`` with each rank's stdout and stderr kept in ``log_dir``."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-            str(free_port()), "--log-dir", str(log_dir), "--redirects", "3", str(FAULTER), *script_args]
+def rank_environment(record_dir: Path, rank: int, nproc: int, port: int) -> dict:
+    """What torchrun exports to a worker, for a rank started on its own as ``srun`` starts one."""
+    return dict(environment(record_dir), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def run_faulted(command: List[str], record_dir: Path, fault: str = "", rank: int = 1, timeout: float = 300,
-                **env: str) -> subprocess.CompletedProcess:
-    """Run ``command`` with ``fault`` injected into rank ``rank``'s process (``fault_rank.py``)."""
+def run_ranks(script_args: List[str], record_dir: Path, fault: str = "", rank: int = 1, nproc: int = 2,
+              script: Path = FAULTER, timeout: float = 300, **env: str) -> List[Tuple[int, str]]:
+    """``nproc`` processes of ``script`` (``fault_rank.py``: ``fault`` injected into rank ``rank``),
+    each started by the test without a launcher's agent, so that nothing but the ranks themselves
+    ends them; every rank's (exit code, stdout + stderr) once all have ended."""
     record_dir.mkdir(parents=True, exist_ok=True)
-    environment_ = dict(environment(record_dir), FAULT=fault, FAULT_RANK=str(rank), **env)
-    return subprocess.run(command, env=environment_, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    port, logs, processes = free_port(), [], []
+    for index in range(nproc):
+        logs.append(open(record_dir / f"output_rank{index}.txt", "w+"))
+        environment_ = dict(rank_environment(record_dir, index, nproc, port), FAULT=fault, FAULT_RANK=str(rank),
+                            **env)
+        processes.append(subprocess.Popen([sys.executable, str(script), *script_args], env=environment_, cwd=REPO,
+                                          stdout=logs[-1], stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        pass  # a rank left waiting: killed, and its exit code (-9) and output fail the test's assertions
+    outputs = []
+    for process, log in zip(processes, logs):
+        process.kill()
+        log.seek(0)
+        outputs.append((process.wait(), log.read()))
+        log.close()
+    return outputs
 
 
 @contextlib.contextmanager
@@ -218,15 +239,6 @@ def exit_code_recorded() -> Iterator[None]:
 
 def exit_codes(record_dir: Path, nproc: int = 2) -> List[int]:
     return [int((record_dir / f"exit_rank{rank}").read_text()) for rank in range(nproc)]
-
-
-def rank_outputs(log_dir: Path, record_dir: Path, nproc: int = 2) -> List[Tuple[int, str]]:
-    """Every rank's (exit code, stdout + stderr) from ``torchrun_logged`` and ``fault_rank.py``."""
-    outputs = []
-    for rank, code in enumerate(exit_codes(record_dir, nproc)):
-        [folder] = list(log_dir.glob(f"*/attempt_0/{rank}"))
-        outputs.append((code, (folder / "stdout.log").read_text() + (folder / "stderr.log").read_text()))
-    return outputs
 
 
 def tiny_mae(img_size: int = 64, **kwargs) -> torch.nn.Module:

@@ -1,7 +1,8 @@
 """Under a launcher: extract features of a 7-sample dataset, then write which samples this rank
-loaded and what it gathered to knn_rank{RANK}.json in the working directory."""
+loaded and what it gathered to knn_rank{RANK}.json in $RECORD_DIR."""
 import json
 import os
+from pathlib import Path
 from typing import List, Tuple
 
 import torch
@@ -42,6 +43,6 @@ if __name__ == "__main__":
     features, labels = extract_features(MeanFeature(), dataset, batch_size=2, num_workers=0, device=device,
                                         amp="none", batch_transform=lambda imgs: imgs)
     report = {"loaded": dataset.loaded, "features": features[:, 0].tolist(), "labels": labels.tolist()}
-    with open(f"knn_rank{os.environ['RANK']}.json", "w") as handle:
+    with open(Path(os.environ["RECORD_DIR"]) / f"knn_rank{os.environ['RANK']}.json", "w") as handle:
         json.dump(report, handle)
     utils.cleanup_distributed()

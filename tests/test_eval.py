@@ -1,9 +1,6 @@
 """Evaluation protocols on CPU: weighted k-NN, LARS, the linear probe and reconstruction pictures."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ import run_synthetic_results
 import utils
 from evaluation.knn import knn_accuracy, knn_predict
 from optim_factory import create_lars
-from helpers import TINY_VIT, free_port
+from helpers import TINY_VIT, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,11 +48,8 @@ def test_knn_accuracy_counts_each_k():
 
 
 def test_features_of_an_odd_dataset_are_extracted_once_on_two_processes(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "knn_rank_features.py")]
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = run_ranks([], tmp_path, script=REPO / "tests" / "knn_rank_features.py", timeout=240)
+    assert [code for code, _ in outputs] == [0, 0], outputs
     reports = [json.loads((tmp_path / f"knn_rank{rank}.json").read_text()) for rank in range(2)]
     assert sorted(reports[0]["loaded"]) == [0, 2, 4, 6] and sorted(reports[1]["loaded"]) == [1, 3, 5]
     for report in reports:  # every rank holds all 7 features, in dataset order

@@ -1,5 +1,6 @@
 """One rank's trouble is every rank's decision. Each fault is injected into one rank's process
-(``tests/fault_rank.py``, no hooks in the product) on gloo, and the tests assert what every rank
+(``tests/fault_rank.py``, no hooks in the product) on gloo, each rank started on its own with
+torchrun's environment (no agent that would end the others), and the tests assert what every rank
 printed and how it exited: on NCCL a rank that leaves alone would leave the others waiting in their
 next collective, so every rank must stop at the same point with the cause, not a connection error.
 And the troubles of one process: a folder in use, Ctrl-C, a full disk, memory that runs out."""
@@ -28,11 +29,9 @@ from helpers import (
     PRETRAIN,
     finish,
     on_slurm,
-    rank_outputs,
-    run_faulted,
+    run_ranks,
     single,
     start,
-    torchrun_logged,
     wait_for_step,
 )
 from training import output_dir, sharded_checkpoint
@@ -49,10 +48,10 @@ def assert_every_rank(outputs, code: int, line: str) -> None:
 def test_a_nan_loss_on_one_rank_stops_every_rank_before_any_checkpoint_holds_it(tmp_path):
     """Rank 1's loss at epoch 0 step 1 (its 2nd micro-step) is NaN; a step checkpoint follows every
     update, so without the agreement rank 0 would write one from the poisoned weights."""
-    out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
-    run_faulted(torchrun_logged([*PRETRAIN, "--save_ckpt_steps", "1", "--output_dir", str(out)], logs), records,
-                "nan_loss", FAULT_STEP="1")
-    assert_every_rank(rank_outputs(logs, records), 1, "error: loss is not finite on rank 1 at epoch 0 step 1")
+    out = tmp_path / "out"
+    outputs = run_ranks([*PRETRAIN, "--save_ckpt_steps", "1", "--output_dir", str(out)], tmp_path / "records",
+                        "nan_loss", FAULT_STEP="1")
+    assert_every_rank(outputs, 1, "error: loss is not finite on rank 1 at epoch 0 step 1")
     checkpoint = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, 1)  # the update before the bad one
     assert all(bool(torch.isfinite(tensor).all()) for tensor in checkpoint["model"].values())
@@ -67,10 +66,10 @@ def test_a_shard_one_rank_cannot_read_stops_every_rank_with_exit_2_before_anythi
             info = tarfile.TarInfo(f"{index:03d}.jpg")
             info.size = len(buffer.getvalue())
             tar.addfile(info, io.BytesIO(buffer.getvalue()))
-    out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
-    run_faulted(torchrun_logged([*PRETRAIN, "--data_path", str(shard), "--output_dir", str(out)], logs), records,
-                "bad_shard")
-    assert_every_rank(rank_outputs(logs, records), 2, f"error: on rank 1: shard {shard} is truncated")
+    out = tmp_path / "out"
+    outputs = run_ranks([*PRETRAIN, "--data_path", str(shard), "--output_dir", str(out)], tmp_path / "records",
+                        "bad_shard")
+    assert_every_rank(outputs, 2, f"error: on rank 1: shard {shard} is truncated")
     assert not out.exists()
 
 
@@ -84,10 +83,8 @@ def trained(uninterrupted, tmp_path) -> Path:
 
 
 def test_a_checkpoint_one_rank_sees_damaged_stops_every_rank(trained, tmp_path):
-    logs, records = tmp_path / "logs", tmp_path / "records"
-    run_faulted(torchrun_logged([*PRETRAIN, "--epochs", "4", "--output_dir", str(trained)], logs), records,
-                "corrupt_read")
-    outputs = rank_outputs(logs, records)
+    outputs = run_ranks([*PRETRAIN, "--epochs", "4", "--output_dir", str(trained)], tmp_path / "records",
+                        "corrupt_read")
     assert_every_rank(outputs, 2, f"error: on rank 1: checkpoint {trained / 'checkpoint-last.pth'} is truncated or "
                                   "corrupt")
     assert all("do the ranks see the same file?" in text and "epoch 3" not in text for _, text in outputs)

@@ -23,13 +23,11 @@ from helpers import (
     final_state,
     finish,
     launched_pids,
-    rank_outputs,
     run,
-    run_faulted,
+    run_ranks,
     start,
     tiny_mae,
     torchrun,
-    torchrun_logged,
     wait_for_step,
 )
 from evaluation.online import rngs_kept
@@ -88,10 +86,10 @@ def test_killed_and_relaunched_with_evaluation_it_logs_the_scripts_figures_once_
      "error: the evaluation after epoch 0 failed (RunFailure: on rank 1: CUDA error: an illegal memory access"),
 ])
 def test_an_evaluation_failing_on_one_rank_stops_every_rank_after_the_epochs_checkpoint(fault, probe, line, tmp_path):
-    out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
-    command = torchrun_logged([*PRETRAIN, *ONLINE, "--eval_num_samples", "16", probe, "--output_dir", str(out)], logs)
-    run_faulted(command, records, fault)
-    for rank, (code, text) in enumerate(rank_outputs(logs, records)):
+    out = tmp_path / "out"
+    outputs = run_ranks([*PRETRAIN, *ONLINE, "--eval_num_samples", "16", probe, "--output_dir", str(out)],
+                        tmp_path / "records", fault)
+    for rank, (code, text) in enumerate(outputs):
         assert code == 1 and text.count(line) == 1 and "Traceback" not in text, f"rank {rank}:\n{text[-3000:]}"
     assert torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)["epoch"] == 0
     assert not (out / "log.txt").exists()  # the epoch's line waits for its evaluation

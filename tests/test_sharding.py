@@ -25,17 +25,15 @@ import run_mae_pretraining
 import utils
 from helpers import (
     PRETRAIN,
+    RECORDER,
     TINY_VIT,
     WritesAFile,
     finish,
     launched_pids,
-    rank_outputs,
     records,
-    run,
-    run_faulted,
+    run_ranks,
     start,
     torchrun,
-    torchrun_logged,
     wait_for_step,
 )
 from modeling_finetune import create_finetune_model, load_pretrained_encoder
@@ -55,7 +53,9 @@ def sharded(tmp_path_factory) -> Path:
     """The 2-process FSDP run (with activation checkpointing) of ``uninterrupted``'s command, with
     the evaluation during pretraining on."""
     out = tmp_path_factory.mktemp("sharded")
-    run(torchrun(out / "out", [*SHARDED, *ONLINE]), out / "records")
+    outputs = run_ranks([*PRETRAIN, *SHARDED, *ONLINE, "--output_dir", str(out / "out")], out / "records",
+                        script=RECORDER)
+    assert [code for code, _ in outputs] == [0, 0], outputs
     return out
 
 
@@ -195,12 +195,11 @@ def test_fsdp_finetuning_with_layer_decay_and_dist_eval_counts_each_image_once_a
     """17 evaluation images on 2 processes, 4 a batch: 3 batches on rank 0, 2 on rank 1, whose
     sharded model must still join rank 0's third all-gather; every image counted once, and the
     figures those one process gets from the same weights."""
-    out, logs, records = tmp_path / "out", tmp_path / "logs", tmp_path / "records"
+    out = tmp_path / "out"
     data = [*TINY_VIT, "--num_samples", "17", "--batch_size", "4"]
     argv = [*data, "--epochs", "1", "--layer_decay", "0.75", "--fsdp", "--grad_checkpointing", "--dist_eval",
             "--output_dir", str(out)]
-    run_faulted(torchrun_logged(argv, logs), records, timeout=240, FAULT_SCRIPT="run_class_finetuning")
-    outputs = rank_outputs(logs, records)
+    outputs = run_ranks(argv, tmp_path / "records", timeout=240, FAULT_SCRIPT="run_class_finetuning")
     assert [code for code, _ in outputs] == [0, 0] and not any("Traceback" in text for _, text in outputs), outputs
     assert "top-1" in outputs[0][1] and (out / "checkpoint-best").is_symlink() and (out / "checkpoint-0").is_dir()
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
