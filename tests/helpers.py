@@ -191,32 +191,40 @@ def rank_environment(record_dir: Path, rank: int, nproc: int, port: int) -> dict
                 LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def start_ranks(script_args: List[str], record_dir: Path, script: Path = FAULTER, nproc: int = 2,
+                pipe_first: bool = True, **env: str) -> List[subprocess.Popen]:
+    """``nproc`` processes of ``script``, each started here without a launcher's agent (so nothing
+    but the ranks themselves ends them) in a session of its own (``os.killpg`` on its pid reaches
+    its loader workers too); rank 0's output is its ``stdout`` to read when ``pipe_first``, the
+    others' (all, otherwise) go to ``record_dir/output_rank{R}.txt``."""
+    record_dir.mkdir(parents=True, exist_ok=True)
+    port, processes = free_port(), []
+    for index in range(nproc):
+        output = subprocess.PIPE if pipe_first and index == 0 else open(record_dir / f"output_rank{index}.txt", "w")
+        processes.append(subprocess.Popen([sys.executable, str(script), *script_args], cwd=REPO, stdout=output,
+                                          stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                          env=dict(rank_environment(record_dir, index, nproc, port), **env)))
+        if output is not subprocess.PIPE:
+            output.close()  # the process has its own copy
+    return processes
+
+
 def run_ranks(script_args: List[str], record_dir: Path, fault: str = "", rank: int = 1, nproc: int = 2,
               script: Path = FAULTER, timeout: float = 300, **env: str) -> List[Tuple[int, str]]:
-    """``nproc`` processes of ``script`` (``fault_rank.py``: ``fault`` injected into rank ``rank``),
-    each started by the test without a launcher's agent, so that nothing but the ranks themselves
-    ends them; every rank's (exit code, stdout + stderr) once all have ended."""
-    record_dir.mkdir(parents=True, exist_ok=True)
-    port, logs, processes = free_port(), [], []
-    for index in range(nproc):
-        logs.append(open(record_dir / f"output_rank{index}.txt", "w+"))
-        environment_ = dict(rank_environment(record_dir, index, nproc, port), FAULT=fault, FAULT_RANK=str(rank),
-                            **env)
-        processes.append(subprocess.Popen([sys.executable, str(script), *script_args], env=environment_, cwd=REPO,
-                                          stdout=logs[-1], stderr=subprocess.STDOUT))
+    """``start_ranks`` of ``script`` (``fault_rank.py``: ``fault`` injected into rank ``rank``), and
+    every rank's (exit code, stdout + stderr) once all have ended."""
+    processes = start_ranks(script_args, record_dir, script, nproc, pipe_first=False, FAULT=fault,
+                            FAULT_RANK=str(rank), **env)
     deadline = time.monotonic() + timeout
     try:
         for process in processes:
             process.wait(timeout=max(deadline - time.monotonic(), 1))
     except subprocess.TimeoutExpired:
         pass  # a rank left waiting: killed, and its exit code (-9) and output fail the test's assertions
-    outputs = []
-    for process, log in zip(processes, logs):
+    for process in processes:
         process.kill()
-        log.seek(0)
-        outputs.append((process.wait(), log.read()))
-        log.close()
-    return outputs
+    return [(process.wait(), (record_dir / f"output_rank{index}.txt").read_text())
+            for index, process in enumerate(processes)]
 
 
 @contextlib.contextmanager

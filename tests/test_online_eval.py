@@ -19,15 +19,13 @@ import run_knn_eval
 import run_linear_probe
 from helpers import (
     PRETRAIN,
+    RECORDER,
     assert_bitwise_equal,
     final_state,
     finish,
-    launched_pids,
-    run,
     run_ranks,
-    start,
+    start_ranks,
     tiny_mae,
-    torchrun,
     wait_for_step,
 )
 from evaluation.online import rngs_kept
@@ -57,16 +55,18 @@ def test_killed_and_relaunched_with_evaluation_it_logs_the_scripts_figures_once_
     """2 processes, each evaluated epoch's features split between them; killed (SIGKILL, the whole
     run) in epoch 1, once epoch 0 was evaluated and logged, then relaunched."""
     out, records = tmp_path / "out", tmp_path / "records"
-    process = start(torchrun(out, ONLINE), records)
+    command = [*PRETRAIN, *ONLINE, "--output_dir", str(out)]
+    processes = start_ranks(command, records, script=RECORDER)
     seen: List[str] = []
-    wait_for_step(process, epoch=1, step=1, seen=seen)
-    for pid in launched_pids(process.pid):  # torchrun starts each worker in a session of its own
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(process.pid, signal.SIGKILL)
-    first = finish(process, seen)
+    wait_for_step(processes[0], epoch=1, step=1, seen=seen)
+    for process in processes:  # each rank and its loader worker
+        os.killpg(process.pid, signal.SIGKILL)
+    first = finish(processes[0], seen)
     assert first.count("evaluation after epoch 0:") == 1, first[-3000:]
     assert [line["epoch"] for line in log_lines(out)] == [0]
-    relaunch = run(torchrun(out, ONLINE), records)
+    outputs = run_ranks(command, records, script=RECORDER)
+    relaunch = outputs[0][1]
+    assert [code for code, _ in outputs] == [0, 0], outputs
     assert "at epoch 1" in relaunch and "evaluation after epoch 0" not in relaunch, relaunch[-3000:]
     assert relaunch.count("evaluation after epoch 1:") == 1, relaunch[-3000:]
     logged = log_lines(out)
