@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import run_mae_pretraining
-from helpers import PRETRAIN, environment, finish, start, usage_error_of, wait_for_step
+from helpers import PRETRAIN, environment, start, usage_error_of, wait_for_step
 
 def tracked_env(tmp_path: Path, uri: str) -> dict:
     return dict(environment(tmp_path / "record"), WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_TRACKING_URI=uri,
@@ -20,22 +20,25 @@ def checkpoint_runs(out: Path) -> dict:
     return torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)["tracker_runs"]
 
 
-def test_wandb_offline_and_mlflow_survive_a_kill_and_resume_into_the_same_runs(tmp_path, mlflow_server):
+def test_wandb_offline_and_mlflow_survive_a_kill_and_resume_into_the_same_runs(tmp_path, mlflow_server, monkeypatch,
+                                                                              capsys):
+    """The killed run is a process of its own; the relaunch runs in this one."""
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "out"
-    command = [sys.executable, "run_mae_pretraining.py", *PRETRAIN, "--report_to", "tensorboard", "wandb", "mlflow",
-               "--output_dir", str(out)]
+    argv = [*PRETRAIN, "--report_to", "tensorboard", "wandb", "mlflow", "--output_dir", str(out)]
     env = tracked_env(tmp_path, mlflow_server.uri)
-    seen = []
-    process = start(command, tmp_path / "record", env=env)
-    wait_for_step(process, epoch=0, step=5, seen=seen)  # after the step checkpoint of the third update
+    process = start([sys.executable, "run_mae_pretraining.py", *argv], tmp_path / "record", env=env)
+    wait_for_step(process, epoch=0, step=5, seen=[])  # after the step checkpoint of the third update
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     killed_at = checkpoint_runs(out)
-    relaunched = start(command, tmp_path / "record", env=env)
-    output = finish(relaunched, [])
-    assert relaunched.returncode == 0 and "warning" not in output, output[-3000:]
+    for name in ("WANDB_MODE", "WANDB_SILENT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.setenv(name, env[name])
+    capsys.readouterr()
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(argv))
+    output = "".join(capsys.readouterr())
+    assert "resumed from" in output and "warning" not in output, output[-3000:]
     runs = checkpoint_runs(out)
     assert runs == killed_at and set(runs) == {"wandb", "mlflow"}
     # W&B: one offline folder per launch, both of the same run
