@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+import engine_for_pretraining
 import run_class_finetuning
 import run_knn_eval
 import run_mae_pretraining
+import utils
 from training.epoch_position import EpochStart, epoch_start
 from helpers import (
     usage_error,
@@ -28,7 +30,6 @@ from helpers import (
     launched_pids,
     on_slurm,
     run,
-    single,
     start,
     torchrun,
     wait_for_step,
@@ -67,19 +68,36 @@ def test_ctrl_c_under_torchrun_and_again_while_saving_stops_once_and_the_relaunc
         assert_bitwise_equal(straight, resumed)
 
 
-def test_requeue_asks_slurm_to_requeue_the_job_after_the_checkpoint(tmp_path):
-    """SLURM's ``--signal=USR1@120`` warning: exit 138 (128 + 10) once the step is saved, and a
-    stand-in ``scontrol`` records how it was called."""
+def test_requeue_asks_slurm_to_requeue_the_job_after_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """SLURM's ``--signal=USR1@120`` warning, here sent to this process during the second step (the
+    handler and the agreement are every rank's same code): exit 138 (128 + 10) once the step is
+    saved, and a stand-in ``scontrol`` records how it was called."""
     env = on_slurm(tmp_path / "r", tmp_path / "bin")
-    process = start(single(tmp_path / "out", ["--requeue"]), tmp_path / "r", env=env)
-    seen: List[str] = []
-    wait_for_step(process, epoch=0, step=2, seen=seen)
-    process.send_signal(signal.SIGUSR1)
-    output = finish(process, seen)
-    assert process.returncode == 138 and "stopping on SIGUSR1 after epoch 0 step" in output, output[-3000:]
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("SLURM_JOB_ID", env["SLURM_JOB_ID"])
+    loss, steps = engine_for_pretraining.reconstruction_loss, []
+
+    def signalled_in_the_second_step(*args, **kwargs):
+        loss_fn = loss(*args, **kwargs)
+
+        def loss_then_signal(batch):
+            steps.append(len(steps))
+            if len(steps) == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return loss_fn(batch)
+
+        return loss_then_signal
+
+    monkeypatch.setattr(engine_for_pretraining, "reconstruction_loss", signalled_in_the_second_step)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(
+            [*PRETRAIN, "--num_workers", "0", "--requeue", "--output_dir", str(out)]))
+    output = capsys.readouterr().out
+    assert exit_info.value.code == 138 and "stopping on SIGUSR1 after epoch 0 step 2/8" in output, output[-3000:]
     assert (tmp_path / "bin" / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     assert "SLURM job 4242 requeued" in output
-    assert (tmp_path / "out" / "checkpoint-last.pth").is_file()
+    assert torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)["step"] == 2
 
 
 def test_max_image_pixels_lets_large_images_in(tmp_path):
