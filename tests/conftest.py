@@ -23,11 +23,13 @@ def device(request) -> torch.device:
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory) -> Path:
     """The 2-process (DDP) pretraining run that interrupted and sharded 2-process runs are
-    compared with, its recorded steps (``helpers.records``) and each rank's final weights."""
-    from helpers import run, torchrun
+    compared with, its recorded steps (``helpers.records``) and each rank's final weights; its
+    ranks started one by one (the runs under torchrun must end where it ends)."""
+    from helpers import PRETRAIN, RECORDER, run_ranks
 
     out = tmp_path_factory.mktemp("straight")
-    run(torchrun(out / "out"), out / "records")
+    outputs = run_ranks([*PRETRAIN, "--output_dir", str(out / "out")], out / "records", script=RECORDER)
+    assert [code for code, _ in outputs] == [0, 0], outputs
     return out
 
 

@@ -231,7 +231,7 @@ def test_resuming_an_unfused_optimizer_state_keeps_the_fused_kernel_and_the_traj
     torch.testing.assert_close(resumed.state_dict(), saved.state_dict())
 
 
-def test_torchrun_two_processes_end_with_identical_weights(uninterrupted):
+def test_two_ddp_processes_end_with_identical_weights(uninterrupted):
     """DDP keeps the ranks' weights equal: each rank of the shared 2-process run saved its own."""
     states = [torch.load(uninterrupted / "records" / f"weights_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert states[0].keys() == states[1].keys()
