@@ -1,13 +1,16 @@
 """What the tests share (tests import this module, never each other): the tiny runs' flags;
-launching tiny pretraining runs, one process, or two under torchrun or started one by one (each rank
-a process of the test's, as ``srun`` starts them), and reading what they did
+launching tiny pretraining runs, one process, two under torchrun, or ranks forked from a fork server
+that imported the scripts once (``start_ranks``: torchrun's environment, no agent), and reading what they did
 (every step's (epoch, index) keys and loss, ``recording``; exit codes); comparing checkpoints; a
 malicious pickle; a tiny MAE; IDX files written byte by byte."""
+import atexit
 import contextlib
 import gzip
 import json
+import multiprocessing
 import os
 import re
+import runpy
 import signal
 import socket
 import struct
@@ -16,7 +19,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -84,9 +87,10 @@ def start(command: List[str], record_dir: Path, env: dict = None) -> subprocess.
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def wait_for_step(process: subprocess.Popen, epoch: int, step: int, seen: List[str]) -> None:
-    """Read the run's output until the progress line of ``epoch`` ``step`` (1-based)."""
-    for line in process.stdout:
+def wait_for_step(lines: Iterable[str], epoch: int, step: int, seen: List[str]) -> None:
+    """Read a run's output (a process's ``stdout``, or ``follow``) until the progress line of
+    ``epoch`` ``step`` (1-based)."""
+    for line in lines:
         seen.append(line)
         match = PROGRESS.match(line)
         if match and (int(match[1]), int(match[2])) >= (epoch, step):
@@ -191,39 +195,90 @@ def rank_environment(record_dir: Path, rank: int, nproc: int, port: int) -> dict
                 LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def start_ranks(script_args: List[str], record_dir: Path, script: Path = FAULTER, nproc: int = 2,
-                pipe_first: bool = True, **env: str) -> List[subprocess.Popen]:
-    """``nproc`` processes of ``script``, each started here without a launcher's agent (so nothing
-    but the ranks themselves ends them) in a session of its own (``os.killpg`` on its pid reaches
-    its loader workers too); rank 0's output is its ``stdout`` to read when ``pipe_first``, the
-    others' (all, otherwise) go to ``record_dir/output_rank{R}.txt``."""
+# what a rank's process imports before its script runs: a forked rank skips these imports (about 3 s)
+RANK_PRELOAD = ["torch", "timm", "run_mae_pretraining", "run_class_finetuning", "helpers"]
+
+
+def forked_ranks() -> multiprocessing.context.BaseContext:
+    """A fork server: a fresh interpreter that imported ``RANK_PRELOAD`` and nothing else, started
+    once a session (beside the tests that run meanwhile); each rank of ``run_ranks`` is a fork of
+    it that then runs its script as ``__main__`` (``become_rank``), as a new process would after
+    those imports."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(RANK_PRELOAD)
+    return context
+
+
+def become_rank(script: str, argv: List[str], env: dict, log: str) -> None:
+    """In a forked rank: a session of its own, stdout and stderr to ``log`` line by line, the
+    launcher's environment and threads and a new process's start method (fork, for its loader
+    workers), then the script, and the exit hooks an interpreter runs at its end (the scripts':
+    loader workers left by a crash); then multiprocessing ends the process with the script's exit code."""
+    os.setsid()
+    handle = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(handle, 1)
+    os.dup2(handle, 2)
+    os.close(handle)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(REPO)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    multiprocessing.set_start_method("fork", force=True)
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()
+
+
+def start_ranks(script_args: List[str], record_dir: Path, fault: str = "", rank: int = 1, nproc: int = 2,
+                script: Path = FAULTER, **env: str) -> List[multiprocessing.Process]:
+    """``nproc`` ranks of ``script`` (``fault_rank.py``: ``fault`` injected into rank ``rank``),
+    forked (``forked_ranks``) with torchrun's environment and no launcher's agent, so nothing but
+    the ranks themselves ends them; each one's output goes to ``record_dir/output_rank{R}.txt``."""
     record_dir.mkdir(parents=True, exist_ok=True)
-    port, processes = free_port(), []
+    port, context, processes = free_port(), forked_ranks(), []
     for index in range(nproc):
-        output = subprocess.PIPE if pipe_first and index == 0 else open(record_dir / f"output_rank{index}.txt", "w")
-        processes.append(subprocess.Popen([sys.executable, str(script), *script_args], cwd=REPO, stdout=output,
-                                          stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                          env=dict(rank_environment(record_dir, index, nproc, port), **env)))
-        if output is not subprocess.PIPE:
-            output.close()  # the process has its own copy
+        log = record_dir / f"output_rank{index}.txt"
+        log.write_text("")  # there to be followed from the start
+        environment_ = dict(rank_environment(record_dir, index, nproc, port), FAULT=fault, FAULT_RANK=str(rank), **env)
+        processes.append(context.Process(target=become_rank, args=(str(script), list(script_args), environment_,
+                                                                  str(log))))
+        processes[-1].start()
     return processes
+
+
+def follow(log: Path, process: multiprocessing.Process) -> Iterator[str]:
+    """The lines of a forked rank's output as it writes them, until it has ended."""
+    with open(log) as handle:
+        pending = ""
+        while True:
+            pending += handle.readline()
+            if pending.endswith("\n"):
+                yield pending
+                pending = ""
+            elif not process.is_alive():
+                rest = pending + handle.read()
+                yield from rest.splitlines(keepends=True)
+                return
+            else:
+                time.sleep(0.02)
 
 
 def run_ranks(script_args: List[str], record_dir: Path, fault: str = "", rank: int = 1, nproc: int = 2,
               script: Path = FAULTER, timeout: float = 300, **env: str) -> List[Tuple[int, str]]:
-    """``start_ranks`` of ``script`` (``fault_rank.py``: ``fault`` injected into rank ``rank``), and
-    every rank's (exit code, stdout + stderr) once all have ended."""
-    processes = start_ranks(script_args, record_dir, script, nproc, pipe_first=False, FAULT=fault,
-                            FAULT_RANK=str(rank), **env)
+    """``start_ranks``, and every rank's (exit code, stdout + stderr) once all have ended."""
+    processes = start_ranks(script_args, record_dir, fault, rank, nproc, script, **env)
     deadline = time.monotonic() + timeout
-    try:
-        for process in processes:
-            process.wait(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-        pass  # a rank left waiting: killed, and its exit code (-9) and output fail the test's assertions
     for process in processes:
-        process.kill()
-    return [(process.wait(), (record_dir / f"output_rank{index}.txt").read_text())
+        process.join(timeout=max(deadline - time.monotonic(), 1))
+    for process in processes:  # a rank left waiting: killed, and its exit code (-9) and output fail the test
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return [(process.exitcode, (record_dir / f"output_rank{index}.txt").read_text())
             for index, process in enumerate(processes)]
 
 

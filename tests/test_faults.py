@@ -122,7 +122,7 @@ def test_a_second_launch_on_a_folder_in_use_exits_2_naming_the_holder_and_ctrl_c
     out, seen = tmp_path / "out", []
     first = start(single(out, ["--epochs", "50", "--save_ckpt_steps", "1", "--requeue"]), tmp_path / "r1",
                   env=on_slurm(tmp_path / "r1", tmp_path / "bin"))
-    wait_for_step(first, epoch=0, step=1, seen=seen)
+    wait_for_step(first.stdout, epoch=0, step=1, seen=seen)
     with pytest.raises(SystemExit) as exit_info:
         utils.exit_on_usage_error(run_mae_pretraining.main, run_mae_pretraining.get_args_parser().parse_args(
             [*PRETRAIN, "--num_workers", "0", "--output_dir", str(out)]))

@@ -22,7 +22,7 @@ from helpers import (
     RECORDER,
     assert_bitwise_equal,
     final_state,
-    finish,
+    follow,
     run_ranks,
     start_ranks,
     tiny_mae,
@@ -57,11 +57,12 @@ def test_killed_and_relaunched_with_evaluation_it_logs_the_scripts_figures_once_
     out, records = tmp_path / "out", tmp_path / "records"
     command = [*PRETRAIN, *ONLINE, "--output_dir", str(out)]
     processes = start_ranks(command, records, script=RECORDER)
-    seen: List[str] = []
-    wait_for_step(processes[0], epoch=1, step=1, seen=seen)
+    wait_for_step(follow(records / "output_rank0.txt", processes[0]), epoch=1, step=1, seen=[])
     for process in processes:  # each rank and its loader worker
         os.killpg(process.pid, signal.SIGKILL)
-    first = finish(processes[0], seen)
+    for process in processes:
+        process.join()
+    first = (records / "output_rank0.txt").read_text()
     assert first.count("evaluation after epoch 0:") == 1, first[-3000:]
     assert [line["epoch"] for line in log_lines(out)] == [0]
     outputs = run_ranks(command, records, script=RECORDER)

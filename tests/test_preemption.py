@@ -44,7 +44,7 @@ def test_ctrl_c_under_torchrun_and_again_while_saving_stops_once_and_the_relaunc
     same path: test_shards stops a 2-process run with one.)"""
     process = start(torchrun(tmp_path / "out"), tmp_path / "records")
     seen: List[str] = []
-    wait_for_step(process, epoch=1, step=1, seen=seen)
+    wait_for_step(process.stdout, epoch=1, step=1, seen=seen)
     workers = launched_pids(process.pid)
     os.killpg(process.pid, signal.SIGINT)
     for _ in range(30):  # through the step's end, the agreement, the save and the exit

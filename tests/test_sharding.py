@@ -99,7 +99,7 @@ def test_a_worker_killed_under_an_elastic_torchrun_resumes_the_sharded_step_chec
     out = tmp_path / "out"
     process = start(torchrun(out, SHARDED, launcher=["--max-restarts", "1"]), tmp_path / "records")
     seen = []
-    wait_for_step(process, epoch=1, step=3, seen=seen)
+    wait_for_step(process.stdout, epoch=1, step=3, seen=seen)
     worker = launched_pids(process.pid)[-1]
     for pid in (worker, *launched_pids(worker)):  # and its loader worker, which holds its sockets open
         os.kill(pid, signal.SIGKILL)

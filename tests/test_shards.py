@@ -289,7 +289,7 @@ def test_a_shard_run_stopped_on_two_processes_and_resumed_on_one_trains_every_sa
     extra = ["--data_path", pattern, "--shuffle_window", "2"]
     process = start(torchrun(tmp_path / "out", extra), tmp_path / "two")
     seen: List[str] = []
-    wait_for_step(process, epoch=0, step=1, seen=seen)
+    wait_for_step(process.stdout, epoch=0, step=1, seen=seen)
     process.send_signal(signal.SIGTERM)
     output = finish(process, seen)
     checkpoint = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=True)

@@ -29,7 +29,7 @@ def test_wandb_offline_and_mlflow_survive_a_kill_and_resume_into_the_same_runs(t
     argv = [*PRETRAIN, "--report_to", "tensorboard", "wandb", "mlflow", "--output_dir", str(out)]
     env = tracked_env(tmp_path, mlflow_server.uri)
     process = start([sys.executable, "run_mae_pretraining.py", *argv], tmp_path / "record", env=env)
-    wait_for_step(process, epoch=0, step=5, seen=[])  # after the step checkpoint of the third update
+    wait_for_step(process.stdout, epoch=0, step=5, seen=[])  # after the step checkpoint of the third update
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     killed_at = checkpoint_runs(out)
