@@ -12,16 +12,16 @@ import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from image_data.augmentation import RGB, Crops, build_pil_pretraining_transform, build_tensor_pretraining_transform
 from image_data.device_decoder import RandomCropBox, read_encoded
-from image_data.epoch_order import PermutationOrder, ShardWindowOrder
+from image_data.epoch_order import EpochOrder, EpochSampler, PermutationOrder, ShardWindowOrder
 from image_data.files import (
     DEFAULT_MAX_IMAGE_PIXELS,
     NoReadableImageError,
@@ -38,6 +38,8 @@ from image_data.files import (
 )
 from image_data.geometry import to_grid
 from image_data.idx import SPLIT_FILES, IdxImages, idx_path, read_idx, read_split
+from image_data.remote_loading import RemoteLoading, remote_loading
+from image_data.shard_cache import CacheSettings
 from image_data.shard_names import is_shard_spec
 from image_data.shards import ShardCatalog, ShardImages, catalog_shards
 from image_data.synthetic import SYNTHETIC_NUM_CLASSES, synthetic_split
@@ -118,10 +120,12 @@ def build_pretraining_dataset(
     in_chans: int = RGB,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     index_dir: Optional[str] = None,
+    cache: Optional[CacheSettings] = None,
 ) -> Dataset:
     """``(image, label)`` samples, augmented (3, H, W) uint8 images; ``num_samples`` keeps only
     the first N; the labels go unused. ``data_path`` is a folder or tar shards
-    (``image_data.shards``), whose indexes go under ``index_dir`` where their folder is read-only.
+    (``image_data.shards``), whose indexes go under ``index_dir`` where their folder is read-only, and
+    which are read through ``cache`` in object storage.
 
     Images stay uint8 until ``image_data.augmentation.normalize_on_device``; the synthetic set is its training
     split, the images finetuning also trains on, and is drawn, so it has no files to decode.
@@ -136,7 +140,7 @@ def build_pretraining_dataset(
     elif data_set == "image_folder":
         require_data_path(data_set, data_path)
         if is_shard_spec(data_path):
-            return shard_images(catalog_shards(data_path, index_dir), transform, loader, num_samples)
+            return shard_images(catalog_shards(data_path, index_dir, cache), transform, loader, num_samples)
         dataset = build_image_folder(data_path, transform, loader)
     elif data_set in IDX_SETS:
         require_data_path(data_set, data_path)
@@ -191,6 +195,7 @@ def build_classification_dataset(
     in_chans: int = RGB,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     index_dir: Optional[str] = None,
+    cache: Optional[CacheSettings] = None,
 ) -> Tuple[Dataset, int]:
     """The train or evaluation split of a labelled dataset and its number of classes (for tar
     shards, the largest label + 1).
@@ -216,7 +221,7 @@ def build_classification_dataset(
         raise ValueError(f"unknown data_set {data_set!r}; choose from {', '.join(CLASSIFICATION_SETS)}")
     root = classification_root(data_set, is_train, data_path, eval_data_path)
     if is_shard_spec(root):
-        catalog = catalog_shards(root, index_dir)
+        catalog = catalog_shards(root, index_dir, cache)
         return shard_images(catalog, transform, file_loader(in_chans, max_pixels), num_samples), catalog.num_classes(root)
     folder = labelled_folder(root, transform, file_loader(in_chans, max_pixels))
     return first_samples(SkipUnreadable(folder), num_samples), len(folder.classes)
@@ -235,7 +240,7 @@ def classification_root(data_set: str, is_train: bool, data_path: str, eval_data
 
 
 def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], eval_data_path: Optional[str],
-                  index_dir: Optional[str] = None) -> int:
+                  index_dir: Optional[str] = None, cache: Optional[CacheSettings] = None) -> int:
     """A labelled split's number of classes from its class folders alone, without listing its
     images (for tar shards, the largest label + 1, from their indexes); the same errors as
     ``build_classification_dataset`` for a missing folder or a bad shard."""
@@ -251,7 +256,7 @@ def count_classes(data_set: str, is_train: bool, *, data_path: Optional[str], ev
         return int(labels.max()) + 1 if len(labels) else 0
     root = classification_root(data_set, is_train, data_path, eval_data_path)
     if is_shard_spec(root):
-        return catalog_shards(root, index_dir).num_classes(root)
+        return catalog_shards(root, index_dir, cache).num_classes(root)
     return len(class_folders(root))
 
 
@@ -294,48 +299,6 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-EpochOrder = Union[PermutationOrder, ShardWindowOrder]
-POSITIONS_PER_DRAW = 4096  # positions turned into indices at a time, so a rank's share is never held whole
-
-
-class EpochSampler(Sampler):
-    """``(index, epoch)`` keys for ``SeededSamples``: rank r of W takes positions r, r + W, ... of
-    the epoch's global order (``image_data.epoch_order``), with ``drop_last``.
-
-    So the first S steps of B images per rank cover exactly positions [0, S * B * W) of the global
-    order, whatever W is: an epoch resumed at ``samples_done`` continues with the positions after
-    it, on any number of processes, none seen twice and none dropped but the tail that fills no
-    global batch, which every epoch drops. The keys are computed a few thousand at a time.
-    """
-
-    def __init__(self, order: EpochOrder, num_replicas: int, rank: int) -> None:
-        self.order = order
-        self.num_samples = order.num_samples
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch, self.samples_done = 0, 0
-
-    def set_epoch(self, epoch: int, samples_done: int = 0) -> None:
-        """The next pass is ``epoch``'s, from position ``samples_done`` of its global order."""
-        self.epoch, self.samples_done = epoch, samples_done
-
-    def __len__(self) -> int:
-        """A whole epoch's samples per rank."""
-        return self.num_samples // self.num_replicas
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch, start = self.epoch, self.samples_done
-        self.samples_done = 0  # a resumed epoch's start applies to one pass only
-        return self.keys(epoch, start)
-
-    def keys(self, epoch: int, start: int) -> Iterator[Tuple[int, int]]:
-        per_rank = (self.num_samples - start) // self.num_replicas
-        for first in range(0, per_rank, POSITIONS_PER_DRAW):
-            steps = np.arange(first, min(per_rank, first + POSITIONS_PER_DRAW))  # this rank's k-th positions
-            positions = start + self.rank + steps * self.num_replicas
-            for index in self.order.indices(epoch, positions).tolist():
-                yield index, epoch
-
-
 def epoch_order(dataset: Dataset, seed: int, shuffle_window: int) -> EpochOrder:
     """Windows of ``shuffle_window`` shards for tar shards, ``torch.randperm`` for the rest."""
     shards = wrapped(dataset, ShardImages)
@@ -347,6 +310,16 @@ def epoch_order(dataset: Dataset, seed: int, shuffle_window: int) -> EpochOrder:
 class EpochLoader(DataLoader):
     """The training loader as the loop uses it (``training.loop.EpochLoader``): an epoch starts at a
     position of its order (``EpochSampler``), and its unreadable images are counted (``SkipUnreadable``)."""
+
+    def __init__(self, *args, remote: Optional[RemoteLoading] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.remote = remote
+
+    def __iter__(self):  # shards in object storage: prefetched, a failed fetch stopping every rank
+        if self.remote is None:
+            return super().__iter__()
+        return self.remote.batches(super().__iter__, epoch=self.sampler.epoch, start=self.sampler.samples_done,
+                                   global_batch=self.batch_size * self.sampler.num_replicas)
 
     def start_epoch(self, epoch: int, samples_done: int = 0) -> None:
         """Serve ``epoch``, leaving out the ``samples_done`` positions of its global order that a
@@ -388,6 +361,7 @@ def build_train_loader(dataset: Dataset, loading: Loading, collate_fn: Optional[
     order = epoch_order(dataset, loading.seed, loading.shuffle_window)
     return EpochLoader(
         seeded,
+        remote=remote_loading(dataset, order, loading.shuffle_window),
         batch_size=loading.batch_size,
         sampler=EpochSampler(order, loading.world_size, loading.rank),
         num_workers=loading.num_workers,

@@ -10,7 +10,9 @@ shard is written under a temporary name and renamed when complete, with its inde
 every shard is written; run again, an unfinished conversion starts over.
 
 ``--index SHARDS`` only indexes existing shards (Hugging Face's ``-wds`` downloads, say), in
-``--num_workers`` processes, so that the first training run does not have to.
+``--num_workers`` processes, so that the first training run does not have to; shards in object
+storage (``s3://BUCKET/PREFIX/``, ...) are read through a cache under ``--output_dir`` and get their
+index uploaded beside them.
 """
 import argparse
 import io
@@ -25,8 +27,10 @@ import numpy as np
 
 import utils
 from image_data.files import class_folders, find_images, has_class_folders
+from image_data.remote import is_remote, upload
+from image_data.shard_index import INDEX_SUFFIX, LABEL_EXTENSION, build_index, shard_stamp, write_index
 from image_data.shard_names import shard_paths
-from image_data.shards import INDEX_SUFFIX, LABEL_EXTENSION, build_index, catalog_shards, write_index
+from image_data.shards import catalog_shards
 from training.config_file import ConfigArgumentParser
 
 
@@ -80,7 +84,7 @@ def write_shard(path: Path, samples: Sequence[Tuple[int, str, Optional[int]]]) -
                 add_member(tar, f"{key}{Path(source).suffix.lower()}", Path(source).read_bytes())
                 if label is not None:
                     add_member(tar, f"{key}.{LABEL_EXTENSION}", f"{label}\n".encode())
-    write_index(build_index(str(path)), str(path), str(path) + INDEX_SUFFIX)
+    write_index(build_index(str(path)), shard_stamp(str(path)), str(path) + INDEX_SUFFIX)
     return path.stat().st_size
 
 
@@ -122,10 +126,14 @@ def convert(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def index_shard(shard_and_dir: Tuple[str, Optional[str]]) -> Union[int, str]:
-    """Index one shard (a worker's job): its sample count, or what is wrong with it."""
+    """Index one shard (a worker's job): its sample count, or what is wrong with it. The index of
+    a shard in object storage is uploaded beside it, where every run's catalog finds it."""
     shard, index_dir = shard_and_dir
     try:
-        return int(catalog_shards(shard, index_dir).counts[0])
+        catalog = catalog_shards(shard, index_dir)
+        if is_remote(shard):
+            upload(catalog.index_paths[0], shard + INDEX_SUFFIX)
+        return int(catalog.counts[0])
     except utils.UsageError as error:
         return str(error)
 

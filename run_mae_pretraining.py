@@ -43,6 +43,7 @@ from training.config import (
     optimizer_of,
     process_group_of,
     resolve_pretraining,
+    shard_cache_of,
     training_of,
     wrapping_of,
 )
@@ -122,7 +123,7 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
         dataset = build_pretraining_dataset(
             args.data_set, args.data_path, Crops(args.input_size, tuple(args.crop_scale), args.hflip),
             num_samples=args.num_samples, decoder=args.decoder, in_chans=args.in_chans,
-            max_pixels=args.max_image_pixels, index_dir=args.output_dir,
+            max_pixels=args.max_image_pixels, index_dir=args.output_dir, cache=shard_cache_of(args),
         )
         check_readable(dataset)
     except (FileNotFoundError, ValueError) as found:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from image_data.augmentation import BatchTransform, eval_transform
 from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
+from image_data.shard_cache import CacheSettings
 from training.weight_files import read_weights
 from training.cli import (
     add_loading_args,
@@ -58,6 +59,7 @@ class LabelledData(Settings):
     num_samples: Optional[int] = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     output_dir: Optional[str] = None
+    cache: Optional[CacheSettings] = None  # shards in object storage: the local cache they are read through
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def build_datasets(
                 data.data_set, is_train, data_path=data.data_path, transform=make_transform(is_train),
                 image_size=max(to_grid(data.input_size)), eval_data_path=data.eval_data_path,
                 num_samples=data.num_samples, in_chans=data.in_chans, max_pixels=data.max_image_pixels,
-                index_dir=data.output_dir,
+                index_dir=data.output_dir, cache=data.cache,
             )
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from error

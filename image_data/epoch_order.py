@@ -1,5 +1,5 @@
 """The order of an epoch: which sample sits at each position of the epoch's global order, as a
-function of (seed, epoch, position), which ``datasets.EpochSampler`` deals out to the ranks.
+function of (seed, epoch, position), which ``EpochSampler`` deals out to the ranks.
 
 Folders and the synthetic set keep ``torch.randperm`` (``PermutationOrder``): N integers an epoch.
 Tar shards (``ShardWindowOrder``) never hold a permutation of N: the epoch shuffles the shards,
@@ -9,10 +9,11 @@ A stretch of the order then reads one window's shards, each about once an epoch,
 per shard however many samples there are.
 """
 import functools
-from typing import Tuple
+from typing import Iterator, Tuple, Union
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 FEISTEL_ROUNDS = 4  # Luby-Rackoff: 4 rounds of a pseudorandom function give a strong pseudorandom permutation
 U64 = np.uint64
@@ -75,7 +76,7 @@ class ShardWindowOrder:
         self.num_samples = int(self.starts[-1])
         self.window, self.seed = window, seed
 
-    @functools.lru_cache(maxsize=1)
+    @functools.lru_cache(maxsize=2)  # an epoch's, and the next one's while its first window is prefetched
     def layout(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shards in the epoch's order (S,), where each begins in the order (S + 1,), where each
         window begins (windows + 1,))."""
@@ -83,6 +84,19 @@ class ShardWindowOrder:
         begins = np.concatenate([[0], np.cumsum(self.counts[shards])])  # (S + 1,)
         window_begins = begins[np.append(np.arange(0, len(shards), self.window), len(shards))]  # (windows + 1,)
         return shards, begins, window_begins
+
+    def window_at(self, epoch: int, position: int) -> Tuple[int, int]:
+        """(epoch, window) of ``position`` of ``epoch``'s order."""
+        window_begins = self.layout(epoch)[2]
+        return epoch, int(np.searchsorted(window_begins, min(position, self.num_samples - 1), side="right")) - 1
+
+    def next_window(self, epoch: int, window: int) -> Tuple[int, int]:
+        """The window read after ``window`` of ``epoch``: the next one, or the next epoch's first."""
+        return (epoch, window + 1) if window + 2 < len(self.layout(epoch)[2]) else (epoch + 1, 0)
+
+    def window_shards(self, epoch: int, window: int) -> np.ndarray:
+        """The shards ``window`` of ``epoch`` reads."""
+        return self.layout(epoch)[0][window * self.window: (window + 1) * self.window]
 
     @functools.lru_cache(maxsize=64)
     def window_keys(self, epoch: int, window: int) -> np.ndarray:
@@ -102,3 +116,45 @@ class ShardWindowOrder:
                                                        self.window_keys(epoch, int(window)))
         ranks = np.searchsorted(begins, places, side="right") - 1  # which shard of the epoch's order
         return self.starts[shards[ranks]] + places - begins[ranks]
+
+
+EpochOrder = Union[PermutationOrder, ShardWindowOrder]
+POSITIONS_PER_DRAW = 4096  # positions turned into indices at a time, so a rank's share is never held whole
+
+
+class EpochSampler(Sampler):
+    """``(index, epoch)`` keys for ``SeededSamples``: rank r of W takes positions r, r + W, ... of
+    the epoch's global order (``image_data.epoch_order``), with ``drop_last``.
+
+    So the first S steps of B images per rank cover exactly positions [0, S * B * W) of the global
+    order, whatever W is: an epoch resumed at ``samples_done`` continues with the positions after
+    it, on any number of processes, none seen twice and none dropped but the tail that fills no
+    global batch, which every epoch drops. The keys are computed a few thousand at a time.
+    """
+
+    def __init__(self, order: EpochOrder, num_replicas: int, rank: int) -> None:
+        self.order = order
+        self.num_samples = order.num_samples
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.samples_done = 0, 0
+
+    def set_epoch(self, epoch: int, samples_done: int = 0) -> None:
+        """The next pass is ``epoch``'s, from position ``samples_done`` of its global order."""
+        self.epoch, self.samples_done = epoch, samples_done
+
+    def __len__(self) -> int:
+        """A whole epoch's samples per rank."""
+        return self.num_samples // self.num_replicas
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch, start = self.epoch, self.samples_done
+        self.samples_done = 0  # a resumed epoch's start applies to one pass only
+        return self.keys(epoch, start)
+
+    def keys(self, epoch: int, start: int) -> Iterator[Tuple[int, int]]:
+        per_rank = (self.num_samples - start) // self.num_replicas
+        for first in range(0, per_rank, POSITIONS_PER_DRAW):
+            steps = np.arange(first, min(per_rank, first + POSITIONS_PER_DRAW))  # this rank's k-th positions
+            positions = start + self.rank + steps * self.num_replicas
+            for index in self.order.indices(epoch, positions).tolist():
+                yield index, epoch

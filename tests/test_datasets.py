@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from image_data.augmentation import Crops
-from datasets import EpochSampler, SeededSamples, build_pretraining_dataset
-from image_data.epoch_order import PermutationOrder
+from datasets import SeededSamples, build_pretraining_dataset
+from image_data.epoch_order import EpochSampler, PermutationOrder
 from image_data.files import ImageFiles, build_image_folder, count_skipped, load_image, load_rgb
 from image_data.synthetic import SyntheticShapes
 

@@ -23,13 +23,14 @@ import run_knn_eval
 import run_linear_probe
 import run_mae_pretraining
 import utils
-from datasets import EpochSampler, build_classification_dataset, shard_images
+from datasets import build_classification_dataset, shard_images
 from helpers import PRETRAIN, TINY_MAE, TINY_VIT, finish, recording, start, torchrun, trained_keys, wait_for_step
 from image_data.device_decoder import read_encoded
-from image_data.epoch_order import ShardWindowOrder
+from image_data.epoch_order import EpochSampler, ShardWindowOrder
 from image_data.files import MemberBytes, count_skipped, decode_rgb, load_image, reset_skipped
+from image_data.shard_index import INDEX_SUFFIX, build_index, fallback_index_path
 from image_data.shard_names import expand_braces, shard_paths
-from image_data.shards import INDEX_SUFFIX, ShardImages, build_index, catalog_shards, fallback_index_path
+from image_data.shards import ShardImages, catalog_shards
 from training.resume import order_change
 
 

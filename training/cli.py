@@ -11,6 +11,8 @@ import torch
 
 from image_data.files import DEFAULT_MAX_IMAGE_PIXELS
 from image_data.geometry import to_grid
+from image_data.remote import Retrying
+from image_data.shard_cache import DEFAULT_CACHE_GB
 from training.precision import add_amp_arg
 from training.trackers import TRACKERS
 from utils import UsageError
@@ -38,6 +40,14 @@ def add_loading_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     group.add_argument("--std", default=None, type=float, nargs="+",
                        help="normalization std, one per channel (default: ImageNet's for RGB)")
     group.add_argument("--num_workers", default=10, type=int, help="data-loader processes per GPU")
+    group.add_argument("--shard_cache", default=None, type=str,
+                       help="shards in object storage (s3://, gs://, az://, https://): the local folder they are "
+                            "downloaded into, shared by the ranks of a host (default: output_dir/shard_cache)")
+    group.add_argument("--shard_cache_gb", default=DEFAULT_CACHE_GB, type=float,
+                       help="the shard cache's limit; the least recently used shards are evicted past it")
+    group.add_argument("--shard_retries", default=Retrying().retries, type=int,
+                       help="retries of a shard download that failed on a timeout, a 5xx or throttling, waiting "
+                            "1 s, 2 s, 4 s, ... up to 30 s between them")
     group.add_argument("--max_image_pixels", default=DEFAULT_MAX_IMAGE_PIXELS, type=int,
                        help="images with more pixels are skipped as unreadable (PIL's decompression-bomb limit; "
                             "raise it for datasets of large images)")

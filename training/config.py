@@ -24,6 +24,7 @@ from datasets import Loading, check_rgb, count_classes, require_data_path, requi
 from evaluation.online import OnlineSettings
 from evaluation.setup import Encoder, EvalLoading, LabelledData
 from image_data.augmentation import RGB
+from image_data.shard_cache import CacheSettings, cache_settings
 from image_data.shard_names import is_shard_spec, shard_paths
 from optim_factory import OptimizerSettings
 from training import precision
@@ -127,11 +128,13 @@ def labelled_data_values(args: argparse.Namespace, *, train: bool) -> Dict[str, 
     if args.finetune and not Path(args.finetune).exists():
         raise UsageError(f"--finetune {args.finetune} does not exist; check the path")
     return labelled_values(data_set=args.data_set, data_path=args.data_path, eval_data_path=args.eval_data_path,
-                           nb_classes=args.nb_classes, index_dir=args.output_dir, train=train)
+                           nb_classes=args.nb_classes, index_dir=args.output_dir, cache=shard_cache_of(args),
+                           train=train)
 
 
 def labelled_values(*, data_set: Optional[str], data_path: Optional[str], eval_data_path: Optional[str],
-                    nb_classes: Optional[int], index_dir: Optional[str], train: bool) -> Dict[str, Any]:
+                    nb_classes: Optional[int], index_dir: Optional[str], cache: Optional[CacheSettings],
+                    train: bool) -> Dict[str, Any]:
     """The data set (IMNET with a ``--data_path`` folder, image_folder with shards, synthetic
     without), its paths, and ``--nb_classes``. For folders it defaults to the evaluation data's
     count and must match it when given, and with ``train`` the training data must have as many
@@ -148,7 +151,7 @@ def labelled_values(*, data_set: Optional[str], data_path: Optional[str], eval_d
         shards = check_data_path(eval_data_path, "--eval_data_path") or shards
     try:
         counted, train_classes = (count_classes(data_set, is_train, data_path=data_path,
-                                                eval_data_path=eval_data_path, index_dir=index_dir)
+                                                eval_data_path=eval_data_path, index_dir=index_dir, cache=cache)
                                   for is_train in (False, train))
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from error
@@ -184,6 +187,7 @@ def online_eval_values(args: argparse.Namespace, in_chans: int) -> Dict[str, Any
     try:
         found = labelled_values(data_set=args.eval_data_set, data_path=args.eval_data_path,
                                 eval_data_path=args.eval_val_path, nb_classes=None, index_dir=args.output_dir,
+                                cache=shard_cache_of(args),
                                 train=True)
         if found["data_set"] in ("synthetic", "CIFAR10", "CIFAR100"):
             check_rgb(found["data_set"], in_chans)
@@ -339,8 +343,14 @@ def encoder_of(args: argparse.Namespace) -> Encoder:
     return pick(Encoder, vars(args))
 
 
+def shard_cache_of(args: argparse.Namespace) -> Optional[CacheSettings]:
+    """Where shards in object storage are read from (``image_data.shard_cache``)."""
+    return cache_settings(shard_cache=args.shard_cache, output_dir=args.output_dir,
+                          shard_cache_gb=args.shard_cache_gb, shard_retries=args.shard_retries)
+
+
 def labelled_data_of(args: argparse.Namespace) -> LabelledData:
-    return pick(LabelledData, vars(args))
+    return pick(LabelledData, vars(args), cache=shard_cache_of(args))
 
 
 def online_of(args: argparse.Namespace) -> OnlineSettings:
@@ -353,7 +363,8 @@ def online_data_of(args: argparse.Namespace) -> LabelledData:
     return LabelledData(data_set=args.eval_data_set, nb_classes=args.eval_nb_classes, input_size=args.input_size,
                         in_chans=args.in_chans, data_path=args.eval_data_path, eval_data_path=args.eval_val_path,
                         shards=args.eval_shards, num_samples=args.eval_num_samples,
-                        max_image_pixels=args.max_image_pixels, output_dir=args.output_dir)
+                        max_image_pixels=args.max_image_pixels, output_dir=args.output_dir,
+                        cache=shard_cache_of(args))
 
 
 def resuming_of(args: argparse.Namespace) -> Resuming:

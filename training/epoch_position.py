@@ -9,7 +9,7 @@ class EpochStart:
     """Where an epoch begins: at its start, or part-way after a step checkpoint, possibly written
     by a run on another number of processes.
 
-    Positions count samples of the epoch's global order (``datasets.EpochSampler``), which does
+    Positions count samples of the epoch's global order (``image_data.epoch_order.EpochSampler``), which does
     not depend on the number of processes; the loss sums let the epoch's mean loss come out as an
     uninterrupted run's.
     """

@@ -62,6 +62,7 @@ NUMBER_RANGES = {  # every numeric flag of the scripts that has it; None (unset)
     "nb_classes": Range(1), "nb_knn": Range(1), "dist_timeout": POSITIVE, "shuffle_window": Range(1),
     "clip_grad": Range(0, low_open=True, said="a positive norm", hint="leave it out for no clipping"),
     "save_ckpt_steps": Range(0, said="0 (off) or positive"), "eval_freq": Range(1), "eval_num_samples": Range(1),
+    "shard_cache_gb": POSITIVE, "shard_retries": Range(0),
 }
 
 
