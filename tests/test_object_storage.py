@@ -2,7 +2,9 @@
 started here on 127.0.0.1, read through the bounded local cache with the order, the resume and the
 guarantees of local shards."""
 import http.server
+import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import List
@@ -20,7 +22,11 @@ from helpers import PRETRAIN, assert_bitwise_equal, final_state, run_ranks, usag
 from image_data.augmentation import Crops
 from image_data.remote import Counts, FetchError, Retrying
 from image_data.shard_cache import CacheSettings, ShardCache
-from object_storage import S3Server, http_server, s3_server
+from object_storage import http_server, s3_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_data  # noqa: E402
+from local_s3 import S3Server  # noqa: E402
 
 SHARDS = "shard-{000000..000005}.tar"  # 32 images, 6 a shard
 
@@ -165,6 +171,18 @@ def test_an_index_beside_the_remote_shard_is_used_and_make_shards_puts_it_there(
     dataset = build_pretraining_dataset("image_folder", f"s3://data/indexed/{SHARDS}", Crops(32), cache=cache)
     assert len(dataset) == 32
     assert not any((tmp_path / "cache" / "shards").iterdir())  # indexed without downloading a shard
+
+
+def test_bench_data_remote_times_s3_against_local_shards_cold_and_warm(s3, capsys):
+    bench_data.main(bench_data.parse_args(["--remote", "--num_images", "16", "--samples_per_shard", "4",
+                                           "--num_workers", "1", "--batch_size", "4", "--input_size", "32",
+                                           "--windows", "1"]))
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["remote_vs_local"]
+    assert report["local_warm_images_per_s"] > 0 and report["s3_warm"]["images_per_s"] > 0
+    shard_bytes = report["s3_cold"]["bytes_per_sample"]
+    assert report["s3_cold"]["requests_per_sample"] == 1 / 4 and shard_bytes > 0  # one GET per shard of 4
+    assert report["s3_warm"]["requests_per_sample"] == 0  # every shard from the cache
+    assert report["s3_cold_without_prefetch"]["bytes_per_sample"] == shard_bytes
 
 
 class FlakyHandler(http.server.SimpleHTTPRequestHandler):
