@@ -4,6 +4,7 @@ guarantees of local shards."""
 import http.server
 import json
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -164,9 +165,10 @@ def test_shards_over_http_read_as_the_local_files_and_their_labels(local_shards,
 
 
 def test_an_index_beside_the_remote_shard_is_used_and_make_shards_puts_it_there(s3, local_shards, tmp_path):
+    """``make_shards.py --index`` on a prefix, its worker's job done here (the pool only spawns it)."""
     s3.upload(local_shards.parent / "bare", "s3://data/indexed")
-    make_shards.main(make_shards.get_args_parser().parse_args(
-        ["--index", "s3://data/indexed/", "--output_dir", str(tmp_path / "indexing"), "--num_workers", "1"]))
+    shards = make_shards.shard_paths("s3://data/indexed/")
+    assert [make_shards.index_shard((url, str(tmp_path / "indexing"))) for url in shards] == [6, 6, 6, 6, 6, 2]
     cache = CacheSettings(str(tmp_path / "cache"), 1.0)
     dataset = build_pretraining_dataset("image_folder", f"s3://data/indexed/{SHARDS}", Crops(32), cache=cache)
     assert len(dataset) == 32
@@ -230,3 +232,24 @@ def test_transient_errors_are_retried_and_counted_and_the_cache_stays_within_its
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_full_cache_disk_is_one_line_naming_the_cache(local_shards, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        cache = ShardCache(CacheSettings(str(disk / "cache"), limit_gb=1.0))  # a limit the disk cannot hold
+        cache.make_folders()
+        with http_server(local_shards) as base, pytest.raises(FetchError) as failure:
+            for index in range(6):
+                name = f"shard-{index:06d}.tar"
+                cache.shard(f"{base}/{name}", (local_shards / name).stat().st_size)
+        assert str(failure.value).startswith(f"cannot write {base}/shard-0000")
+        assert str(failure.value).endswith(f"into the shard cache {disk / 'cache'}: No space left on device; free "
+                                           "space there or lower --shard_cache_gb")
+        assert not any(name.endswith(".partial") for name in os.listdir(disk / "cache" / "shards"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
