@@ -91,6 +91,12 @@ def info(url: str) -> ObjectInfo:
 
 def listing(prefix_url: str, suffix: str) -> List[str]:
     """The URLs of the objects right under ``prefix_url`` whose names end in ``suffix``, sorted."""
+    return sorted(url for url in listed(prefix_url) if url.endswith(suffix))
+
+
+def listed(prefix_url: str) -> Dict[str, ObjectInfo]:
+    """The objects right under ``prefix_url``, each URL's size and time: one request per 1,000
+    objects, where a HEAD each would be one per object."""
     root, key = split(prefix_url)
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
     try:
@@ -101,7 +107,8 @@ def listing(prefix_url: str, suffix: str) -> List[str]:
         raise PermissionError(f"{shown(prefix_url)}: access refused ({first_line(error)})") from error
     except obstore.exceptions.BaseError as error:
         raise FetchError(f"{shown(prefix_url)}: {first_line(error)}") from None
-    return sorted(f"{root}/{entry['path']}" for entry in found["objects"] if entry["path"].endswith(suffix))
+    return {f"{root}/{entry['path']}": ObjectInfo(int(entry["size"]), int(entry["last_modified"].timestamp() * 1e9))
+            for entry in found["objects"]}
 
 
 def read_bytes(url: str) -> bytes:
