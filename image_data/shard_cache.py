@@ -283,4 +283,5 @@ class Prefetcher:
             if key not in self.requested:
                 self.requested.add(key)
                 for shard in self.order.window_shards(*key):
-                    self.cache.request(self.urls[shard], int(self.sizes[shard]))
+                    if self.order.counts[shard]:  # a shard past --num_samples is never read
+                        self.cache.request(self.urls[shard], int(self.sizes[shard]))
