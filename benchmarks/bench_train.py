@@ -126,7 +126,10 @@ def count_flops(step: Step) -> int:
     return counter.get_total_flops()
 
 
-def profile_table(step: Step, device: torch.device, rows: int, steps: int = 3) -> str:
+PROFILED_STEPS = 3  # at most: no more than the timed ones (the profiler's own parsing takes seconds a step on CPU)
+
+
+def profile_table(step: Step, device: torch.device, rows: int, steps: int) -> str:
     """The ``rows`` operators with the most self time on the device over ``steps`` steps (on a GPU
     the kernels' time; the table's CPU columns then show what the host spent launching them, so it
     tells a GPU-bound step from a host-bound one)."""
@@ -330,7 +333,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     }
     if HF_STAGE in results:
         report["speedup_vs_vitmae"] = results["pretrain"]["images_per_s"] / results[HF_STAGE]["images_per_s"]
-    tables = {name: profile_table(stage.step, device, args.profile) for name, stage in stages.items()} \
+    profiled = min(PROFILED_STEPS, args.steps)
+    tables = {name: profile_table(stage.step, device, args.profile, profiled) for name, stage in stages.items()} \
         if args.profile else {}
     if utils.is_main_process():
         print_report(report, args, tables)

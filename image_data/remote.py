@@ -167,8 +167,9 @@ def download(url: str, destination: str, retrying: Retrying) -> int:
             if wait is None:
                 raise FetchError(f"cannot fetch {shown(url)} after {attempt + 1} tries: {first_line(error)}") from None
             Counts.retries += 1
-            print(f"warning: fetching {shown(url)} failed ({first_line(error)}); retry {attempt + 1} of "
-                  f"{len(waits)} in {wait:g} s", file=sys.stderr, flush=True)
+            sys.stderr.write(f"warning: fetching {shown(url)} failed ({first_line(error)}); retry {attempt + 1} "
+                             f"of {len(waits)} in {wait:g} s\n")  # one write: other threads print meanwhile
+            sys.stderr.flush()
             time.sleep(wait)
     raise AssertionError("unreachable")
 

@@ -73,13 +73,13 @@ def pretrain(data_path: str, out: Path, *extra: str) -> None:
 
 
 def stopped_on_two_resumed_on_one(data_path: str, out: Path, record: Path) -> None:
-    """Rank 1 gets SIGTERM in its micro-step 1: both ranks stop after step 2 of epoch 0 with
-    its checkpoint; then the same command goes on in this process, on one."""
-    ended = run_ranks([*PRETRAIN, "--data_path", data_path, "--shuffle_window", "2", "--output_dir", str(out)],
-                      record, fault="sigterm", FAULT_STEP="1")
+    """Rank 1 gets SIGTERM in its micro-step 1: both ranks stop after step 2 of the one epoch with
+    its checkpoint; then the same command goes on in this process, on one, to the epoch's end."""
+    ended = run_ranks([*PRETRAIN, "--data_path", data_path, "--shuffle_window", "2", "--epochs", "1",
+                       "--output_dir", str(out)], record, fault="sigterm", FAULT_STEP="1")
     assert [code for code, _ in ended] == [143, 143], ended[0][1][-3000:] + ended[1][1][-3000:]
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["samples_done"] == 16
-    pretrain(data_path, out)
+    pretrain(data_path, out, "--epochs", "1")
 
 
 def test_a_run_from_s3_stopped_on_two_processes_and_resumed_on_one_equals_the_run_on_local_shards(
@@ -136,12 +136,12 @@ def test_a_server_killed_mid_run_stops_every_rank_in_one_line_and_the_run_resume
             "--shard_cache_gb", "0.00003", "--shard_retries", "1", "--output_dir", str(out)]
     ended = run_ranks(argv, tmp_path / "ranks", fault="kill_server", rank=0, FAULT_STEP="4",
                       SERVER_PID=str(s3.process.pid))
+    s3.start()  # before any assertion: the module's other tests read from it
     for code, output in ended:
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert code == 1 and len(errors) == 1, output[-3000:]
         assert "cannot fetch s3://data/ones/one-0000" in errors[0] and "every rank stops" in errors[0], errors
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["samples_done"] in (24, 48)  # step 3's or 6's
-    s3.start()
     pretrain(data_path, out, "--num_samples", "64", "--shuffle_window", "1", "--epochs", "1", "--shard_cache_gb",
              "0.00003")
     finished = torch.load(out / "checkpoint-last.pth", weights_only=True)
