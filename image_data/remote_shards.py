@@ -39,7 +39,6 @@ def remote_catalog(spec: str, urls: Sequence[str], settings: Optional[CacheSetti
     except OSError as error:
         raise UsageError(f"cannot make the shard cache {settings.folder}: {error}") from error
     found = each(lambda url, stat: shard_index(cache, url, stat), urls, infos)
-    cache.serve()  # before any loader forks its workers, which ask this process for shards
     summaries = [summary for _, summary in found]
     return ShardCatalog(tuple(urls), tuple(path for path, _ in found),
                         np.array([summary.count for summary in summaries], dtype=np.int64),

@@ -254,17 +254,23 @@ class Fetcher:
             try:
                 self.cache.shard(url, size)
                 failed.unlink(missing_ok=True)
-            except FetchError as error:
-                write_failure(failed, str(error))
+            except Exception as error:  # any: a thread that died would leave its workers waiting
+                write_failure(failed, str(error) if isinstance(error, FetchError) else f"cannot fetch {shown(url)} "
+                              f"into the shard cache {self.cache.root}: {error}")
             finally:
                 with self.lock:
                     self.busy.discard(url)
 
 
 def write_failure(path: Path, message: str) -> None:
+    """``NAME.failed`` with the reason; where even that cannot be written (a disk without a byte
+    left), the waiting worker asks again each second, and each try fails the same way."""
     partial = path.with_name(path.name + PARTIAL)
-    partial.write_text(message)
-    os.replace(partial, path)
+    try:
+        partial.write_text(message)
+        os.replace(partial, path)
+    except OSError:
+        pass
 
 
 class Prefetcher:

@@ -177,6 +177,8 @@ class ShardImages(Dataset):
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # (S + 1,): each shard's first sample
         self.reader = ShardReader(catalog)
         self.transform, self.loader = transform, loader
+        if catalog.cache is not None:  # shards in object storage: this process fetches for its loader's workers
+            catalog.cache.serve()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
