@@ -58,19 +58,18 @@ def endpoint_is_plain_http() -> bool:
     return endpoint.startswith("http://")
 
 
-STORES: Dict[Tuple[int, str], object] = {}
+STORES: Dict[str, object] = {}
 
 
 def store_for(root: str):
-    """One client per store root and process: a forked loader worker makes its own, since a
-    client's connections and runtime are not the parent's to use."""
-    key = (os.getpid(), root)
-    if key not in STORES:
+    """One client per store root. Only a process that did not inherit it by fork may use it
+    (obstore's runtime does not survive a fork): ``image_data.shard_cache`` keeps loader workers off it."""
+    if root not in STORES:
         scheme = urlsplit(root).scheme
         plain = scheme == "http" or (scheme == "s3" and endpoint_is_plain_http())
         options = {**TIMEOUTS, **({"allow_http": True} if plain else {})}
-        STORES[key] = from_url(root, client_options=options, retry_config={"max_retries": 0})
-    return STORES[key]
+        STORES[root] = from_url(root, client_options=options, retry_config={"max_retries": 0})
+    return STORES[root]
 
 
 def info(url: str) -> ObjectInfo:

@@ -48,8 +48,8 @@ class CacheSettings(NamedTuple):
     retrying: Retrying = Retrying()
 
 
-def cache_settings(*, shard_cache: Optional[str], output_dir: Optional[str], shard_cache_gb: float,
-                   shard_retries: int) -> Optional[CacheSettings]:
+def cache_settings(*, shard_cache: Optional[str], output_dir: Optional[str], shard_cache_gb: float = DEFAULT_CACHE_GB,
+                   shard_retries: int = Retrying().retries) -> Optional[CacheSettings]:
     """The cache the flags name: ``--shard_cache``, else ``output_dir/shard_cache``; None without either."""
     folder = shard_cache or (os.path.join(output_dir, CACHE_FOLDER) if output_dir else None)
     return None if folder is None else CacheSettings(folder, shard_cache_gb, Retrying(retries=shard_retries))

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from image_data.files import UNREADABLE, MemberBytes, UnreadableImageError
 from image_data.remote import is_remote
 from image_data.remote_shards import remote_catalog
-from image_data.shard_cache import CACHE_FOLDER, DEFAULT_CACHE_GB, CacheSettings
+from image_data.shard_cache import CacheSettings, cache_settings
 from image_data.shard_index import (INDEX_SUFFIX, IndexSummary, ShardCatalog, ShardIndex, build_index,
                                     fallback_index_path, load_index, read_summary, shard_stamp, summarize,
                                     write_index)
@@ -46,7 +46,7 @@ def catalog_shards(spec: str, index_dir: Optional[str], cache: Optional[CacheSet
     if any(is_remote(path) for path in paths):
         if not all(is_remote(path) for path in paths):
             raise UsageError(f"{spec} names local shards and shards in object storage; keep them apart")
-        return remote_catalog(spec, paths, cache or default_cache(index_dir))
+        return remote_catalog(spec, paths, cache or cache_settings(shard_cache=None, output_dir=index_dir))
     index_paths: List[Optional[str]] = []
     summaries: List[Optional[IndexSummary]] = []
     for shard in paths:
@@ -68,11 +68,6 @@ def catalog_shards(spec: str, index_dir: Optional[str], cache: Optional[CacheSet
     return ShardCatalog(tuple(paths), tuple(index_paths), np.array([summary.count for summary in summaries],
                                                                     dtype=np.int64),
                         max(labelled), sum(summary.unlabelled for summary in summaries))
-
-
-def default_cache(index_dir: Optional[str]) -> Optional[CacheSettings]:
-    """The cache of a run without ``--shard_cache``: ``index_dir/shard_cache``, DEFAULT_CACHE_GB."""
-    return None if index_dir is None else CacheSettings(os.path.join(index_dir, CACHE_FOLDER), DEFAULT_CACHE_GB)
 
 
 def current_index(shard: str, index_dir: Optional[str]) -> Optional[Tuple[str, IndexSummary]]:

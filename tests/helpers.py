@@ -12,7 +12,6 @@ import os
 import re
 import runpy
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -28,6 +27,9 @@ import torch
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from local_s3 import free_port  # noqa: E402  (the benchmarks' S3 server takes free ports the same way)
+
 RECORDER = REPO / "tests" / "pretrain_record_samples.py"
 # what every in-process run of a test builds on: tiny models at 32 pixels (a 2 x 2 grid of 16-pixel
 # patches), on the CPU, no loader workers; a test adds its images, batch and epochs
@@ -39,12 +41,6 @@ TINY_VIT = ["--model", "vit_tiny_patch16_224", "--input_size", "32", "--num_work
 PRETRAIN = [*TINY_MAE, "--num_samples", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1",
             "--blr", "1e-3", "--num_workers", "1", "--print_freq", "1", "--save_ckpt_steps", "3", "--clip_grad", "0.5"]
 PROGRESS = re.compile(r"^epoch (\d+) \[(\d+)/\d+\]")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def environment(record_dir: Path) -> dict:
